@@ -1,0 +1,331 @@
+"""Declarative mapping between HF Kimi-Linear tensors and kimi_jax parameters (both directions).
+
+Two HF layouts exist (spec §6):
+  * "hub": the original remote-code names (`block_sparse_moe.experts.{e}.w1.weight`, `q_conv1d`, flat
+    `f_a_proj`/`dt_bias`/`A_log`); this is also what transformers' `save_pretrained` writes;
+  * "native": transformers' in-memory names (`mlp.experts.gate_up_proj` fused 3-D, `conv1d` of 3P channels,
+    `forget_gate.*`).
+
+Each `Rule` says: these JAX parameters (paths inside a decoder layer, or global) come from these HF tensors (names
+relative to `model.layers.{i}.`; `a|b` lists accepted alternatives, the first is written on export), through a pair
+of numpy transforms. `{e}` in a name expands over the experts. Everything else (the converter, the in-memory loader,
+the exporter) walks these tables; nothing else knows a tensor name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from kimi_jax.config import DENSE, KDA, MLA, MOE, KimiLinearConfig
+from kimi_jax.layout import plan_segments
+
+HUB, NATIVE = "hub", "native"
+LAYOUTS = (HUB, NATIVE)
+
+Transform = Callable[[list, KimiLinearConfig], list]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    jax: tuple[str | tuple, ...]  # JAX paths (tuples of keys); a str is a single key
+    hf: tuple[str, ...]  # HF names; "{e}" expands over experts, "a|b" lists alternatives
+    to_jax: Transform
+    to_hf: Transform
+
+    def hf_names(self, cfg: KimiLinearConfig) -> list[str]:
+        names = []
+        for name in self.hf:
+            if "{e}" in name:
+                names.extend(name.replace("{e}", str(e)) for e in range(cfg.num_experts))
+            else:
+                names.append(name)
+        return names
+
+
+def _path(p) -> tuple:
+    return p if isinstance(p, tuple) else tuple(p.split("."))
+
+
+# ------------------------------------------------------------------ transforms (numpy, HF (out, in) <-> JAX (in, out))
+def linear(in_shape: Callable | None = None, out_shape: Callable | None = None) -> tuple[Transform, Transform]:
+    """A torch Linear weight (out, in) <-> a JAX kernel (*in_shape, *out_shape)."""
+
+    def to_jax(ts, cfg):
+        w = ts[0].T
+        i_shape = in_shape(cfg) if in_shape else (w.shape[0],)
+        o_shape = out_shape(cfg) if out_shape else (w.shape[1],)
+        return [w.reshape(*i_shape, *o_shape)]
+
+    def to_hf(arrs, cfg):
+        a = arrs[0]
+        n_in = len(in_shape(cfg)) if in_shape else 1
+        in_size = int(np.prod(a.shape[:n_in]))
+        return [a.reshape(in_size, -1).T]
+
+    return to_jax, to_hf
+
+
+def identity() -> tuple[Transform, Transform]:
+    return (lambda ts, cfg: [ts[0]]), (lambda arrs, cfg: [arrs[0]])
+
+
+def reshaped(jax_shape: Callable, hf_shape: Callable) -> tuple[Transform, Transform]:
+    return (lambda ts, cfg: [ts[0].reshape(jax_shape(cfg))]), (lambda arrs, cfg: [arrs[0].reshape(hf_shape(cfg))])
+
+
+def kda_heads(cfg):
+    return (cfg.kda_num_heads, cfg.kda_head_dim)
+
+
+def kda_qkv() -> tuple[Transform, Transform]:
+    """q/k/v_proj (P, D) x3 <-> qkv_proj [D, 3, H, K]."""
+
+    def to_jax(ts, cfg):
+        D = ts[0].shape[1]
+        return [np.stack([t.T for t in ts], axis=1).reshape(D, 3, *kda_heads(cfg))]
+
+    def to_hf(arrs, cfg):
+        a = arrs[0]
+        return [a[:, i].reshape(a.shape[0], -1).T for i in range(3)]
+
+    return to_jax, to_hf
+
+
+def kda_conv(fused: bool) -> tuple[Transform, Transform]:
+    """Depthwise conv (P, 1, W) x3 [hub] or (3P, 1, W) [native] <-> conv [W, 3, H, K] (no kernel flip)."""
+
+    def to_jax(ts, cfg):
+        w = np.concatenate([t[:, 0, :] for t in ts], axis=0)  # (3P, W), channels ordered [q; k; v]
+        return [w.T.reshape(w.shape[1], 3, *kda_heads(cfg))]
+
+    def to_hf(arrs, cfg):
+        a = arrs[0]
+        W = a.shape[0]
+        w = a.reshape(W, 3, -1)  # (W, 3, P)
+        parts = [w[:, i, :].T[:, None, :] for i in range(3)]
+        return [np.concatenate(parts, axis=0)] if fused else parts
+
+    return to_jax, to_hf
+
+
+def experts_hub() -> tuple[Transform, Transform]:
+    """experts.{e}.w1/w3 (F, D), w2 (D, F) <-> w_gate, w_up [E, D, F], w_down [E, F, D]."""
+
+    def to_jax(ts, cfg):
+        E = cfg.num_experts
+        w1, w3, w2 = ts[:E], ts[E:2 * E], ts[2 * E:]
+        return [np.stack([t.T for t in w1]), np.stack([t.T for t in w3]), np.stack([t.T for t in w2])]
+
+    def to_hf(arrs, cfg):
+        gate, up, down = arrs
+        return ([g.T for g in gate] + [u.T for u in up] + [d.T for d in down])
+
+    return to_jax, to_hf
+
+
+def experts_native() -> tuple[Transform, Transform]:
+    """experts.gate_up_proj (E, 2F, D), down_proj (E, D, F) <-> w_gate, w_up [E, D, F], w_down [E, F, D]."""
+
+    def to_jax(ts, cfg):
+        gate_up, down = ts
+        F = cfg.moe_intermediate_size
+        return [gate_up[:, :F].transpose(0, 2, 1), gate_up[:, F:].transpose(0, 2, 1), down.transpose(0, 2, 1)]
+
+    def to_hf(arrs, cfg):
+        gate, up, down = arrs
+        return [np.concatenate([gate.transpose(0, 2, 1), up.transpose(0, 2, 1)], axis=1), down.transpose(0, 2, 1)]
+
+    return to_jax, to_hf
+
+
+def R(jax, hf, transforms) -> Rule:
+    jax = (jax,) if isinstance(jax, str) else jax
+    hf = (hf,) if isinstance(hf, str) else hf
+    return Rule(tuple(_path(p) for p in jax), tuple(hf), *transforms)
+
+
+# ------------------------------------------------------------------ per-layer tables
+def mla_out(cfg):
+    return (cfg.num_attention_heads, cfg.v_head_dim)
+
+
+def mla_rules(cfg: KimiLinearConfig) -> list[Rule]:
+    heads_qk = lambda c: (c.num_attention_heads, c.qk_head_dim)
+    rules = []
+    if cfg.q_lora_rank is None:
+        rules.append(R("mixer.q_proj", "self_attn.q_proj.weight", linear(out_shape=heads_qk)))
+    else:
+        rules += [R("mixer.q_a_proj", "self_attn.q_a_proj.weight", linear()),
+                  R("mixer.q_a_norm", "self_attn.q_a_layernorm.weight", identity()),
+                  R("mixer.q_b_proj", "self_attn.q_b_proj.weight", linear(out_shape=heads_qk))]
+    rules += [
+        R("mixer.kv_a_proj", "self_attn.kv_a_proj_with_mqa.weight", linear()),
+        R("mixer.kv_a_norm", "self_attn.kv_a_layernorm.weight", identity()),
+        R("mixer.kv_b_proj", "self_attn.kv_b_proj.weight",
+          linear(out_shape=lambda c: (c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim))),
+        R("mixer.o_proj", "self_attn.o_proj.weight", linear(in_shape=mla_out)),
+    ]
+    return rules
+
+
+def kda_rules(layout: str) -> list[Rule]:
+    gate = "self_attn." if layout == HUB else "self_attn.forget_gate."
+    conv_names = (("self_attn.q_conv1d.weight", "self_attn.k_conv1d.weight", "self_attn.v_conv1d.weight")
+                  if layout == HUB else ("self_attn.conv1d.weight",))
+    return [
+        R("mixer.qkv_proj", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+          kda_qkv()),
+        R("mixer.conv", conv_names, kda_conv(fused=layout == NATIVE)),
+        R("mixer.f_a_proj", gate + "f_a_proj.weight", linear()),
+        R("mixer.f_b_proj", gate + "f_b_proj.weight", linear(out_shape=kda_heads)),
+        R("mixer.dt_bias", gate + "dt_bias", reshaped(kda_heads, lambda c: (c.kda_projection_dim,))),
+        R("mixer.A_log", gate + "A_log", reshaped(lambda c: (c.kda_num_heads,), lambda c: (1, 1, c.kda_num_heads, 1))),
+        R("mixer.b_proj", "self_attn.b_proj.weight", linear()),
+        R("mixer.g_a_proj", "self_attn.g_a_proj.weight", linear()),
+        R("mixer.g_b_proj", "self_attn.g_b_proj.weight", linear(out_shape=kda_heads)),
+        R("mixer.o_norm", "self_attn.o_norm.weight", identity()),
+        R("mixer.o_proj", "self_attn.o_proj.weight", linear(in_shape=kda_heads)),
+    ]
+
+
+def swiglu_rules(jax_prefix: str, hf_prefixes: Sequence[str]) -> list[Rule]:
+    def names(leaf):
+        return "|".join(p + leaf for p in hf_prefixes)
+
+    return [R(f"{jax_prefix}.gate_proj", names("gate_proj.weight"), linear()),
+            R(f"{jax_prefix}.up_proj", names("up_proj.weight"), linear()),
+            R(f"{jax_prefix}.down_proj", names("down_proj.weight"), linear())]
+
+
+def moe_rules(cfg: KimiLinearConfig, layout: str) -> list[Rule]:
+    moe = "block_sparse_moe." if layout == HUB else "mlp."
+    rules = [R("ffn.router", moe + "gate.weight", linear()),
+             R("ffn.correction_bias", moe + "gate.e_score_correction_bias", identity())]
+    if layout == HUB:
+        rules.append(R(("ffn.w_gate", "ffn.w_up", "ffn.w_down"),
+                       (moe + "experts.{e}.w1.weight", moe + "experts.{e}.w3.weight", moe + "experts.{e}.w2.weight"),
+                       experts_hub()))
+    else:
+        rules.append(R(("ffn.w_gate", "ffn.w_up", "ffn.w_down"),
+                       (moe + "experts.gate_up_proj", moe + "experts.down_proj"), experts_native()))
+    if cfg.num_shared_experts:
+        rules += swiglu_rules("ffn.shared_experts", [moe + "shared_experts."])
+    return rules
+
+
+def layer_rules(cfg: KimiLinearConfig, layer: int, layout: str) -> list[Rule]:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+    rules = [R("input_norm.weight", "input_layernorm.weight", identity()),
+             R("post_attention_norm.weight", "post_attention_layernorm.weight", identity())]
+    rules += kda_rules(layout) if cfg.mixer_types[layer] == KDA else mla_rules(cfg)
+    if cfg.ffn_types[layer] == MOE:
+        rules += moe_rules(cfg, layout)
+    else:
+        # The hub names layer 0's dense MLP `mlp.*`; transformers' save_pretrained writes `block_sparse_moe.*`.
+        prefixes = ["mlp.", "block_sparse_moe."] if layout == HUB else ["mlp."]
+        rules += swiglu_rules("ffn", prefixes)
+    return rules
+
+
+def global_rules(cfg: KimiLinearConfig) -> list[Rule]:
+    rules = [R(("embed_tokens",), "model.embed_tokens.weight", identity()),
+             R("norm.weight", "model.norm.weight", identity())]
+    if not cfg.tie_word_embeddings:
+        rules.append(R(("lm_head",), "lm_head.weight", linear()))
+    return rules
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+# ------------------------------------------------------------------ layout detection and walking
+def detect_layout(names: Sequence[str]) -> str:
+    hub_marks = ("block_sparse_moe.", "q_conv1d", "self_attn.f_a_proj", "self_attn.dt_bias", "self_attn.A_log")
+    native_marks = ("self_attn.conv1d", "forget_gate.", "experts.gate_up_proj")
+    is_hub = any(m in n for n in names for m in hub_marks)
+    is_native = any(m in n for n in names for m in native_marks)
+    if is_hub and is_native:
+        raise ValueError("checkpoint mixes hub names (e.g. 'block_sparse_moe.', 'q_conv1d') and transformers-native "
+                         "names (e.g. 'forget_gate.', 'conv1d', 'experts.gate_up_proj')")
+    return NATIVE if is_native else HUB
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One JAX parameter and the HF tensors it is assembled from (stacked over a segment's repeats)."""
+    path: tuple  # full NNX state path, e.g. ("segments", 1, "blocks", 0, "mixer", "qkv_proj")
+    rule: Rule
+    output_index: int  # which of the rule's JAX outputs
+    layers: tuple[int, ...]  # one per repeat; () for global parameters
+    hf_names: tuple[tuple[str, ...], ...]  # per repeat (or one entry for globals): the rule's HF names
+
+
+def plan(cfg: KimiLinearConfig, layout: str) -> list[ParamSpec]:
+    """Every JAX parameter of the model with its HF sources, in model order."""
+    specs = []
+    for rule in global_rules(cfg):
+        for k, p in enumerate(rule.jax):
+            specs.append(ParamSpec(p, rule, k, (), (tuple(rule.hf_names(cfg)),)))
+    for s, seg in enumerate(plan_segments(cfg.layer_kinds)):
+        for position in range(seg.period):
+            layers = tuple(seg.layer(position, r) for r in range(seg.repeats))
+            for rule in layer_rules(cfg, layers[0], layout):
+                names = tuple(tuple("|".join(layer_prefix(l) + alt for alt in n.split("|")) for n in rule.hf_names(cfg))
+                              for l in layers)
+                for k, p in enumerate(rule.jax):
+                    specs.append(ParamSpec(("segments", s, "blocks", position) + p, rule, k, layers, names))
+    return specs
+
+
+def resolve_name(name: str, available) -> str:
+    """Pick the first alternative of `a|b` that exists (the name itself if it has no alternatives)."""
+    options = name.split("|")
+    for option in options:
+        if option in available:
+            return option
+    return options[0]
+
+
+def hf_tensor_names(cfg: KimiLinearConfig, layout: str, available=None) -> list[str]:
+    """All HF tensor names a checkpoint of this config and layout holds (alternatives resolved if `available`)."""
+    out, seen = [], set()
+    for spec in plan(cfg, layout):
+        for names in spec.hf_names:
+            for n in names:
+                n = resolve_name(n, available or ())
+                if n not in seen:
+                    seen.add(n)
+                    out.append(n)
+    return out
+
+
+def assemble(spec: ParamSpec, cfg: KimiLinearConfig, get: Callable[[str], np.ndarray]) -> np.ndarray:
+    """Build one JAX parameter from HF tensors fetched by `get(name)` (alternatives already resolved by `get`)."""
+    per_repeat = [spec.rule.to_jax([get(n) for n in names], cfg)[spec.output_index] for names in spec.hf_names]
+    if not spec.layers:
+        return per_repeat[0]
+    return np.stack(per_repeat)
+
+
+def disassemble(cfg: KimiLinearConfig, layout: str, get_param: Callable[[tuple], np.ndarray]
+                ) -> Iterator[tuple[str, np.ndarray]]:
+    """Inverse walk for export: yields (HF name, tensor) from JAX parameters fetched by `get_param(path)`."""
+    done = set()
+    for spec in plan(cfg, layout):
+        key = (id(spec.rule), spec.path[:-len(spec.rule.jax[spec.output_index])], spec.layers)
+        if key in done:
+            continue
+        done.add(key)
+        base = spec.path[:len(spec.path) - len(spec.rule.jax[spec.output_index])]
+        arrays = [get_param(base + p) for p in spec.rule.jax]
+        repeats = len(spec.hf_names)
+        for r in range(repeats):
+            sliced = [a if not spec.layers else a[r] for a in arrays]
+            tensors = spec.rule.to_hf(sliced, cfg)
+            for name, t in zip(spec.hf_names[r], tensors):
+                yield name.split("|")[0], np.ascontiguousarray(t)

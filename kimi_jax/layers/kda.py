@@ -1,0 +1,114 @@
+"""Kimi Delta Attention layer (spec §2): projections, causal short conv, per-channel decay, delta rule, gated norm.
+
+Shapes: B batch, T tokens, D hidden, H heads, K head dim (d_k = d_v), W conv width, R gate rank (= K in the spec).
+Parameters are head-structured so the `tensor` mesh axis can shard heads:
+    qkv_proj [D, 3, H, K]   conv [W, 3, H, K]   (conv[W-1] multiplies the current token; no kernel flip)
+    f_a_proj [D, R]  f_b_proj [R, H, K]  dt_bias [H, K] f32  A_log [H] f32
+    b_proj [D, H]    g_a_proj [D, R]     g_b_proj [R, H, K]  o_norm [K]   o_proj [H, K, D]
+
+Decode cache per layer: {"conv": [B, W-1, 3, H, K] (pre-conv inputs of the last W-1 tokens), "state": [B, H, K, K] f32}.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.config import KimiLinearConfig
+from kimi_jax.layers.init import kda_a_log, kda_dt_bias, normal_param
+from kimi_jax.layers.norms import gated_rms_norm
+from kimi_jax.ops.kda import kda_chunked, kda_recurrent
+
+F32 = jnp.float32
+
+
+def softplus_thresholded(z):
+    """torch softplus(beta=1, threshold=20): z above 20, log(1 + e^z) below (the inner min keeps grads finite)."""
+    return jnp.where(z > 20.0, z, jnp.log1p(jnp.exp(jnp.minimum(z, 20.0))))
+
+
+def causal_depthwise_conv(u_BTC, kernel_WC, tail_BWC):
+    """y_t = sum_j kernel[j] * u_{t-W+1+j} over [tail; u] (cross-correlation, left context from `tail`).
+
+    u_BTC: inputs (C = any trailing channel shape flattened by the caller), tail_BWC: the previous W-1 inputs.
+    Returns (y_BTC in fp32, new tail = the last W-1 inputs of [tail; u]).
+    """
+    W = kernel_WC.shape[0]
+    T = u_BTC.shape[1]
+    full = jnp.concatenate([tail_BWC.astype(u_BTC.dtype), u_BTC], axis=1).astype(F32)
+    k32 = kernel_WC.astype(F32)
+    y = sum(full[:, j:j + T] * k32[j] for j in range(W))
+    return y, full[:, T:].astype(u_BTC.dtype)
+
+
+class KimiDeltaAttention(nnx.Module):
+    def __init__(self, cfg: KimiLinearConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        D, H, K, W = cfg.hidden_size, cfg.kda_num_heads, cfg.kda_head_dim, cfg.conv_kernel_size
+        R = cfg.kda_head_dim  # the gate projections' rank equals the head dim in Kimi-Linear (spec §2.2)
+        self.num_heads, self.head_dim, self.conv_width = H, K, W
+        self.eps = cfg.rms_norm_eps
+        self.chunk_size = cfg.kda_chunk_size
+        self.qkv_proj = normal_param(rngs, (D, 3, H, K), dtype)
+        # torch Conv1d default init is U(-1/sqrt(W), 1/sqrt(W)) for a depthwise kernel.
+        bound = W ** -0.5
+        self.conv = nnx.Param(jax.random.uniform(rngs.params(), (W, 3, H, K), F32, -bound, bound).astype(dtype))
+        self.f_a_proj = normal_param(rngs, (D, R), dtype)
+        self.f_b_proj = normal_param(rngs, (R, H, K), dtype)
+        self.dt_bias = kda_dt_bias(rngs, (H, K))
+        self.A_log = kda_a_log(rngs, H)
+        self.b_proj = normal_param(rngs, (D, H), dtype)
+        self.g_a_proj = normal_param(rngs, (D, R), dtype)
+        self.g_b_proj = normal_param(rngs, (R, H, K), dtype)
+        self.o_norm = nnx.Param(jnp.ones((K,), dtype))
+        self.o_proj = normal_param(rngs, (H, K, D), dtype)
+
+    def init_cache(self, batch: int, dtype) -> dict:
+        H, K, W = self.num_heads, self.head_dim, self.conv_width
+        return {"conv": jnp.zeros((batch, W - 1, 3, H, K), dtype), "state": jnp.zeros((batch, H, K, K), F32)}
+
+    def decay(self, x_BTD):
+        """Per-channel log decay g = -exp(A_log) * softplus(f_b(f_a x) + dt_bias), fp32, shape [B, T, H, K]."""
+        f_BTR = jnp.einsum("btd,dr->btr", x_BTD, self.f_a_proj[...])
+        f_BTHK = jnp.einsum("btr,rhk->bthk", f_BTR, self.f_b_proj[...], preferred_element_type=F32)
+        z = f_BTHK.astype(F32) + self.dt_bias[...].astype(F32)
+        return -jnp.exp(self.A_log[...].astype(F32))[:, None] * softplus_thresholded(z)
+
+    def __call__(self, x_BTD, cache: dict | None = None, mask_BT=None, *, return_chunk_states: bool = False):
+        """Returns (out_BTD, new_cache or None[, chunk_states_BNHKK]).
+
+        With `cache`, the layer continues from its conv tail and recurrent state (prefill continuation or decode).
+        `mask_BT` zeroes padded positions before the projections (left padding then leaves the state untouched).
+        """
+        B, T, _ = x_BTD.shape
+        if mask_BT is not None:
+            x_BTD = x_BTD * mask_BT[:, :, None].astype(x_BTD.dtype)
+        u_BT3HK = jnp.einsum("btd,dshk->btshk", x_BTD, self.qkv_proj[...])
+        tail = cache["conv"] if cache is not None else jnp.zeros((B, self.conv_width - 1) + u_BT3HK.shape[2:],
+                                                                 u_BT3HK.dtype)
+        y_BT3HK, new_tail = causal_depthwise_conv(u_BT3HK, self.conv[...], tail)
+        y_BT3HK = jax.nn.silu(y_BT3HK).astype(x_BTD.dtype)
+        q_BTHK, k_BTHK, v_BTHK = y_BT3HK[:, :, 0], y_BT3HK[:, :, 1], y_BT3HK[:, :, 2]
+
+        g_BTHK = self.decay(x_BTD)
+        beta_BTH = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x_BTD, self.b_proj[...], preferred_element_type=F32))
+        state = cache["state"] if cache is not None else None
+        chunk_states = None
+        if T == 1 and not return_chunk_states:
+            o_BTHK, new_state = kda_recurrent(q_BTHK, k_BTHK, v_BTHK, g_BTHK, beta_BTH, state)
+        elif return_chunk_states:
+            o_BTHK, new_state, chunk_states = kda_chunked(q_BTHK, k_BTHK, v_BTHK, g_BTHK, beta_BTH, state,
+                                                          chunk_size=self.chunk_size, return_chunk_states=True)
+        else:
+            o_BTHK, new_state = kda_chunked(q_BTHK, k_BTHK, v_BTHK, g_BTHK, beta_BTH, state,
+                                            chunk_size=self.chunk_size)
+        o_BTHK = o_BTHK.astype(x_BTD.dtype)
+
+        gate_BTR = jnp.einsum("btd,dr->btr", x_BTD, self.g_a_proj[...])
+        gate_BTHK = jnp.einsum("btr,rhk->bthk", gate_BTR, self.g_b_proj[...])
+        o_BTHK = gated_rms_norm(o_BTHK, gate_BTHK, self.o_norm[...], self.eps)
+        out_BTD = jnp.einsum("bthk,hkd->btd", o_BTHK, self.o_proj[...])
+        new_cache = {"conv": new_tail, "state": new_state} if cache is not None else None
+        if return_chunk_states:
+            return out_BTD, new_cache, chunk_states
+        return out_BTD, new_cache

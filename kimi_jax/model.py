@@ -1,0 +1,165 @@
+"""Kimi-Linear decoder in Flax NNX: embeddings, scanned runs of pre-norm blocks, final norm, untied LM head.
+
+    h = embed[ids]
+    for each layer:  h += Mixer(RMSNorm(h))   (KDA or MLA, from the config's schedule)
+                     h += FFN(RMSNorm(h))     (dense SwiGLU or MoE)
+    logits = RMSNorm(h) @ lm_head             (fp32)
+
+Layers are grouped into segments (kimi_jax.layout): each segment's parameters are stacked over its repeats and run
+with `jax.lax.scan`. Caches follow the same structure, so decoding scans too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.config import KDA, MOE, KimiLinearConfig
+from kimi_jax.layers.init import normal_param
+from kimi_jax.layers.kda import KimiDeltaAttention
+from kimi_jax.layers.mla import MultiHeadLatentAttention
+from kimi_jax.layers.mlp import SwiGLU
+from kimi_jax.layers.moe import MoE, resolve_dispatch
+from kimi_jax.layers.norms import RMSNorm
+from kimi_jax.layout import Segment, plan_segments
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Static knobs of one forward pass (not part of the checkpoint)."""
+    remat: bool = False  # rematerialise each scanned cycle in the backward pass
+    moe_dispatch: str = "auto"  # "auto" | "ragged" | "dense" (identical maths)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: KimiLinearConfig, layer: int, *, rngs: nnx.Rngs, dtype=F32):
+        self.mixer_kind, self.ffn_kind = cfg.mixer_types[layer], cfg.ffn_types[layer]
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        if self.mixer_kind == KDA:
+            self.mixer = KimiDeltaAttention(cfg, rngs=rngs, dtype=dtype)
+        else:
+            self.mixer = MultiHeadLatentAttention(cfg, rngs=rngs, dtype=dtype)
+        if self.ffn_kind == MOE:
+            self.ffn = MoE(cfg, rngs=rngs, dtype=dtype)
+        else:
+            self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype)
+
+    def __call__(self, h_BTD, cache, ctx: dict, opts: RunOptions):
+        x_BTD = self.input_norm(h_BTD)
+        if self.mixer_kind == KDA:
+            mixed, cache = self.mixer(x_BTD, cache, ctx["mask_BT"])
+        else:
+            mixed, cache = self.mixer(x_BTD, cache, visible_BTS=ctx["visible_BTS"], cache_index=ctx["cache_index"])
+        h_BTD = h_BTD + mixed
+        x_BTD = self.post_attention_norm(h_BTD)
+        ffn_out = self.ffn(x_BTD, resolve_dispatch(opts.moe_dispatch, self.ffn.w_gate.shape[0])) \
+            if self.ffn_kind == MOE else self.ffn(x_BTD)
+        return h_BTD + ffn_out, cache
+
+    def init_cache(self, batch: int, max_len: int, dtype):
+        if self.mixer_kind == KDA:
+            return self.mixer.init_cache(batch, dtype)
+        return self.mixer.init_cache(batch, max_len, dtype)
+
+
+class LayerStack(nnx.Module):
+    """One segment: `period` layer positions, each with parameters stacked over `repeats` on axis 0."""
+
+    def __init__(self, cfg: KimiLinearConfig, segment: Segment, *, rngs: nnx.Rngs, dtype=F32):
+        self.segment = segment
+        blocks = []
+        for position in range(segment.period):
+            copies = [DecoderLayer(cfg, segment.layer(position, r), rngs=rngs, dtype=dtype)
+                      for r in range(segment.repeats)]
+            blocks.append(jax.tree.map(lambda *xs: jnp.stack(xs), *copies))
+        self.blocks = nnx.List(blocks)
+
+    def __call__(self, h_BTD, caches, ctx: dict, opts: RunOptions):
+        def cycle(h, xs):
+            blocks, cycle_caches = xs
+            new_caches = []
+            for position, block in enumerate(blocks):
+                h, c = block(h, None if cycle_caches is None else cycle_caches[position], ctx, opts)
+                new_caches.append(c)
+            return h, (None if cycle_caches is None else new_caches)
+
+        if opts.remat:
+            cycle = jax.checkpoint(cycle)
+        h_BTD, new_caches = jax.lax.scan(cycle, h_BTD, (list(self.blocks), caches))
+        return h_BTD, new_caches
+
+    def init_cache(self, batch: int, max_len: int, dtype):
+        caches = []
+        for block in self.blocks:
+            one = jax.tree.map(lambda a: a[0], block)  # a single (unstacked) layer, for the cache shapes
+            c = one.init_cache(batch, max_len, dtype)
+            caches.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (self.segment.repeats,) + a.shape), c))
+        return caches
+
+
+class KimiLinearForCausalLM(nnx.Module):
+    def __init__(self, cfg: KimiLinearConfig, *, rngs: nnx.Rngs, dtype=F32):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.segments_plan = plan_segments(cfg.layer_kinds)
+        self.embed_tokens = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        self.segments = nnx.List([LayerStack(cfg, seg, rngs=rngs, dtype=dtype) for seg in self.segments_plan])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else normal_param(rngs, (cfg.hidden_size, cfg.vocab_size),
+                                                                         dtype)
+
+    # ------------------------------------------------------------------ cache
+    def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
+        """Decode cache for `max_len` total tokens: KDA conv tails + fp32 states, MLA latents, one key mask."""
+        return {
+            "length": jnp.zeros((), jnp.int32),
+            "key_mask": jnp.zeros((batch, max_len), bool),
+            "segments": [seg.init_cache(batch, max_len, self.dtype) for seg in self.segments],
+        }
+
+    # ------------------------------------------------------------------ forward
+    def hidden_states(self, input_ids_BT, *, cache=None, attention_mask=None, opts: RunOptions = RunOptions()):
+        B, T = input_ids_BT.shape
+        h_BTD = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0)
+        mask_BT = None if attention_mask is None else attention_mask.astype(bool)
+        if cache is None:
+            causal_TS = jnp.tril(jnp.ones((T, T), bool))
+            visible_BTS = causal_TS[None] if mask_BT is None else causal_TS[None] & mask_BT[:, None, :]
+            ctx = {"mask_BT": mask_BT, "visible_BTS": jnp.broadcast_to(visible_BTS, (B, T, T)), "cache_index": None}
+        else:
+            start = cache["length"]
+            S = cache["key_mask"].shape[1]
+            new_mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT
+            key_mask_BS = jax.lax.dynamic_update_slice_in_dim(cache["key_mask"], new_mask_BT, start, axis=1)
+            query_pos_T = start + jnp.arange(T)
+            causal_TS = jnp.arange(S)[None, :] <= query_pos_T[:, None]
+            visible_BTS = causal_TS[None] & key_mask_BS[:, None, :]
+            ctx = {"mask_BT": mask_BT, "visible_BTS": visible_BTS, "cache_index": start}
+        new_segment_caches = []
+        for s, seg in enumerate(self.segments):
+            h_BTD, c = seg(h_BTD, None if cache is None else cache["segments"][s], ctx, opts)
+            new_segment_caches.append(c)
+        h_BTD = self.norm(h_BTD)
+        new_cache = None if cache is None else {"length": cache["length"] + T, "key_mask": key_mask_BS,
+                                                "segments": new_segment_caches}
+        return h_BTD, new_cache
+
+    def logits(self, h_BTD):
+        head_DV = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("btd,dv->btv", h_BTD, head_DV, preferred_element_type=F32)
+
+    def __call__(self, input_ids_BT, *, cache=None, attention_mask=None, opts: RunOptions = RunOptions()):
+        """logits_BTV (fp32) without a cache; (logits_BTV, new_cache) with one."""
+        h_BTD, new_cache = self.hidden_states(input_ids_BT, cache=cache, attention_mask=attention_mask, opts=opts)
+        logits_BTV = self.logits(h_BTD)
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
