@@ -1,9 +1,9 @@
 """kimi-jax: Kimi-Linear (KDA + MLA + MoE) in JAX / Flax NNX."""
 
 from kimi_jax.config import ConfigError, KimiLinearConfig
-from kimi_jax.model import KimiLinearForCausalLM, RunOptions
+from kimi_jax.model import KimiLinearForCausalLM, RunOptions, forward
 
-__all__ = ["ConfigError", "KimiLinearConfig", "KimiLinearForCausalLM", "RunOptions", "from_pretrained"]
+__all__ = ["ConfigError", "KimiLinearConfig", "KimiLinearForCausalLM", "RunOptions", "forward", "from_pretrained"]
 
 
 def from_pretrained(path, dtype=None, **kwargs):

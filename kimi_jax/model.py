@@ -12,6 +12,7 @@ with `jax.lax.scan`. Caches follow the same structure, so decoding scans too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -163,3 +164,20 @@ class KimiLinearForCausalLM(nnx.Module):
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
+def _apply(graphdef, state, input_ids_BT, cache, attention_mask_BT, opts: RunOptions):
+    model = nnx.merge(graphdef, state)
+    return model(input_ids_BT, cache=cache, attention_mask=attention_mask_BT, opts=opts)
+
+
+def forward(model: KimiLinearForCausalLM, input_ids_BT, *, cache=None, attention_mask=None,
+            opts: RunOptions = RunOptions()):
+    """Jitted `model(...)`: split once per call, compiled once per (shapes, opts). Same returns as `model(...)`.
+
+    Eager NNX calls dispatch op by op (seconds per call even for tiny models); use this outside of jit.
+    """
+    graphdef, state = nnx.split(model)
+    mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+    return _apply(graphdef, state, jnp.asarray(input_ids_BT, jnp.int32), cache, mask, opts)
