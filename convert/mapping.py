@@ -34,15 +34,19 @@ class Rule:
     hf: tuple[str, ...]  # HF names; "{e}" expands over experts, "a|b" lists alternatives
     to_jax: Transform
     to_hf: Transform
+    shapes: Callable[[KimiLinearConfig], tuple]  # the HF shape of each name in `hf` (per expert for "{e}")
 
     def hf_names(self, cfg: KimiLinearConfig) -> list[str]:
-        names = []
-        for name in self.hf:
+        return [n for n, _ in self.hf_names_and_shapes(cfg)]
+
+    def hf_names_and_shapes(self, cfg: KimiLinearConfig) -> list[tuple[str, tuple]]:
+        out = []
+        for name, shape in zip(self.hf, self.shapes(cfg)):
             if "{e}" in name:
-                names.extend(name.replace("{e}", str(e)) for e in range(cfg.num_experts))
+                out.extend((name.replace("{e}", str(e)), tuple(shape)) for e in range(cfg.num_experts))
             else:
-                names.append(name)
-        return names
+                out.append((name, tuple(shape)))
+        return out
 
 
 def _path(p) -> tuple:
@@ -141,10 +145,16 @@ def experts_native() -> tuple[Transform, Transform]:
     return to_jax, to_hf
 
 
-def R(jax, hf, transforms) -> Rule:
+def R(jax, hf, transforms, shapes) -> Rule:
+    """A rule: JAX path(s), HF name(s), (to_jax, to_hf), and cfg -> HF shape(s) (one shape, or one per name)."""
     jax = (jax,) if isinstance(jax, str) else jax
     hf = (hf,) if isinstance(hf, str) else hf
-    return Rule(tuple(_path(p) for p in jax), tuple(hf), *transforms)
+
+    def shape_list(cfg):
+        got = shapes(cfg)
+        return (got,) * len(hf) if got and isinstance(got[0], int) else tuple(got)
+
+    return Rule(tuple(_path(p) for p in jax), tuple(hf), *transforms, shape_list)
 
 
 # ------------------------------------------------------------------ per-layer tables
@@ -156,17 +166,22 @@ def mla_rules(cfg: KimiLinearConfig) -> list[Rule]:
     heads_qk = lambda c: (c.num_attention_heads, c.qk_head_dim)
     rules = []
     if cfg.q_lora_rank is None:
-        rules.append(R("mixer.q_proj", "self_attn.q_proj.weight", linear(out_shape=heads_qk)))
+        rules.append(R("mixer.q_proj", "self_attn.q_proj.weight", linear(out_shape=heads_qk),
+                       lambda c: (c.num_attention_heads * c.qk_head_dim, c.hidden_size)))
     else:
-        rules += [R("mixer.q_a_proj", "self_attn.q_a_proj.weight", linear()),
-                  R("mixer.q_a_norm", "self_attn.q_a_layernorm.weight", identity()),
-                  R("mixer.q_b_proj", "self_attn.q_b_proj.weight", linear(out_shape=heads_qk))]
+        rules += [R("mixer.q_a_proj", "self_attn.q_a_proj.weight", linear(), lambda c: (c.q_lora_rank, c.hidden_size)),
+                  R("mixer.q_a_norm", "self_attn.q_a_layernorm.weight", identity(), lambda c: (c.q_lora_rank,)),
+                  R("mixer.q_b_proj", "self_attn.q_b_proj.weight", linear(out_shape=heads_qk),
+                    lambda c: (c.num_attention_heads * c.qk_head_dim, c.q_lora_rank))]
     rules += [
-        R("mixer.kv_a_proj", "self_attn.kv_a_proj_with_mqa.weight", linear()),
-        R("mixer.kv_a_norm", "self_attn.kv_a_layernorm.weight", identity()),
+        R("mixer.kv_a_proj", "self_attn.kv_a_proj_with_mqa.weight", linear(),
+          lambda c: (c.kv_lora_rank + c.qk_rope_head_dim, c.hidden_size)),
+        R("mixer.kv_a_norm", "self_attn.kv_a_layernorm.weight", identity(), lambda c: (c.kv_lora_rank,)),
         R("mixer.kv_b_proj", "self_attn.kv_b_proj.weight",
-          linear(out_shape=lambda c: (c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim))),
-        R("mixer.o_proj", "self_attn.o_proj.weight", linear(in_shape=mla_out)),
+          linear(out_shape=lambda c: (c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim)),
+          lambda c: (c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)),
+        R("mixer.o_proj", "self_attn.o_proj.weight", linear(in_shape=mla_out),
+          lambda c: (c.hidden_size, c.num_attention_heads * c.v_head_dim)),
     ]
     return rules
 
@@ -177,65 +192,78 @@ def kda_rules(layout: str) -> list[Rule]:
                   if layout == HUB else ("self_attn.conv1d.weight",))
     return [
         R("mixer.qkv_proj", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-          kda_qkv()),
-        R("mixer.conv", conv_names, kda_conv(fused=layout == NATIVE)),
-        R("mixer.f_a_proj", gate + "f_a_proj.weight", linear()),
-        R("mixer.f_b_proj", gate + "f_b_proj.weight", linear(out_shape=kda_heads)),
-        R("mixer.dt_bias", gate + "dt_bias", reshaped(kda_heads, lambda c: (c.kda_projection_dim,))),
-        R("mixer.A_log", gate + "A_log", reshaped(lambda c: (c.kda_num_heads,), lambda c: (1, 1, c.kda_num_heads, 1))),
-        R("mixer.b_proj", "self_attn.b_proj.weight", linear()),
-        R("mixer.g_a_proj", "self_attn.g_a_proj.weight", linear()),
-        R("mixer.g_b_proj", "self_attn.g_b_proj.weight", linear(out_shape=kda_heads)),
-        R("mixer.o_norm", "self_attn.o_norm.weight", identity()),
-        R("mixer.o_proj", "self_attn.o_proj.weight", linear(in_shape=kda_heads)),
+          kda_qkv(), lambda c: (c.kda_projection_dim, c.hidden_size)),
+        R("mixer.conv", conv_names, kda_conv(fused=layout == NATIVE),
+          lambda c: (c.kda_projection_dim * (3 if layout == NATIVE else 1), 1, c.conv_kernel_size)),
+        R("mixer.f_a_proj", gate + "f_a_proj.weight", linear(), lambda c: (c.kda_head_dim, c.hidden_size)),
+        R("mixer.f_b_proj", gate + "f_b_proj.weight", linear(out_shape=kda_heads),
+          lambda c: (c.kda_projection_dim, c.kda_head_dim)),
+        R("mixer.dt_bias", gate + "dt_bias", reshaped(kda_heads, lambda c: (c.kda_projection_dim,)),
+          lambda c: (c.kda_projection_dim,)),
+        R("mixer.A_log", gate + "A_log", reshaped(lambda c: (c.kda_num_heads,), lambda c: (1, 1, c.kda_num_heads, 1)),
+          lambda c: (1, 1, c.kda_num_heads, 1)),
+        R("mixer.b_proj", "self_attn.b_proj.weight", linear(), lambda c: (c.kda_num_heads, c.hidden_size)),
+        R("mixer.g_a_proj", "self_attn.g_a_proj.weight", linear(), lambda c: (c.kda_head_dim, c.hidden_size)),
+        R("mixer.g_b_proj", "self_attn.g_b_proj.weight", linear(out_shape=kda_heads),
+          lambda c: (c.kda_projection_dim, c.kda_head_dim)),
+        R("mixer.o_norm", "self_attn.o_norm.weight", identity(), lambda c: (c.kda_head_dim,)),
+        R("mixer.o_proj", "self_attn.o_proj.weight", linear(in_shape=kda_heads),
+          lambda c: (c.hidden_size, c.kda_projection_dim)),
     ]
 
 
-def swiglu_rules(jax_prefix: str, hf_prefixes: Sequence[str]) -> list[Rule]:
+def swiglu_rules(jax_prefix: str, hf_prefixes: Sequence[str], width: Callable[[KimiLinearConfig], int]
+                 ) -> list[Rule]:
     def names(leaf):
         return "|".join(p + leaf for p in hf_prefixes)
 
-    return [R(f"{jax_prefix}.gate_proj", names("gate_proj.weight"), linear()),
-            R(f"{jax_prefix}.up_proj", names("up_proj.weight"), linear()),
-            R(f"{jax_prefix}.down_proj", names("down_proj.weight"), linear())]
+    return [R(f"{jax_prefix}.gate_proj", names("gate_proj.weight"), linear(), lambda c: (width(c), c.hidden_size)),
+            R(f"{jax_prefix}.up_proj", names("up_proj.weight"), linear(), lambda c: (width(c), c.hidden_size)),
+            R(f"{jax_prefix}.down_proj", names("down_proj.weight"), linear(), lambda c: (c.hidden_size, width(c)))]
 
 
 def moe_rules(cfg: KimiLinearConfig, layout: str) -> list[Rule]:
     moe = "block_sparse_moe." if layout == HUB else "mlp."
-    rules = [R("ffn.router", moe + "gate.weight", linear()),
-             R("ffn.correction_bias", moe + "gate.e_score_correction_bias", identity())]
+    rules = [R("ffn.router", moe + "gate.weight", linear(), lambda c: (c.num_experts, c.hidden_size)),
+             R("ffn.correction_bias", moe + "gate.e_score_correction_bias", identity(), lambda c: (c.num_experts,))]
     if layout == HUB:
         rules.append(R(("ffn.w_gate", "ffn.w_up", "ffn.w_down"),
                        (moe + "experts.{e}.w1.weight", moe + "experts.{e}.w3.weight", moe + "experts.{e}.w2.weight"),
-                       experts_hub()))
+                       experts_hub(),
+                       lambda c: ((c.moe_intermediate_size, c.hidden_size), (c.moe_intermediate_size, c.hidden_size),
+                                  (c.hidden_size, c.moe_intermediate_size))))
     else:
         rules.append(R(("ffn.w_gate", "ffn.w_up", "ffn.w_down"),
-                       (moe + "experts.gate_up_proj", moe + "experts.down_proj"), experts_native()))
+                       (moe + "experts.gate_up_proj", moe + "experts.down_proj"), experts_native(),
+                       lambda c: ((c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size),
+                                  (c.num_experts, c.hidden_size, c.moe_intermediate_size))))
     if cfg.num_shared_experts:
-        rules += swiglu_rules("ffn.shared_experts", [moe + "shared_experts."])
+        rules += swiglu_rules("ffn.shared_experts", [moe + "shared_experts."],
+                              lambda c: c.moe_intermediate_size * c.num_shared_experts)
     return rules
 
 
 def layer_rules(cfg: KimiLinearConfig, layer: int, layout: str) -> list[Rule]:
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
-    rules = [R("input_norm.weight", "input_layernorm.weight", identity()),
-             R("post_attention_norm.weight", "post_attention_layernorm.weight", identity())]
+    hidden = lambda c: (c.hidden_size,)
+    rules = [R("input_norm.weight", "input_layernorm.weight", identity(), hidden),
+             R("post_attention_norm.weight", "post_attention_layernorm.weight", identity(), hidden)]
     rules += kda_rules(layout) if cfg.mixer_types[layer] == KDA else mla_rules(cfg)
     if cfg.ffn_types[layer] == MOE:
         rules += moe_rules(cfg, layout)
     else:
         # The hub names layer 0's dense MLP `mlp.*`; transformers' save_pretrained writes `block_sparse_moe.*`.
         prefixes = ["mlp.", "block_sparse_moe."] if layout == HUB else ["mlp."]
-        rules += swiglu_rules("ffn", prefixes)
+        rules += swiglu_rules("ffn", prefixes, lambda c: c.intermediate_size)
     return rules
 
 
 def global_rules(cfg: KimiLinearConfig) -> list[Rule]:
-    rules = [R(("embed_tokens",), "model.embed_tokens.weight", identity()),
-             R("norm.weight", "model.norm.weight", identity())]
+    rules = [R(("embed_tokens",), "model.embed_tokens.weight", identity(), lambda c: (c.vocab_size, c.hidden_size)),
+             R("norm.weight", "model.norm.weight", identity(), lambda c: (c.hidden_size,))]
     if not cfg.tie_word_embeddings:
-        rules.append(R(("lm_head",), "lm_head.weight", linear()))
+        rules.append(R(("lm_head",), "lm_head.weight", linear(), lambda c: (c.vocab_size, c.hidden_size)))
     return rules
 
 
@@ -291,17 +319,27 @@ def resolve_name(name: str, available) -> str:
     return options[0]
 
 
-def hf_tensor_names(cfg: KimiLinearConfig, layout: str, available=None) -> list[str]:
-    """All HF tensor names a checkpoint of this config and layout holds (alternatives resolved if `available`)."""
-    out, seen = [], set()
-    for spec in plan(cfg, layout):
-        for names in spec.hf_names:
-            for n in names:
-                n = resolve_name(n, available or ())
-                if n not in seen:
-                    seen.add(n)
-                    out.append(n)
+def expected_hf_tensors(cfg: KimiLinearConfig, layout: str, available=()) -> dict[str, tuple]:
+    """{HF name: shape} of every tensor a checkpoint of this config and layout holds, in model order
+    (alternative names resolved against `available`)."""
+    out = {}
+    for rule, prefix in iter_rules(cfg, layout):
+        for name, shape in rule.hf_names_and_shapes(cfg):
+            out.setdefault(resolve_name("|".join(prefix + alt for alt in name.split("|")), available), shape)
     return out
+
+
+def iter_rules(cfg: KimiLinearConfig, layout: str) -> Iterator[tuple[Rule, str]]:
+    """(rule, HF name prefix) for the global rules and every layer, in model order."""
+    for rule in global_rules(cfg):
+        yield rule, ""
+    for layer in range(cfg.num_hidden_layers):
+        for rule in layer_rules(cfg, layer, layout):
+            yield rule, layer_prefix(layer)
+
+
+def hf_tensor_names(cfg: KimiLinearConfig, layout: str, available=()) -> list[str]:
+    return list(expected_hf_tensors(cfg, layout, available))
 
 
 def assemble(spec: ParamSpec, cfg: KimiLinearConfig, get: Callable[[str], np.ndarray]) -> np.ndarray:

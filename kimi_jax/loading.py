@@ -115,19 +115,40 @@ class SafetensorsReader:
         return np.array(mm.view(np_dtype).reshape(shape))
 
 
-def check_tensor_names(cfg: KimiLinearConfig, layout: str, available: Iterable[str], source: str) -> None:
-    available = set(available)
-    expected = mapping.hf_tensor_names(cfg, layout, available)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _listing(items: list[str]) -> str:
+    more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
+    return ", ".join(items[:5]) + more
+
+
+def validate_checkpoint(cfg: KimiLinearConfig, reader: SafetensorsReader, source: str) -> str:
+    """Check every tensor name, shape and dtype against config.json before anything is assembled.
+
+    Returns the naming layout ("hub" or "native"). Raises CheckpointError naming the folder and the tensor.
+    """
+    try:
+        layout = mapping.detect_layout(reader.names())
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    available = set(reader.names())
+    expected = mapping.expected_hf_tensors(cfg, layout, available)
     missing = [n for n in expected if n not in available]
-    unknown = sorted(available - set(expected))
     if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{source}: {len(missing)} tensor(s) that config.json implies are missing: "
-                              f"{', '.join(missing[:5])}{more}")
+                              f"{_listing(missing)}")
+    unknown = sorted(available - set(expected))
     if unknown:
-        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise CheckpointError(f"{source}: {len(unknown)} tensor(s) not part of a Kimi-Linear model of this config: "
-                              f"{', '.join(unknown[:5])}{more}")
+        raise CheckpointError(f"{source}: {len(unknown)} tensor(s) not part of a Kimi-Linear model of this config "
+                              f"({layout} names): {_listing(unknown)}")
+    for name, shape in expected.items():
+        path, dtype, got, _, _ = reader.entries[name]
+        if got != shape:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {got}, but config.json implies {shape}")
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' has dtype {dtype}; weights must be floating point")
+    return layout
 
 
 def abstract_model(cfg: KimiLinearConfig, dtype) -> KimiLinearForCausalLM:
@@ -139,8 +160,7 @@ def from_pretrained(path, dtype=None, *, config: KimiLinearConfig | None = None)
     cfg = config or KimiLinearConfig.from_pretrained(path)
     dtype = jnp.dtype(dtype or jnp.float32)
     reader = SafetensorsReader(path)
-    layout = mapping.detect_layout(reader.names())
-    check_tensor_names(cfg, layout, reader.names(), path)
+    layout = validate_checkpoint(cfg, reader, path)
     available = set(reader.names())
 
     model = abstract_model(cfg, dtype)
@@ -152,9 +172,8 @@ def from_pretrained(path, dtype=None, *, config: KimiLinearConfig | None = None)
             raise RuntimeError(f"mapping names parameter {spec.path}, which the model does not have")
         target = targets[spec.path]
         array = mapping.assemble(spec, cfg, lambda n: reader.get(mapping.resolve_name(n, available)))
-        if tuple(array.shape) != tuple(target.shape):
-            raise CheckpointError(f"{path}: tensor(s) {', '.join(spec.hf_names[0])} give shape {array.shape} for "
-                                  f"{'.'.join(map(str, spec.path))}, but config.json implies {tuple(target.shape)}")
+        if tuple(array.shape) != tuple(target.shape):  # a mapping bug, not bad input: names/shapes were checked
+            raise RuntimeError(f"mapping built {array.shape} for {spec.path}, the model expects {target.shape}")
         filled[spec.path] = target.replace(jnp.asarray(array, dtype=target.dtype))
     missing = [p for p in targets if p not in filled]
     if missing:

@@ -1,0 +1,162 @@
+"""Shared fixtures: random transformers reference models, saved once per session, and jitted JAX entry points.
+
+Everything expensive here is built lazily and cached for the whole session, so test modules that use the same
+reference config share one torch model, one checkpoint folder per (layout, shards) and one loaded JAX model.
+The jitted functions are module-level, so their compile caches are shared across test modules too (XLA compiles
+dominate the CPU runtime of this suite; reuse shapes where you can).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.config import tiny
+from kimi_jax.model import RunOptions
+
+try:  # torch is in the `test` extra; test_config.py does not need it.
+    import torch
+
+    # On a 2-core CI box torch's OpenMP threads fight XLA's (and other pytest processes) and a tiny greedy
+    # `generate` goes from ~0.15 s to ~15 s. One thread is plenty for the tiny references.
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    torch = None
+
+
+# ---------------------------------------------------------------------------------------------- reference configs
+# name -> zero-argument config factory. Keep this list short: every config costs XLA compiles.
+REFERENCE_CONFIGS = {
+    # 7 layers, MLA at 0-indexed 2, 3 (adjacent) and 6 (last); dense layer 0; top-2 routing, 1 shared expert.
+    "irregular": lambda: tiny(num_hidden_layers=7, mla_layers=(2, 3, 6), first_k_dense=1),
+    # Two dense layers, top-3 of 8 with grouped routing (2 groups, keep 1), 2 shared experts, q_lora_rank=12.
+    "dense2": lambda: tiny(num_hidden_layers=4, mla_layers=(1, 3), first_k_dense=2, num_experts_per_token=3,
+                           num_shared_experts=2, num_expert_group=2, topk_group=1, q_lora_rank=12),
+    # Smallest useful model (KDA+MoE, MLA+MoE): cheap compiles for remat / grad / dispatch / generate edge cases.
+    "small": lambda: tiny(num_hidden_layers=2, mla_layers=(1,), first_k_dense=0),
+}
+
+REFERENCE_SEEDS = {"irregular": 0, "dense2": 1, "small": 2}
+
+
+class ReferenceCase:
+    """A random transformers KimiLinearForCausalLM plus lazily written checkpoints and loaded JAX models."""
+
+    def __init__(self, name: str, root):
+        from kimi_jax.reference import build_reference
+
+        self.name = name
+        self.cfg = REFERENCE_CONFIGS[name]()
+        self.seed = REFERENCE_SEEDS[name]
+        self.ref = build_reference(self.cfg, self.seed)
+        self.root = root
+        self._folders: dict = {}
+        self._models: dict = {}
+
+    def folder(self, layout: str = "hub", num_shards: int = 1) -> str:
+        """A checkpoint folder (shared: copy it before modifying anything in it)."""
+        from kimi_jax.reference import save_reference
+
+        key = (layout, num_shards)
+        if key not in self._folders:
+            self._folders[key] = save_reference(self.ref, str(self.root / f"{layout}-{num_shards}"), layout=layout,
+                                                num_shards=num_shards)
+        return self._folders[key]
+
+    def model(self, layout: str = "hub", num_shards: int = 1, dtype=jnp.float32):
+        import kimi_jax
+
+        key = (layout, num_shards, jnp.dtype(dtype).name)
+        if key not in self._models:
+            self._models[key] = kimi_jax.from_pretrained(self.folder(layout, num_shards), dtype=dtype)
+        return self._models[key]
+
+    def ref_logits(self, ids, attention_mask=None) -> np.ndarray:
+        from kimi_jax.reference import reference_logits
+
+        return reference_logits(self.ref, np.asarray(ids), attention_mask)
+
+    def random_ids(self, batch: int, length: int, seed: int = 0) -> np.ndarray:
+        # Avoid the special ids 0..2 (pad/bos/eos) so prompts look like text.
+        return np.random.default_rng(1000 + seed).integers(3, self.cfg.vocab_size, (batch, length)).astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def reference_factory(tmp_path_factory):
+    """`get(name)` -> ReferenceCase, built once per session per name (see REFERENCE_CONFIGS)."""
+    pytest.importorskip("torch")
+    cases: dict = {}
+
+    def get(name: str) -> ReferenceCase:
+        if name not in cases:
+            cases[name] = ReferenceCase(name, tmp_path_factory.mktemp(f"ref-{name}"))
+        return cases[name]
+
+    return get
+
+
+def copy_checkpoint(src: str, dst) -> str:
+    """Copy a (shared) checkpoint folder so a test can damage it."""
+    dst = os.fspath(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture
+def checkpoint_copy(tmp_path):
+    """`copy(src_folder, name="ckpt")` -> path of a private copy under this test's tmp_path."""
+
+    def copy(src: str, name: str = "ckpt") -> str:
+        return copy_checkpoint(src, tmp_path / name)
+
+    return copy
+
+
+# ---------------------------------------------------------------------------------------------- jitted entry points
+@functools.partial(nnx.jit, static_argnames=("opts",))
+def _forward(model, ids, opts: RunOptions = RunOptions()):
+    return model(ids, opts=opts)
+
+
+@nnx.jit
+def _forward_cached(model, ids, cache):
+    return model(ids, cache=cache)
+
+
+def forward(model, ids, opts: RunOptions = RunOptions()) -> np.ndarray:
+    """Full forward (no cache) -> logits [B, T, V] as numpy fp32."""
+    return np.asarray(_forward(model, jnp.asarray(ids, jnp.int32), opts=opts))
+
+
+def forward_cached(model, ids, cache):
+    """Forward through a decode cache -> (numpy logits, new cache)."""
+    logits, cache = _forward_cached(model, jnp.asarray(ids, jnp.int32), cache)
+    return np.asarray(logits), cache
+
+
+@pytest.fixture(scope="session")
+def jit_forward():
+    return forward
+
+
+@pytest.fixture(scope="session")
+def jit_forward_cached():
+    return forward_cached
+
+
+def max_abs_diff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b)))
+
+
+def flat_params(model) -> dict:
+    """{path tuple: numpy array} over every nnx.Param of a model."""
+    return {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
