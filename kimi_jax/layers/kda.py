@@ -24,8 +24,8 @@ F32 = jnp.float32
 
 
 def softplus_thresholded(z):
-    """torch softplus(beta=1, threshold=20): z above 20, log(1 + e^z) below (the inner min keeps grads finite)."""
-    return jnp.where(z > 20.0, z, jnp.log1p(jnp.exp(jnp.minimum(z, 20.0))))
+    """torch softplus(beta=1, threshold=20): z above 20, log(1 + e^z) below (the inner where keeps grads finite)."""
+    return jnp.where(z > 20.0, z, jnp.log1p(jnp.exp(jnp.where(z > 20.0, 20.0, z))))
 
 
 def causal_depthwise_conv(u_BTC, kernel_WC, tail_BWC):

@@ -1,0 +1,470 @@
+"""Per-module parity with transformers' KimiLinear modules in fp32, so a failure points at its cause.
+
+Each reference is a random `KimiLinearForCausalLM` (`kimi_jax.reference.build_reference`: random A_log, dt_bias,
+router correction bias and norm weights), written as a hub checkpoint and read back with `kimi_jax.from_pretrained`;
+single layers are sliced out of the scanned segments with `kimi_jax.layout.locate`. Two references run: the HF init
+(outputs ~1e-2) and one with projection weights x5 (outputs ~1, saturating gates, peaky softmax). Errors are
+max |jax - torch| / max |torch|.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+import kimi_jax
+from kimi_jax.config import tiny
+from kimi_jax.layers.kda import softplus_thresholded
+from kimi_jax.layers.moe import route
+from kimi_jax.layers.norms import gated_rms_norm, rms_norm
+from kimi_jax.layout import locate
+from kimi_jax.model import DecoderLayer, RunOptions
+from kimi_jax.reference import build_reference, save_reference
+
+TOL = 1e-5
+B, T = 2, 70
+KDA_LAYERS, MLA_LAYER, DENSE_LAYER, MOE_LAYERS = (1, 2), 3, 0, (1, 2, 3)  # tiny(): KDA 0-2, MLA 3, dense FFN at 0
+
+
+# ---------------------------------------------------------------------------------------------------------- fixtures
+@dataclasses.dataclass
+class Pair:
+    cfg: object
+    ref: object  # torch KimiLinearForCausalLM
+    model: object  # kimi_jax KimiLinearForCausalLM
+    folder: str
+    seed: int
+
+    def layer(self, i) -> DecoderLayer:
+        return jax_layer(self.model, i)
+
+    def torch_layer(self, i):
+        return self.ref.model.layers[i]
+
+
+def jax_layer(model, i) -> DecoderLayer:
+    s, p, r = locate(model.segments_plan, i)
+    return jax.tree.map(lambda a: a[r], model.segments[s].blocks[p])
+
+
+def make_pair(cfg, seed, weight_scale, folder, bias_std=0.5) -> Pair:
+    """weight_scale != 1 multiplies every projection, conv and expert weight, and the router by 2x that (at the HF
+    init the router logits are ~N(0, 0.16) and the correction bias alone picks nearly the same experts for all
+    tokens)."""
+    ref = build_reference(cfg, seed, bias_std=bias_std)
+    if weight_scale != 1.0:
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if name.endswith(("proj.weight", "proj_with_mqa.weight", "conv1d.weight")) or ".experts." in name:
+                    p.mul_(weight_scale)
+                elif name.endswith("mlp.gate.weight"):
+                    p.mul_(2 * weight_scale)
+    save_reference(ref, folder, "hub")
+    return Pair(cfg, ref, kimi_jax.from_pretrained(folder), folder, seed)
+
+
+@pytest.fixture(scope="module", params=[(0, 1.0, 0.5), (1, 5.0, 0.2)], ids=["seed0-init", "seed1-scaled"])
+def pair(request, tmp_path_factory):
+    seed, scale, bias_std = request.param
+    return make_pair(tiny(), seed, scale, str(tmp_path_factory.mktemp(f"ref{seed}")), bias_std=bias_std)
+
+
+def randn(seed, *shape, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def to_torch(a):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(a)))
+
+
+def rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(x - ref)) / np.max(np.abs(ref)))
+
+
+def check(name, x, ref, tol=TOL):
+    e = rel_err(x, ref)
+    print(f"\n  {name}: rel max diff {e:.2e} (ref max {np.max(np.abs(np.asarray(ref))):.3g})")
+    assert np.all(np.isfinite(np.asarray(x)))
+    assert e <= tol, f"{name}: {e:.3e} > {tol}"
+    return e
+
+
+def causal_additive_mask(key_mask_BS=None, T=T):
+    """transformers-style 4-D float mask [B, 1, T, T]: 0 where visible, finfo.min elsewhere."""
+    visible = np.tril(np.ones((T, T), bool))[None]
+    if key_mask_BS is not None:
+        visible = visible & key_mask_BS[:, None, :]
+    visible = np.broadcast_to(visible, (B, T, T))
+    return torch.from_numpy(np.where(visible, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None])
+
+
+# jitted entry points (module as a pytree argument; compiled once per shape, shared by both references)
+@jax.jit
+def kda_apply(mixer, x_BTD, cache=None):
+    return mixer(x_BTD, cache, None)
+
+
+@jax.jit
+def mla_apply(mixer, x_BTD, visible_BTS, cache=None, cache_index=None):
+    return mixer(x_BTD, cache, visible_BTS=visible_BTS, cache_index=cache_index)
+
+
+@functools.partial(jax.jit, static_argnames=("dispatch",))
+def ffn_apply(ffn, x_BTD, dispatch=None):
+    return ffn(x_BTD) if dispatch is None else ffn(x_BTD, dispatch)
+
+
+# ---------------------------------------------------------------------------------------------------------- layout
+def test_locate_unstacks_one_layer(pair):
+    """The sliced layer is a plain DecoderLayer holding exactly that layer's weights (incl. a repeat > 0)."""
+    D = pair.cfg.hidden_size
+    for i in range(pair.cfg.num_hidden_layers):
+        layer = pair.layer(i)
+        assert isinstance(layer, DecoderLayer)
+        assert layer.mixer_kind == pair.cfg.mixer_types[i] and layer.ffn_kind == pair.cfg.ffn_types[i]
+        chex.assert_shape(layer.input_norm.weight[...], (D,))
+        np.testing.assert_array_equal(np.asarray(layer.input_norm.weight[...]),
+                                      pair.torch_layer(i).input_layernorm.weight.detach().numpy())
+        np.testing.assert_array_equal(np.asarray(layer.post_attention_norm.weight[...]),
+                                      pair.torch_layer(i).post_attention_layernorm.weight.detach().numpy())
+    assert locate(pair.model.segments_plan, 2)[2] == 1, "layer 2 should be the second repeat of a stacked segment"
+    q_proj = pair.layer(2).mixer.qkv_proj[...][:, 0].reshape(D, -1)
+    np.testing.assert_array_equal(np.asarray(q_proj), pair.torch_layer(2).self_attn.q_proj.weight.detach().numpy().T)
+
+
+@functools.partial(jax.jit, static_argnames=("opts",))
+def layer_apply(layer, h_BTD, ctx, opts=RunOptions(moe_dispatch="ragged")):
+    return layer(h_BTD, None, ctx, opts)[0]
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1, 2, 3])
+def test_decoder_layer_matches_torch(pair, layer_idx):
+    """A whole pre-norm block (norms, mixer, residuals, FFN) of the unstacked layer vs KimiLinearDecoderLayer."""
+    h = randn(5 + layer_idx, B, T, pair.cfg.hidden_size)
+    ctx = {"mask_BT": None, "visible_BTS": jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T)),
+           "cache_index": None}
+    out = layer_apply(pair.layer(layer_idx), jnp.asarray(h), ctx)
+    with torch.no_grad():
+        expected = pair.torch_layer(layer_idx)(to_torch(h), attention_mask=None).numpy()
+    check(f"decoder layer {layer_idx} output ({pair.seed})", out, expected)
+    # The residual dominates the output, so also compare the block's update h_out - h_in. Its floor is the fp32
+    # rounding of the residual add: ~ulp(|h| ~ 4) / max|update| ~ 2.4e-7 / 0.016 = 1.5e-5 at the HF init.
+    floor = 4 * np.spacing(np.float32(np.max(np.abs(h)))) / np.max(np.abs(expected - h))
+    check(f"decoder layer {layer_idx} update ({pair.seed})", np.asarray(out) - h, expected - h, tol=TOL + floor)
+
+
+# ---------------------------------------------------------------------------------------------------------- KDA
+@pytest.mark.parametrize("layer_idx", KDA_LAYERS)
+@pytest.mark.parametrize("T_", [T, 1])
+def test_kda_mixer_matches_torch(pair, layer_idx, T_):
+    x = randn(10 + layer_idx, B, T_, pair.cfg.hidden_size)
+    out, cache = kda_apply(pair.layer(layer_idx).mixer, jnp.asarray(x))
+    assert cache is None
+    chex.assert_shape(out, (B, T_, pair.cfg.hidden_size))
+    with torch.no_grad():
+        expected = pair.torch_layer(layer_idx).self_attn(hidden_states=to_torch(x)).numpy()
+    check(f"KDA layer {layer_idx} T={T_} ({pair.seed})", out, expected)
+
+
+def test_kda_decay_matches_torch_forget_gate(pair):
+    x = randn(3, B, T, pair.cfg.hidden_size)
+    g = pair.layer(1).mixer.decay(jnp.asarray(x))
+    with torch.no_grad():
+        expected = pair.torch_layer(1).self_attn.forget_gate(to_torch(x)).numpy()
+    chex.assert_shape(g, expected.shape)
+    assert np.all(np.asarray(g) <= 0)
+    check(f"KDA decay g ({pair.seed})", g, expected)
+
+
+def test_kda_mixer_cache_prefill_then_decode(pair):
+    """Prefill 69 tokens into a fresh cache, then decode one: equals the 70-token forward (JAX and torch)."""
+    mixer = pair.layer(1).mixer
+    x = randn(20, B, T, pair.cfg.hidden_size)
+    full, _ = kda_apply(mixer, jnp.asarray(x))
+    cache = mixer.init_cache(B, jnp.float32)
+    chex.assert_shape(cache["state"], (B, pair.cfg.kda_num_heads, pair.cfg.kda_head_dim, pair.cfg.kda_head_dim))
+    out_pre, cache = kda_apply(mixer, jnp.asarray(x[:, :T - 1]), cache)
+    out_dec, cache = kda_apply(mixer, jnp.asarray(x[:, T - 1:]), cache)
+    stitched = jnp.concatenate([out_pre, out_dec], axis=1)
+    with torch.no_grad():
+        expected = pair.torch_layer(1).self_attn(hidden_states=to_torch(x)).numpy()
+    check(f"KDA cache 69+1 vs JAX full ({pair.seed})", stitched, full)
+    check(f"KDA cache 69+1 vs torch full ({pair.seed})", stitched, expected)
+    check(f"KDA decode token vs torch ({pair.seed})", out_dec, expected[:, -1:])
+
+
+# ---------------------------------------------------------------------------------------------------------- MLA
+@pytest.mark.parametrize("mask_kind", ["additive", "none"])
+def test_mla_mixer_matches_torch(pair, mask_kind):
+    x = randn(30, B, T, pair.cfg.hidden_size)
+    visible = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+    out, cache = mla_apply(pair.layer(MLA_LAYER).mixer, jnp.asarray(x), visible)
+    assert cache is None
+    # sdpa (the reference's attention) uses is_causal when the mask is None, else adds the float mask to the scores.
+    mask = causal_additive_mask() if mask_kind == "additive" else None
+    with torch.no_grad():
+        expected, _ = pair.torch_layer(MLA_LAYER).self_attn(hidden_states=to_torch(x), attention_mask=mask)
+    check(f"MLA {mask_kind} mask ({pair.seed})", out, expected.numpy())
+
+
+def test_mla_mixer_single_token_and_padding(pair):
+    mixer, tmla = pair.layer(MLA_LAYER).mixer, pair.torch_layer(MLA_LAYER).self_attn
+    x1 = randn(31, B, 1, pair.cfg.hidden_size)
+    out1, _ = mla_apply(mixer, jnp.asarray(x1), jnp.ones((B, 1, 1), bool))
+    with torch.no_grad():
+        expected1, _ = tmla(hidden_states=to_torch(x1), attention_mask=None)
+    check(f"MLA T=1 ({pair.seed})", out1, expected1.numpy())
+
+    # Left padding in batch row 1: keys 0..4 invisible. Compare only the real query rows.
+    x = randn(32, B, T, pair.cfg.hidden_size)
+    key_mask = np.ones((B, T), bool)
+    key_mask[1, :5] = False
+    visible = np.tril(np.ones((T, T), bool))[None] & key_mask[:, None, :]
+    out, _ = mla_apply(mixer, jnp.asarray(x), jnp.asarray(visible))
+    with torch.no_grad():
+        expected, _ = tmla(hidden_states=to_torch(x), attention_mask=causal_additive_mask(key_mask))
+    out, expected = np.asarray(out), expected.numpy()
+    check(f"MLA padded row 0 ({pair.seed})", out[0], expected[0])
+    check(f"MLA padded row 1, real queries ({pair.seed})", out[1, 5:], expected[1, 5:])
+
+
+def test_mla_absorbed_cache_equals_expanded(pair):
+    """The latent cache path (W_k absorbed into q, W_v after attention) equals the expanded path."""
+    mixer = pair.layer(MLA_LAYER).mixer
+    S = 80
+    x = randn(33, B, T, pair.cfg.hidden_size)
+    expanded, _ = mla_apply(mixer, jnp.asarray(x), jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T)))
+
+    def visible(start, n):
+        return jnp.broadcast_to(jnp.arange(S)[None, :] <= (start + jnp.arange(n))[:, None], (B, n, S))
+
+    cache = mixer.init_cache(B, S, jnp.float32)
+    absorbed, new_cache = mla_apply(mixer, jnp.asarray(x), visible(0, T), cache, 0)
+    chex.assert_shape(new_cache["latent"], (B, S, pair.cfg.kv_lora_rank))
+    chex.assert_shape(new_cache["k_shared"], (B, S, pair.cfg.qk_rope_head_dim))
+    check(f"MLA absorbed (prefill 70) vs expanded ({pair.seed})", absorbed, expanded)
+
+    cache = mixer.init_cache(B, S, jnp.float32)
+    pre, cache = mla_apply(mixer, jnp.asarray(x[:, :T - 1]), visible(0, T - 1), cache, 0)
+    dec, cache = mla_apply(mixer, jnp.asarray(x[:, T - 1:]), visible(T - 1, 1), cache, T - 1)
+    check(f"MLA absorbed 69+1 vs expanded ({pair.seed})", jnp.concatenate([pre, dec], axis=1), expanded)
+    with torch.no_grad():
+        expected, _ = pair.torch_layer(MLA_LAYER).self_attn(hidden_states=to_torch(x), attention_mask=None)
+    check(f"MLA absorbed decode token vs torch ({pair.seed})", dec, expected.numpy()[:, -1:])
+
+
+# ---------------------------------------------------------------------------------------------------------- FFN
+@pytest.mark.parametrize("T_", [T, 1])
+def test_moe_matches_torch_dense_and_ragged(pair, T_):
+    for i in MOE_LAYERS:
+        ffn = pair.layer(i).ffn
+        x = randn(40 + i, B, T_, pair.cfg.hidden_size)
+        with torch.no_grad():
+            expected = pair.torch_layer(i).mlp(to_torch(x)).numpy()
+        if T_ > 1 and pair.seed == 1:
+            _, experts = route(jnp.asarray(x.reshape(-1, x.shape[-1])), ffn.router[...], ffn.correction_bias[...],
+                               top_k=ffn.top_k, num_groups=1, topk_groups=1, renormalize=True, scaling=1.0,
+                               weights_use_bias=False)
+            used = np.bincount(np.asarray(experts).ravel(), minlength=pair.cfg.num_experts)
+            print(f"\n  layer {i} tokens per expert: {used}")
+            assert np.count_nonzero(used) >= 6, f"routing should spread over the experts: {used}"
+        dense = ffn_apply(ffn, jnp.asarray(x), "dense")
+        ragged = ffn_apply(ffn, jnp.asarray(x), "ragged")
+        check(f"MoE layer {i} T={T_} dense vs torch ({pair.seed})", dense, expected)
+        check(f"MoE layer {i} T={T_} ragged vs torch ({pair.seed})", ragged, expected)
+        check(f"MoE layer {i} T={T_} dense vs ragged ({pair.seed})", dense, ragged)
+
+
+def silu_np(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def moe_numpy(ffn, cfg, x_TD, weights_use_bias):
+    """Spec §4.2 in float64 from the JAX layer's parameters (plain top-k: one expert group)."""
+    p = lambda a: np.asarray(a[...], np.float64)
+    x = np.asarray(x_TD, np.float64)
+    s_TE = 1.0 / (1.0 + np.exp(-(x @ p(ffn.router))))
+    biased_TE = s_TE + p(ffn.correction_bias)
+    experts_Tk = np.argsort(-biased_TE, axis=-1, kind="stable")[:, :cfg.num_experts_per_token]
+    w_Tk = np.take_along_axis(biased_TE if weights_use_bias else s_TE, experts_Tk, axis=-1)
+    w_Tk = w_Tk / (w_Tk.sum(-1, keepdims=True) + 1e-20) * cfg.routed_scaling_factor
+    h_TEF = silu_np(np.einsum("td,edf->tef", x, p(ffn.w_gate))) * np.einsum("td,edf->tef", x, p(ffn.w_up))
+    out_TED = np.einsum("tef,efd->ted", h_TEF, p(ffn.w_down))
+    routed_TD = np.einsum("tkd,tk->td", np.take_along_axis(out_TED, experts_Tk[:, :, None], axis=1), w_Tk)
+    sh = ffn.shared_experts
+    shared_TD = (silu_np(x @ p(sh.gate_proj)) * (x @ p(sh.up_proj))) @ p(sh.down_proj)
+    return routed_TD + shared_TD, experts_Tk, w_Tk
+
+
+def test_moe_correction_bias_weights_switch(pair):
+    """router_weights_use_correction_bias=True (hub remote-code aliasing): same experts, weights from s + b."""
+    cfg_b = pair.cfg.replace(router_weights_use_correction_bias=True)
+    biased_model = kimi_jax.from_pretrained(pair.folder, config=cfg_b)
+    i = 1
+    ffn, ffn_b = pair.layer(i).ffn, jax_layer(biased_model, i).ffn
+    assert ffn_b.weights_use_bias and not ffn.weights_use_bias
+    x = randn(50, B, T, pair.cfg.hidden_size)
+    x_TD = x.reshape(-1, x.shape[-1])
+    out = np.asarray(ffn_apply(ffn, jnp.asarray(x), "dense")).reshape(x_TD.shape)
+    out_b = np.asarray(ffn_apply(ffn_b, jnp.asarray(x), "dense")).reshape(x_TD.shape)
+    ref_np, experts_np, _ = moe_numpy(ffn, pair.cfg, x_TD, weights_use_bias=False)
+    ref_np_b, experts_np_b, w_np_b = moe_numpy(ffn, pair.cfg, x_TD, weights_use_bias=True)
+    switch_effect = rel_err(out_b, out)
+    print(f"\n  correction-bias switch changes the MoE output by {switch_effect:.2e} (relative)")
+    assert switch_effect > 1e-3
+    check(f"MoE unbiased vs numpy ({pair.seed})", out, ref_np)
+    check(f"MoE biased weights vs numpy ({pair.seed})", out_b, ref_np_b)
+    np.testing.assert_array_equal(experts_np, experts_np_b)
+    kw = dict(top_k=pair.cfg.num_experts_per_token, num_groups=1, topk_groups=1, renormalize=True,
+              scaling=pair.cfg.routed_scaling_factor)
+    w_b, e_b = route(jnp.asarray(x_TD), ffn.router[...], ffn.correction_bias[...], weights_use_bias=True, **kw)
+    w_u, e_u = route(jnp.asarray(x_TD), ffn.router[...], ffn.correction_bias[...], weights_use_bias=False, **kw)
+    np.testing.assert_array_equal(np.asarray(e_b), np.asarray(e_u))
+    np.testing.assert_array_equal(np.sort(np.asarray(e_b), -1), np.sort(experts_np_b, -1))
+    order = lambda e, w: np.take_along_axis(np.asarray(w), np.argsort(np.asarray(e), -1), -1)
+    np.testing.assert_allclose(order(e_b, w_b), order(experts_np_b, w_np_b), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_routing_matches_torch_router(tmp_path):
+    cfg = tiny(num_expert_group=2, topk_group=1)
+    assert cfg.num_experts == 8
+    p = make_pair(cfg, seed=3, weight_scale=5.0, folder=str(tmp_path), bias_std=0.1)
+    router = p.torch_layer(1).mlp.gate
+    assert router.num_group == 2 and router.topk_group == 1
+    x = randn(60, B, T, cfg.hidden_size)
+    x_TD = x.reshape(-1, cfg.hidden_size)
+    with torch.no_grad():
+        _, w_t, e_t = router(to_torch(x))
+    ffn = p.layer(1).ffn
+    kw = dict(top_k=cfg.num_experts_per_token, topk_groups=1, renormalize=True, scaling=cfg.routed_scaling_factor,
+              weights_use_bias=False)
+    w_j, e_j = route(jnp.asarray(x_TD), ffn.router[...], ffn.correction_bias[...], num_groups=2, **kw)
+    _, e_flat = route(jnp.asarray(x_TD), ffn.router[...], ffn.correction_bias[...], num_groups=1, **kw)
+    e_j, w_j, e_t, w_t = np.asarray(e_j), np.asarray(w_j), e_t.numpy(), w_t.numpy()
+    sort_j, sort_t = np.argsort(e_j, -1), np.argsort(e_t, -1)
+    np.testing.assert_array_equal(np.take_along_axis(e_j, sort_j, -1), np.take_along_axis(e_t, sort_t, -1))
+    check("grouped routing weights vs torch", np.take_along_axis(w_j, sort_j, -1), np.take_along_axis(w_t, sort_t, -1))
+    # Every token's experts lie in a single group of 4, and grouping changed the choice for some tokens.
+    assert np.all(e_j.min(-1) // 4 == e_j.max(-1) // 4)
+    changed = np.mean(np.any(np.sort(e_j, -1) != np.sort(np.asarray(e_flat), -1), axis=-1))
+    print(f"\n  grouped routing changed the experts of {changed:.0%} of tokens")
+    assert changed > 0.1
+    with torch.no_grad():
+        expected = p.torch_layer(1).mlp(to_torch(x)).numpy()
+    check("grouped MoE vs torch", ffn_apply(ffn, jnp.asarray(x), "ragged"), expected)
+    check("grouped MoE dense vs torch", ffn_apply(ffn, jnp.asarray(x), "dense"), expected)
+
+
+@pytest.mark.parametrize("T_", [T, 1])
+def test_dense_swiglu_matches_torch(pair, T_):
+    x = randn(70, B, T_, pair.cfg.hidden_size)
+    ffn = pair.layer(DENSE_LAYER).ffn
+    with torch.no_grad():
+        expected = pair.torch_layer(DENSE_LAYER).mlp(to_torch(x)).numpy()
+    check(f"dense SwiGLU T={T_} ({pair.seed})", ffn_apply(ffn, jnp.asarray(x)), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------- norms
+@pytest.mark.parametrize("x_scale", [1.0, 3e-3])  # 3e-3: mean(x^2) ~ 1e-5, so eps matters
+def test_rms_norms_match_torch(pair, x_scale):
+    x = randn(80, B, T, pair.cfg.hidden_size, scale=x_scale)
+    for i in (0, 3):
+        layer, tl = pair.layer(i), pair.torch_layer(i)
+        with torch.no_grad():
+            check(f"input_layernorm {i} x~{x_scale} ({pair.seed})", layer.input_norm(jnp.asarray(x)),
+                  tl.input_layernorm(to_torch(x)).numpy())
+            check(f"post_attention_layernorm {i} x~{x_scale} ({pair.seed})", layer.post_attention_norm(jnp.asarray(x)),
+                  tl.post_attention_layernorm(to_torch(x)).numpy())
+    with torch.no_grad():
+        check(f"final norm x~{x_scale} ({pair.seed})", pair.model.norm(jnp.asarray(x)),
+              pair.ref.model.norm(to_torch(x)).numpy())
+    # MLA latent norm: eps 1e-6 (the reference's default), not rms_norm_eps.
+    mla, tmla = pair.layer(MLA_LAYER).mixer, pair.torch_layer(MLA_LAYER).self_attn
+    c = randn(81, B, T, pair.cfg.kv_lora_rank, scale=x_scale)
+    with torch.no_grad():
+        expected = tmla.kv_a_layernorm(to_torch(c)).numpy()
+    check(f"kv_a_layernorm x~{x_scale} ({pair.seed})", rms_norm(jnp.asarray(c), mla.kv_a_norm[...], mla.latent_eps),
+          expected)
+
+
+@pytest.mark.parametrize("x_scale", [1.0, 3e-3])
+def test_gated_rms_norm_matches_torch(pair, x_scale):
+    mixer, tkda = pair.layer(1).mixer, pair.torch_layer(1).self_attn
+    H, K = pair.cfg.kda_num_heads, pair.cfg.kda_head_dim
+    o = randn(90, B, T, H, K, scale=x_scale)
+    gate = randn(91, B, T, H, K, scale=3.0)
+    assert tkda.o_norm.variance_epsilon == mixer.eps
+    with torch.no_grad():
+        expected = tkda.o_norm(to_torch(o), to_torch(gate)).numpy()
+    check(f"gated rms norm x~{x_scale} ({pair.seed})", gated_rms_norm(jnp.asarray(o), jnp.asarray(gate),
+                                                                      mixer.o_norm[...], mixer.eps), expected)
+
+
+def test_rms_norm_bf16_rounds_before_weight():
+    """Spec §5: y = w * bf16(x_fp32 * rsqrt(mean x^2 + eps)), i.e. two roundings, as torch in bf16."""
+    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearRMSNorm
+
+    bf16 = ml_dtypes.bfloat16
+    D, eps = 64, 1e-5
+    x = randn(100, 64, D, scale=3.0).astype(bf16)
+    w = (1.0 + 0.3 * randn(101, D)).astype(bf16)
+    out = rms_norm(jnp.asarray(x), jnp.asarray(w), eps)
+    assert out.dtype == jnp.bfloat16
+    norm = KimiLinearRMSNorm(D, eps).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.from_numpy(w.astype(np.float32)).to(torch.bfloat16))
+        expected = norm(torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)).float().numpy()
+
+    x64 = x.astype(np.float64)
+    normed = (x64 / np.sqrt(np.mean(x64 * x64, -1, keepdims=True) + eps)).astype(np.float32)
+    two_roundings = (w.astype(np.float32) * normed.astype(bf16).astype(np.float32)).astype(bf16).astype(np.float32)
+    one_rounding = (w.astype(np.float32) * normed).astype(bf16).astype(np.float32)
+    out = np.asarray(out.astype(jnp.float32))
+
+    def ulps(a, b):  # distance in bf16 steps at b's magnitude
+        step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(b), 1e-30))) - 7)
+        return np.abs(a - b) / step
+
+    mismatch = lambda a, b: float(np.mean(a != b))
+    print(f"\n  bf16 rms_norm mismatch fraction: vs torch {mismatch(out, expected):.3f}, vs two roundings "
+          f"{mismatch(out, two_roundings):.3f}, vs one rounding {mismatch(out, one_rounding):.3f}; "
+          f"torch vs one rounding {mismatch(expected, one_rounding):.3f}")
+    assert mismatch(one_rounding, two_roundings) > 0.05, "the check cannot tell the two orders apart"
+    for name, target in (("torch", expected), ("two roundings", two_roundings)):
+        assert np.max(ulps(out, target)) <= 1.0, name
+        assert mismatch(out, target) < 0.01, name
+    assert mismatch(out, one_rounding) > 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------- softplus
+def test_softplus_thresholded_matches_torch_formula():
+    f32 = np.float32
+    edge = [np.nextafter(f32(20), f32(0)), f32(20), np.nextafter(f32(20), f32(30)), f32(-1e4), f32(1e4)]
+    z = np.concatenate([np.linspace(-40, 120, 4001, dtype=np.float32), np.array(edge, np.float32)])
+    ours = np.asarray(softplus_thresholded(jnp.asarray(z)))
+    zt = torch.from_numpy(z)
+    torch_formula = torch.where(zt > 20.0, zt, torch.log(1.0 + torch.exp(zt))).numpy()  # KimiLinearForgetGate
+    exact = np.where(z > 20.0, z.astype(np.float64), np.logaddexp(0.0, z.astype(np.float64)))
+    np.testing.assert_allclose(ours, torch_formula, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours, exact, rtol=2e-6, atol=0)  # log1p form: accurate even where e^z << 1
+    print(f"\n  softplus: max abs vs torch formula {np.max(np.abs(ours - torch_formula)):.2e}")
+
+    # Gradients everywhere, the exact threshold z == 20.0 included (torch takes the log branch there: sigmoid(20)).
+    grad = jax.vmap(jax.grad(softplus_thresholded))
+    gz = np.asarray(grad(jnp.asarray(z)))
+    assert np.all(np.isfinite(gz))
+    expected_grad = np.where(z > 20.0, 1.0, 0.5 * (1.0 + np.tanh(0.5 * z.astype(np.float64))))  # sigmoid(z)
+    np.testing.assert_allclose(gz, expected_grad, rtol=1e-5, atol=1e-7)
+    assert float(jax.grad(softplus_thresholded)(jnp.float32(100.0))) == 1.0
+    # The decay's gradient stays finite through a saturated softplus too.
+    g_of_z = lambda z: jnp.sum(-jnp.exp(jnp.float32(2.0)) * softplus_thresholded(z))
+    assert np.all(np.isfinite(np.asarray(jax.grad(g_of_z)(jnp.array([100.0, 1e4, -1e4], jnp.float32)))))
