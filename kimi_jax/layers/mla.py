@@ -71,15 +71,19 @@ class MultiHeadLatentAttention(nnx.Module):
         latent_BTR, k_shared_BTE = self.latents(x_BTD)
         w_k_RHN = self.kv_b_proj[..., :self.nope_dim]
         w_v_RHV = self.kv_b_proj[..., self.nope_dim:]
-        neg = jnp.finfo(F32).min  # finite, so a fully masked (padding) row stays NaN-free
+        def attention_probs(nope_scores_BHTS, k_shared_BSE):
+            # Softmax in fp32 over the NoPE scores plus the shared (never rotated) key part; the mask uses a finite
+            # minimum so a fully masked (padding) row stays NaN-free.
+            scores_BHTS = nope_scores_BHTS + jnp.einsum("bthe,bse->bhts", q_shared_BTHE, k_shared_BSE,
+                                                        preferred_element_type=F32)
+            scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS * self.scale, jnp.finfo(F32).min)
+            return jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
 
         if cache is None:
             k_nope_BSHN = jnp.einsum("bsr,rhn->bshn", latent_BTR, w_k_RHN)
             v_BSHV = jnp.einsum("bsr,rhv->bshv", latent_BTR, w_v_RHV)
-            scores_BHTS = (jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BSHN, preferred_element_type=F32)
-                           + jnp.einsum("bthe,bse->bhts", q_shared_BTHE, k_shared_BTE, preferred_element_type=F32))
-            scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS * self.scale, neg)
-            probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
+            probs_BHTS = attention_probs(
+                jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BSHN, preferred_element_type=F32), k_shared_BTE)
             o_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV)
             new_cache = None
         else:
@@ -89,12 +93,10 @@ class MultiHeadLatentAttention(nnx.Module):
                 cache["k_shared"], k_shared_BTE.astype(cache["k_shared"].dtype), cache_index, axis=1)
             new_cache = {"latent": latent_BSR, "k_shared": k_shared_BSE}
             latent_BSR, k_shared_BSE = latent_BSR.astype(dtype), k_shared_BSE.astype(dtype)
-            # Absorb W_k into the query: q_nope . (W_k c) = (W_k^T q_nope) . c.
+            # Absorb W_k into the query: q_nope . (W_k c) = (W_k^T q_nope) . c; apply W_v after attention.
             q_lat_BTHR = jnp.einsum("bthn,rhn->bthr", q_nope_BTHN, w_k_RHN)
-            scores_BHTS = (jnp.einsum("bthr,bsr->bhts", q_lat_BTHR, latent_BSR, preferred_element_type=F32)
-                           + jnp.einsum("bthe,bse->bhts", q_shared_BTHE, k_shared_BSE, preferred_element_type=F32))
-            scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS * self.scale, neg)
-            probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
+            probs_BHTS = attention_probs(
+                jnp.einsum("bthr,bsr->bhts", q_lat_BTHR, latent_BSR, preferred_element_type=F32), k_shared_BSE)
             ctx_BTHR = jnp.einsum("bhts,bsr->bthr", probs_BHTS, latent_BSR)
             o_BTHV = jnp.einsum("bthr,rhv->bthv", ctx_BTHR, w_v_RHV)
         return jnp.einsum("bthv,hvd->btd", o_BTHV, self.o_proj[...]), new_cache
