@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from kimi_jax.config import DENSE, KDA, MLA, MOE, KimiLinearConfig
+from kimi_jax.config import KDA, MOE, KimiLinearConfig
 from kimi_jax.layout import plan_segments
 
 HUB, NATIVE = "hub", "native"
@@ -115,34 +115,27 @@ def kda_conv(fused: bool) -> tuple[Transform, Transform]:
     return to_jax, to_hf
 
 
-def experts_hub() -> tuple[Transform, Transform]:
-    """experts.{e}.w1/w3 (F, D), w2 (D, F) <-> w_gate, w_up [E, D, F], w_down [E, F, D]."""
+def expert_stack() -> tuple[Transform, Transform]:
+    """experts.{e}.w (out, in) for every expert <-> one stacked kernel [E, in, out]."""
+    return (lambda ts, cfg: [np.stack([t.T for t in ts])]), (lambda arrs, cfg: [w.T for w in arrs[0]])
+
+
+def experts_gate_up() -> tuple[Transform, Transform]:
+    """experts.gate_up_proj (E, 2F, D) <-> w_gate, w_up [E, D, F] (rows 0..F-1 are the gate, F..2F-1 the up)."""
 
     def to_jax(ts, cfg):
-        E = cfg.num_experts
-        w1, w3, w2 = ts[:E], ts[E:2 * E], ts[2 * E:]
-        return [np.stack([t.T for t in w1]), np.stack([t.T for t in w3]), np.stack([t.T for t in w2])]
-
-    def to_hf(arrs, cfg):
-        gate, up, down = arrs
-        return ([g.T for g in gate] + [u.T for u in up] + [d.T for d in down])
-
-    return to_jax, to_hf
-
-
-def experts_native() -> tuple[Transform, Transform]:
-    """experts.gate_up_proj (E, 2F, D), down_proj (E, D, F) <-> w_gate, w_up [E, D, F], w_down [E, F, D]."""
-
-    def to_jax(ts, cfg):
-        gate_up, down = ts
         F = cfg.moe_intermediate_size
-        return [gate_up[:, :F].transpose(0, 2, 1), gate_up[:, F:].transpose(0, 2, 1), down.transpose(0, 2, 1)]
+        return [ts[0][:, :F].transpose(0, 2, 1), ts[0][:, F:].transpose(0, 2, 1)]
 
     def to_hf(arrs, cfg):
-        gate, up, down = arrs
-        return [np.concatenate([gate.transpose(0, 2, 1), up.transpose(0, 2, 1)], axis=1), down.transpose(0, 2, 1)]
+        return [np.concatenate([arrs[0].transpose(0, 2, 1), arrs[1].transpose(0, 2, 1)], axis=1)]
 
     return to_jax, to_hf
+
+
+def expert_transpose() -> tuple[Transform, Transform]:
+    """experts.down_proj (E, D, F) <-> w_down [E, F, D]."""
+    return (lambda ts, cfg: [ts[0].transpose(0, 2, 1)]), (lambda arrs, cfg: [arrs[0].transpose(0, 2, 1)])
 
 
 def R(jax, hf, transforms, shapes) -> Rule:
@@ -227,16 +220,15 @@ def moe_rules(cfg: KimiLinearConfig, layout: str) -> list[Rule]:
     rules = [R("ffn.router", moe + "gate.weight", linear(), lambda c: (c.num_experts, c.hidden_size)),
              R("ffn.correction_bias", moe + "gate.e_score_correction_bias", identity(), lambda c: (c.num_experts,))]
     if layout == HUB:
-        rules.append(R(("ffn.w_gate", "ffn.w_up", "ffn.w_down"),
-                       (moe + "experts.{e}.w1.weight", moe + "experts.{e}.w3.weight", moe + "experts.{e}.w2.weight"),
-                       experts_hub(),
-                       lambda c: ((c.moe_intermediate_size, c.hidden_size), (c.moe_intermediate_size, c.hidden_size),
-                                  (c.hidden_size, c.moe_intermediate_size))))
+        F, D = (lambda c: c.moe_intermediate_size), (lambda c: c.hidden_size)
+        rules += [R("ffn.w_gate", moe + "experts.{e}.w1.weight", expert_stack(), lambda c: (F(c), D(c))),
+                  R("ffn.w_up", moe + "experts.{e}.w3.weight", expert_stack(), lambda c: (F(c), D(c))),
+                  R("ffn.w_down", moe + "experts.{e}.w2.weight", expert_stack(), lambda c: (D(c), F(c)))]
     else:
-        rules.append(R(("ffn.w_gate", "ffn.w_up", "ffn.w_down"),
-                       (moe + "experts.gate_up_proj", moe + "experts.down_proj"), experts_native(),
-                       lambda c: ((c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size),
-                                  (c.num_experts, c.hidden_size, c.moe_intermediate_size))))
+        rules += [R(("ffn.w_gate", "ffn.w_up"), moe + "experts.gate_up_proj", experts_gate_up(),
+                    lambda c: (c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size)),
+                  R("ffn.w_down", moe + "experts.down_proj", expert_transpose(),
+                    lambda c: (c.num_experts, c.hidden_size, c.moe_intermediate_size))]
     if cfg.num_shared_experts:
         rules += swiglu_rules("ffn.shared_experts", [moe + "shared_experts."],
                               lambda c: c.moe_intermediate_size * c.num_shared_experts)

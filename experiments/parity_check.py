@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         print(f"error: --lengths must be comma-separated integers, got {args.lengths!r}", file=sys.stderr)
         return 2
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         print("error: the parity check needs torch (pip install -e '.[test]')", file=sys.stderr)
         return 2
@@ -111,8 +111,6 @@ def main(argv=None) -> int:
         outs.append(np.asarray(step_logits))
     record("prefill 60 + decode 10 vs full forward", float(np.abs(np.concatenate(outs, 1) - full).max()))
     steps.update()
-
-    import torch
 
     prompt = rng.integers(0, cfg.vocab_size, (2, 24))
     ours = generate_greedy(model, prompt, 16, eos_token_id=[])

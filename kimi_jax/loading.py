@@ -7,112 +7,15 @@ Tensors are read one at a time and assembled per JAX parameter through `convert.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
-from typing import Iterable
 
-import jax
 import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 from flax import nnx
 
 from convert import mapping
+from convert.safetensors_io import CheckpointError, SafetensorsReader
 from kimi_jax.config import KimiLinearConfig
 from kimi_jax.model import KimiLinearForCausalLM
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that does not hold the tensors its config.json describes."""
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-}
-
-
-def read_safetensors_header(path: str) -> dict:
-    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}} plus "__metadata__"."""
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    header["__data_start__"] = 8 + size
-    return header
-
-
-class SafetensorsReader:
-    """Name -> numpy tensor over one safetensors file or an indexed set of shards.
-
-    Reads headers directly and each tensor through a memory map, one tensor at a time, so host memory holds only
-    what the caller keeps; bf16 (the hub checkpoint's dtype) comes back as `ml_dtypes.bfloat16`, no torch needed.
-    """
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        index = os.path.join(folder, "model.safetensors.index.json")
-        single = os.path.join(folder, "model.safetensors")
-        if os.path.exists(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
-            shards = sorted(set(weight_map.values()))
-            for shard in shards:
-                if not os.path.exists(os.path.join(folder, shard)):
-                    raise CheckpointError(f"{index}: lists shard {shard}, which is missing")
-        elif os.path.exists(single):
-            shards = ["model.safetensors"]
-            weight_map = None
-        else:
-            raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-        self.entries = {}  # name -> (path, dtype, shape, start, stop)
-        for shard in shards:
-            path = os.path.join(folder, shard)
-            header = read_safetensors_header(path)
-            base = header.pop("__data_start__")
-            header.pop("__metadata__", None)
-            for name, info in header.items():
-                if weight_map is not None and weight_map.get(name) != shard:
-                    continue
-                if info["dtype"] not in _SAFETENSORS_DTYPES:
-                    raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
-                start, stop = info["data_offsets"]
-                self.entries[name] = (path, info["dtype"], tuple(info["shape"]), base + start, base + stop)
-        if weight_map is not None:
-            absent = [n for n in weight_map if n not in self.entries]
-            if absent:
-                raise CheckpointError(f"{index}: tensor '{absent[0]}' is listed but not in shard {weight_map[absent[0]]}")
-
-    def names(self) -> list[str]:
-        return list(self.entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][2]
-
-    def nbytes(self, name: str) -> int:
-        _, _, _, start, stop = self.entries[name]
-        return stop - start
-
-    def get(self, name: str) -> np.ndarray:
-        if name not in self.entries:
-            raise CheckpointError(f"{self.folder}: tensor '{name}' is missing")
-        path, dtype, shape, start, stop = self.entries[name]
-        np_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
-        count = (stop - start) // np_dtype.itemsize
-        if count != int(np.prod(shape, dtype=np.int64)):
-            raise CheckpointError(f"{path}: tensor '{name}' has {stop - start} bytes, not {shape} x {dtype}")
-        mm = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(stop - start,))
-        return np.array(mm.view(np_dtype).reshape(shape))
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")

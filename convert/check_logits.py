@@ -1,0 +1,100 @@
+"""Compare kimi_jax's logits with transformers' on the same tokens; exit 1 above the tolerance.
+
+    python -m convert.check_logits --hf_path DIR --ckpt DIR [--text TEXT ...] [--tolerance 1e-4]
+                                   [--dtype float32|bfloat16] [--num_tokens N] [--seed S]
+
+`--hf_path` is run by transformers' KimiLinearForCausalLM (torch, CPU); `--ckpt` by kimi_jax, either a kimi_jax orbax
+checkpoint (from convert.hf_to_orbax or training) or an HF folder. Tokens come from `--text` through the checkpoint's
+tokenizer (kimi_jax.tokenizer), or are `--num_tokens` seeded random ids when no text (or no tokenizer) is given.
+Prints max and mean |logit diff| and top-1 agreement per input. The real 48B needs ~200 GB of host memory per model
+in float32; `--dtype bfloat16` halves it (compare with a looser tolerance then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from convert.cli import UsageError, require_folder, run_main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m convert.check_logits", description=__doc__.split("\n\n")[0])
+    p.add_argument("--hf_path", required=True, help="HF checkpoint folder, run by transformers")
+    p.add_argument("--ckpt", required=True, help="kimi_jax orbax checkpoint folder or HF folder, run by kimi_jax")
+    p.add_argument("--text", nargs="*", default=None, help="input text(s); needs a tokenizer in either folder")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| allowed (default 1e-4)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--num_tokens", type=int, default=64, help="length of the random-id input without --text")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def token_inputs(args, vocab_size: int) -> list[tuple[str, np.ndarray]]:
+    if args.text:
+        from kimi_jax.tokenizer import TokenizerError, load
+
+        for folder in (args.ckpt, args.hf_path):
+            try:
+                tok = load(folder)
+                break
+            except TokenizerError:
+                continue
+        else:
+            raise UsageError(f"--text needs a tokenizer (tiktoken.model or tokenizer.json) in {args.ckpt} or "
+                             f"{args.hf_path}")
+        inputs = []
+        for text in args.text:
+            ids = tok.encode(text)
+            if not ids:
+                raise UsageError(f"--text {text!r} tokenizes to nothing")
+            if max(ids) >= vocab_size:
+                raise UsageError(f"the tokenizer produced id {max(ids)} >= vocab_size {vocab_size}")
+            inputs.append((text[:40], np.asarray(ids)[None]))
+        return inputs
+    if args.num_tokens < 1:
+        raise UsageError(f"--num_tokens must be >= 1, got {args.num_tokens}")
+    rng = np.random.default_rng(args.seed)
+    return [(f"{args.num_tokens} random ids (seed {args.seed})", rng.integers(0, vocab_size, (1, args.num_tokens)))]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    require_folder(args.hf_path, "--hf_path")
+    require_folder(args.ckpt, "--ckpt")
+    import jax.numpy as jnp
+    import torch
+    from transformers import KimiLinearForCausalLM as TorchModel
+
+    import kimi_jax
+    from kimi_jax import checkpoint
+    from kimi_jax.config import KimiLinearConfig
+
+    cfg = KimiLinearConfig.from_pretrained(args.hf_path)
+    inputs = token_inputs(args, cfg.vocab_size)
+    dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
+    ours = (checkpoint.load_model(args.ckpt, dtype=dtype) if checkpoint.is_checkpoint(args.ckpt)
+            else kimi_jax.from_pretrained(args.ckpt, dtype=dtype))
+    torch_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    reference = TorchModel.from_pretrained(args.hf_path, dtype=torch_dtype).eval()
+    worst = 0.0
+    print(f"{'input':<42} {'tokens':>6} {'max |diff|':>11} {'mean |diff|':>12} {'top-1 agree':>12}")
+    for label, ids in inputs:
+        with torch.no_grad():
+            want = reference(torch.as_tensor(ids)).logits.float().numpy()
+        got = np.asarray(kimi_jax.forward(ours, ids))
+        diff = np.abs(got - want)
+        agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
+        worst = max(worst, float(diff.max()))
+        print(f"{label:<42} {ids.shape[1]:>6d} {diff.max():>11.3e} {diff.mean():>12.3e} {agree * 100:>11.1f}%")
+    verdict = "PASSED" if worst <= args.tolerance else "FAILED"
+    print(f"{verdict}: max |logit diff| {worst:.3e} vs tolerance {args.tolerance:.0e} ({args.dtype}; "
+          f"ours: {os.path.abspath(args.ckpt)}, reference: transformers on {os.path.abspath(args.hf_path)})")
+    return 0 if worst <= args.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,139 @@
+"""Export a kimi_jax orbax checkpoint as an HF Kimi-Linear folder that transformers (and vLLM) load.
+
+    python -m convert.orbax_to_hf --ckpt DIR --output DIR [--layout hub|native] [--dtype stored|bfloat16|float32]
+                                  [--max_shard_size 5GB] [--overwrite]
+
+Writes safetensors shards (+ `model.safetensors.index.json` when there is more than one), config.json and the
+tokenizer files. `--layout hub` (default) uses the original hub names, which both transformers and the hub's remote
+code read; `native` uses transformers' fused in-memory names. Parameters are restored one at a time (an orbax
+partial restore), so peak memory is about one stacked parameter plus one output shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from convert import mapping
+from convert.cli import UsageError, atomic_output, copy_sidecar_files, human_bytes, require_folder, run_main
+from convert.safetensors_io import write_safetensors
+from kimi_jax import checkpoint
+from kimi_jax.config import KimiLinearConfig
+
+DTYPES = ("stored", "bfloat16", "float32")
+KEEP_FP32 = ("gate.weight", "e_score_correction_bias", "dt_bias", "A_log")  # transformers keeps these in fp32
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max_shard_size {text!r}: expected a size such as 5GB, 500MB or 1GiB")
+    unit = m.group(2).upper().rstrip("B").rstrip("I")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m convert.orbax_to_hf", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="kimi_jax checkpoint folder (from hf_to_orbax or training)")
+    p.add_argument("--output", required=True, help="HF folder to create")
+    p.add_argument("--layout", choices=mapping.LAYOUTS, default=mapping.HUB, help="tensor naming (default: hub)")
+    p.add_argument("--dtype", choices=DTYPES, default="stored",
+                   help="dtype of the written weights (router/bias/dt_bias/A_log stay float32); default: as stored")
+    p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def export(ckpt: str, output: str, layout: str = mapping.HUB, dtype: str = "stored", max_shard_size: int = 5 << 30,
+           overwrite: bool = False, progress: bool = True) -> dict:
+    require_folder(ckpt, "--ckpt")
+    if layout not in mapping.LAYOUTS:
+        raise UsageError(f"--layout {layout}: choose one of {mapping.LAYOUTS}")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose one of {DTYPES}")
+    meta = checkpoint.read_meta(ckpt)
+    cfg = KimiLinearConfig.from_pretrained(ckpt)
+    stored = checkpoint.stored_arrays(ckpt)
+    specs = mapping.plan(cfg, layout)
+    wanted = {checkpoint.param_key(s.path) for s in specs}
+    if wanted != set(stored):
+        missing, unknown = sorted(wanted - set(stored)), sorted(set(stored) - wanted)
+        raise checkpoint.CheckpointFormatError(f"{ckpt}: parameters do not match config.json: missing {missing[:3]}, "
+                                               f"unexpected {unknown[:3]}")
+
+    @functools.lru_cache(maxsize=2)  # a rule reads at most 2 parameters (fused native gate/up); keep only those
+    def restore(key: str) -> np.ndarray:
+        return checkpoint.restore_arrays(ckpt, {key: stored[key]})[key]
+
+    def out_dtype(name: str, array: np.ndarray) -> np.dtype:
+        if any(name.endswith(k) for k in KEEP_FP32):
+            return np.dtype(np.float32)
+        if dtype == "stored":
+            return array.dtype
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+
+    total_params = int(sum(s.size for s in stored.values()))
+    bar = tqdm(total=total_params, unit="param", unit_scale=True, desc="orbax -> hf", disable=not progress,
+               file=sys.stderr)
+    t0 = time.time()
+    shard_files, weight_map, pending, pending_bytes, total_bytes = [], {}, {}, 0, 0
+    with atomic_output(output, overwrite) as tmp:
+        def flush():
+            nonlocal pending, pending_bytes, total_bytes
+            if not pending:
+                return
+            part = os.path.join(tmp, f"part-{len(shard_files):05d}.safetensors")
+            total_bytes += write_safetensors(part, pending, metadata={"format": "pt"})
+            shard_files.append((part, list(pending)))
+            pending, pending_bytes = {}, 0
+
+        for name, tensor in mapping.disassemble(cfg, layout, lambda path: restore(checkpoint.param_key(path))):
+            tensor = tensor.astype(out_dtype(name, tensor))
+            if pending and pending_bytes + tensor.nbytes > max_shard_size:
+                flush()
+            pending[name] = tensor
+            pending_bytes += tensor.nbytes
+            bar.update(tensor.size)
+        flush()
+        n = len(shard_files)
+        for i, (part, names) in enumerate(shard_files):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(part, os.path.join(tmp, final))
+            weight_map.update({k: final for k in names})
+        if n > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(ckpt, "config.json")) as f:
+            hf_config = json.load(f)
+        hf_config.setdefault("architectures", ["KimiLinearForCausalLM"])
+        hf_config["dtype"] = meta.get("dtype", "float32") if dtype == "stored" else dtype
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        copy_sidecar_files(ckpt, tmp)
+    bar.close()
+    return {"tensors": len(weight_map), "shards": n, "bytes": total_bytes, "seconds": time.time() - t0}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    summary = export(args.ckpt, args.output, args.layout, args.dtype, parse_size(args.max_shard_size),
+                     args.overwrite, progress=not args.quiet)
+    print(f"exported {summary['tensors']} tensors ({args.layout} names) in {summary['shards']} shard(s), "
+          f"{human_bytes(summary['bytes'])}, to {os.path.abspath(args.output)} in {summary['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

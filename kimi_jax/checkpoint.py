@@ -1,0 +1,207 @@
+"""kimi_jax's orbax checkpoint format for model parameters, with streaming writes.
+
+A converted model folder holds:
+    config.json            the HF config (kimi_jax reads it with KimiLinearConfig)
+    kimi_jax.json          {"format", "dtype", "num_params", "source", "source_layout"}
+    params/                an orbax PyTree checkpoint: {"segments.1.blocks.0.mixer.qkv_proj": array, ...}
+    tokenizer files        copied from the HF folder when present
+
+Keys are the model's NNX state paths joined by dots, so plain orbax restores the folder too. Parameters stacked over
+a scanned segment's repeats are written one repeat at a time, with on-disk chunks of one repeat, from `LazyParam`s:
+the writer holds one layer's tensor in memory at a time, never the whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from flax import nnx
+from orbax.checkpoint import type_handlers as orbax_type_handlers
+from orbax.checkpoint._src.futures import future as orbax_future
+from orbax.checkpoint._src.serialization import type_handlers as orbax_serialization
+
+from kimi_jax.config import KimiLinearConfig
+from kimi_jax.model import KimiLinearForCausalLM
+
+FORMAT = "kimi_jax.params.v1"
+PARAMS_DIR = "params"
+META_FILE = "kimi_jax.json"
+
+
+class CheckpointFormatError(ValueError):
+    """A folder that is not a readable kimi_jax orbax checkpoint."""
+
+
+def param_key(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+class LazyParam:
+    """A parameter written block by block: `blocks()` yields (index along axis 0 or None for all, array)."""
+
+    def __init__(self, shape, dtype, blocks: Callable[[], Iterator[tuple[int | None, np.ndarray]]],
+                 stacked: bool):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.ndim, self.size = len(self.shape), int(np.prod(self.shape, dtype=np.int64))
+        self.blocks, self.stacked = blocks, stacked
+
+
+class _LazyParamHandler(orbax_serialization.NumpyHandler):
+    """Writes LazyParams one block at a time; the on-disk format is NumpyHandler's (restores as a plain array)."""
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        return [orbax_future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args),
+                                                                   name="kimi_jax_lazy_param")]
+
+    async def _write(self, values, infos, args):
+        for value, info, arg in zip(values, infos, args):
+            await info.await_path_creation()
+            block_shape = (1,) + value.shape[1:] if value.stacked else value.shape
+            spec = orbax_serialization.ts_utils.build_array_write_spec(
+                info=info, arg=arg, global_shape=value.shape, local_shape=block_shape, dtype=value.dtype,
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=orbax_serialization.ocdbt_utils.get_process_index_for_subdir(
+                    use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=None),
+                metadata_key=None)
+            if orbax_serialization.multihost.process_index() != 0:
+                continue
+            store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+            for index, block in value.blocks():
+                block = np.asarray(block, value.dtype)
+                await (store if index is None else store[index]).write(block)
+
+
+def _register_handler():
+    # Same typestr as numpy arrays on purpose (restores without kimi_jax); silence orbax's note about it.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        orbax_type_handlers.register_type_handler(LazyParam, _LazyParamHandler(), override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_register_handler()
+
+
+# ------------------------------------------------------------------ write
+def save_params(directory: str, params: Mapping[str, np.ndarray | LazyParam]) -> None:
+    """Write an orbax PyTree checkpoint of {key: array}; `directory` must not exist yet."""
+    ocp.PyTreeCheckpointer().save(os.path.abspath(directory), dict(params))
+
+
+def write_meta(folder: str, **fields) -> None:
+    with open(os.path.join(folder, META_FILE), "w") as f:
+        json.dump({"format": FORMAT, **fields}, f, indent=2)
+
+
+def model_param_arrays(model: KimiLinearForCausalLM) -> dict[str, jax.Array]:
+    return {param_key(path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def save_model(folder: str, model: KimiLinearForCausalLM, **meta) -> None:
+    """Write a live model as a kimi_jax checkpoint folder (config.json, kimi_jax.json, params/)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(model.config.to_hf_dict(), f, indent=2)
+    arrays = {k: np.asarray(v) for k, v in model_param_arrays(model).items()}
+    save_params(os.path.join(folder, PARAMS_DIR), arrays)
+    write_meta(folder, dtype=str(model.dtype), num_params=int(sum(a.size for a in arrays.values())), **meta)
+
+
+# ------------------------------------------------------------------ read
+def is_checkpoint(folder: str) -> bool:
+    return os.path.isdir(os.path.join(folder, PARAMS_DIR)) and os.path.exists(os.path.join(folder, META_FILE))
+
+
+def read_meta(folder: str) -> dict:
+    path = os.path.join(folder, META_FILE)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointFormatError(f"{folder}: not a kimi_jax checkpoint ({META_FILE} is missing)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(f"{path}: not valid JSON ({e.msg})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointFormatError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    return meta
+
+
+def restore_arrays(folder: str, targets: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, np.ndarray | jax.Array]:
+    """Restore the given keys (a partial restore: memory is what the targets need). Arrays come back as numpy,
+    or as jax.Arrays placed by the target's sharding when it has one; dtypes are cast to the targets'."""
+    directory = os.path.abspath(os.path.join(folder, PARAMS_DIR))
+    restore_args = {}
+    for key, t in targets.items():
+        sharding = getattr(t, "sharding", None)
+        if sharding is not None:
+            restore_args[key] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=t.shape, dtype=t.dtype)
+        else:
+            restore_args[key] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)
+    item = {k: np.zeros((), t.dtype) if getattr(t, "sharding", None) is None else t for k, t in targets.items()}
+    try:
+        out = ocp.PyTreeCheckpointer().restore(
+            directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    except FileNotFoundError as e:
+        raise CheckpointFormatError(f"{folder}: cannot read {PARAMS_DIR}/ ({e})") from None
+    for key, t in targets.items():
+        if tuple(out[key].shape) != tuple(t.shape):
+            raise CheckpointFormatError(f"{folder}: parameter '{key}' has shape {tuple(out[key].shape)}, but "
+                                        f"config.json implies {tuple(t.shape)}")
+    return out
+
+
+def stored_arrays(folder: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """{key: shape and stored dtype} of every array in the checkpoint, from its metadata (no array is read)."""
+    directory = os.path.abspath(os.path.join(folder, PARAMS_DIR))
+    if not os.path.isdir(directory):
+        raise CheckpointFormatError(f"{folder}: not a kimi_jax checkpoint ({PARAMS_DIR}/ is missing)")
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointFormatError(f"{directory}: unreadable orbax metadata ({e})") from None
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in dict(tree).items()}
+
+
+def load_model(folder: str, dtype=None, *, shardings: Mapping[str, jax.sharding.Sharding] | None = None
+               ) -> KimiLinearForCausalLM:
+    """Restore a kimi_jax checkpoint folder into a model (dtype defaults to the stored one)."""
+    meta = read_meta(folder)
+    cfg = KimiLinearConfig.from_pretrained(folder)
+    dtype = jnp.dtype(dtype or meta.get("dtype", "float32"))
+    abstract = nnx.eval_shape(lambda: KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(abstract_state))
+    params = {path: v for path, v in flat.items() if isinstance(v, nnx.Param)}
+    stored = stored_arrays(folder)
+    wanted = {param_key(p) for p in params}
+    missing = sorted(wanted - set(stored))
+    unknown = sorted(set(stored) - wanted)
+    if missing or unknown:
+        raise CheckpointFormatError(f"{folder}: checkpoint does not match config.json: missing {missing[:3]}, "
+                                    f"unexpected {unknown[:3]}")
+    targets = {}
+    for path, var in params.items():
+        key = param_key(path)
+        sharding = (shardings or {}).get(key)
+        targets[key] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
+    arrays = restore_arrays(folder, targets)
+    filled = {path: var.replace(jnp.asarray(arrays[param_key(path)])) if isinstance(var, nnx.Param) else var
+              for path, var in flat.items()}
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
