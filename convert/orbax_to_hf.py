@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from convert import mapping
 from convert.cli import UsageError, atomic_output, copy_sidecar_files, human_bytes, require_folder, run_main
-from convert.safetensors_io import write_safetensors
+from convert.safetensors_io import PlannedSafetensorsWriter
 from kimi_jax import checkpoint
 from kimi_jax.config import KimiLinearConfig
 
@@ -75,55 +75,53 @@ def export(ckpt: str, output: str, layout: str = mapping.HUB, dtype: str = "stor
     def restore(key: str) -> np.ndarray:
         return checkpoint.restore_arrays(ckpt, {key: stored[key]})[key]
 
-    def out_dtype(name: str, array: np.ndarray) -> np.dtype:
-        if any(name.endswith(k) for k in KEEP_FP32):
-            return np.dtype(np.float32)
-        if dtype == "stored":
-            return array.dtype
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
-
+    # Every output tensor's name, shape and dtype is known from the config, so the shard layout is planned first
+    # and each tensor is written at its offset as soon as it is produced: memory holds one parameter, not a shard.
+    expected = mapping.expected_hf_tensors(cfg, layout)
+    weight_dtype = _weight_dtype(stored, dtype)
+    plan = [(name, shape, np.dtype(np.float32) if _keeps_fp32(name) else weight_dtype)
+            for name, shape in expected.items()]
     total_params = int(sum(s.size for s in stored.values()))
     bar = tqdm(total=total_params, unit="param", unit_scale=True, desc="orbax -> hf", disable=not progress,
                file=sys.stderr)
     t0 = time.time()
-    shard_files, weight_map, pending, pending_bytes, total_bytes = [], {}, {}, 0, 0
     with atomic_output(output, overwrite) as tmp:
-        def flush():
-            nonlocal pending, pending_bytes, total_bytes
-            if not pending:
-                return
-            part = os.path.join(tmp, f"part-{len(shard_files):05d}.safetensors")
-            total_bytes += write_safetensors(part, pending, metadata={"format": "pt"})
-            shard_files.append((part, list(pending)))
-            pending, pending_bytes = {}, 0
-
+        writer = PlannedSafetensorsWriter(tmp, plan, max_shard_size, metadata={"format": "pt"})
         for name, tensor in mapping.disassemble(cfg, layout, lambda path: restore(checkpoint.param_key(path))):
-            tensor = tensor.astype(out_dtype(name, tensor))
-            if pending and pending_bytes + tensor.nbytes > max_shard_size:
-                flush()
-            pending[name] = tensor
-            pending_bytes += tensor.nbytes
+            writer.write(name, tensor.astype(writer.slots[name][3]))
             bar.update(tensor.size)
-        flush()
-        n = len(shard_files)
-        for i, (part, names) in enumerate(shard_files):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.rename(part, os.path.join(tmp, final))
-            weight_map.update({k: final for k in names})
-        if n > 1:
+        weight_map = writer.close()
+        if len(writer.files) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
+                json.dump({"metadata": {"total_size": writer.total_bytes}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(ckpt, "config.json")) as f:
             hf_config = json.load(f)
         hf_config.setdefault("architectures", ["KimiLinearForCausalLM"])
-        hf_config["dtype"] = meta.get("dtype", "float32") if dtype == "stored" else dtype
+        hf_config["dtype"] = "bfloat16" if weight_dtype.name == "bfloat16" else str(weight_dtype)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         copy_sidecar_files(ckpt, tmp)
     bar.close()
-    return {"tensors": len(weight_map), "shards": n, "bytes": total_bytes, "seconds": time.time() - t0}
+    return {"tensors": len(weight_map), "shards": len(writer.files), "bytes": writer.total_bytes,
+            "seconds": time.time() - t0}
+
+
+def _keeps_fp32(name: str) -> bool:
+    return name.endswith(KEEP_FP32)
+
+
+def _weight_dtype(stored: dict, dtype: str) -> np.dtype:
+    """The dtype of every exported tensor that is not kept in float32."""
+    if dtype == "stored":
+        dtypes = {np.dtype(s.dtype) for key, s in stored.items()
+                  if not key.endswith(("ffn.router", "ffn.correction_bias", "mixer.dt_bias", "mixer.A_log"))}
+        if len(dtypes) != 1:
+            raise checkpoint.CheckpointFormatError(f"weights are stored in several dtypes {sorted(map(str, dtypes))};"
+                                                   " pass --dtype bfloat16 or float32")
+        return dtypes.pop()
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
 
 
 def main(argv=None) -> int:

@@ -142,3 +142,72 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
         for array in arrays:
             f.write(array.tobytes())
     return 8 + len(blob) + offset
+
+
+class PlannedSafetensorsWriter:
+    """Write a set of shards whose tensor names, shapes and dtypes are known up front, one tensor at a time.
+
+    Headers (and so every offset) are written first; each tensor is then written at its offset as it arrives, in any
+    order, so only the tensor in hand is in memory. `close()` checks every planned tensor was written exactly once.
+    """
+
+    def __init__(self, folder: str, plan: list[tuple[str, tuple, np.dtype]], max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None):
+        groups, current, size = [], [], 0
+        for name, shape, dtype in plan:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if current and size + nbytes > max_shard_bytes:
+                groups.append(current)
+                current, size = [], 0
+            current.append((name, tuple(shape), np.dtype(dtype), nbytes))
+            size += nbytes
+        if current:
+            groups.append(current)
+        n = len(groups)
+        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                                                           for i in range(n)]
+        self.slots, self.total_bytes = {}, 0  # name -> (path, absolute offset, shape, dtype)
+        for file, group in zip(self.files, groups):
+            header, offset = {}, 0
+            for name, shape, dtype, nbytes in group:
+                if dtype not in _DTYPE_NAMES:
+                    raise ValueError(f"tensor '{name}' has dtype {dtype}, which safetensors cannot store")
+                header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset,
+                                                                                                     offset + nbytes]}
+                offset += nbytes
+            if metadata:
+                header["__metadata__"] = metadata
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)
+            path = os.path.join(folder, file)
+            with open(path, "wb") as f:
+                f.write(struct.pack("<Q", len(blob)))
+                f.write(blob)
+                f.truncate(8 + len(blob) + offset)
+            base = 8 + len(blob)
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self.slots[name] = (path, base + info["data_offsets"][0], tuple(info["shape"]),
+                                        np.dtype(SAFETENSORS_DTYPES[info["dtype"]]))
+            self.total_bytes += base + offset
+        self.written: set[str] = set()
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        if name not in self.slots:
+            raise ValueError(f"tensor '{name}' is not in the planned shards")
+        if name in self.written:
+            raise ValueError(f"tensor '{name}' was written twice")
+        path, offset, shape, dtype = self.slots[name]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            raise ValueError(f"tensor '{name}' is {array.shape} {array.dtype}, planned {shape} {dtype}")
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(np.ascontiguousarray(array).tobytes())
+        self.written.add(name)
+
+    def close(self) -> dict[str, str]:
+        """Return the weight map {name: file}; raise if a planned tensor was never written."""
+        missing = sorted(set(self.slots) - self.written)
+        if missing:
+            raise ValueError(f"{len(missing)} planned tensor(s) were never written, e.g. '{missing[0]}'")
+        return {name: os.path.basename(path) for name, (path, _, _, _) in self.slots.items()}

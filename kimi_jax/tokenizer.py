@@ -107,7 +107,7 @@ def kimi_special_tokens(num_base: int, config: dict[str, Any], config_path: str 
         if name is None:
             raise TokenizerError(f"{config_path}: added_tokens_decoder[{token_id!r}] has no string 'content'")
         if name in specials:
-            raise TokenizerError(f"{config_path}: special token {name!r} is used for ids {specials[name]} and {token_id}")
+            raise TokenizerError(f"{config_path}: special token {name!r} names ids {specials[name]} and {token_id}")
         specials[name] = token_id
     return specials
 
@@ -187,8 +187,7 @@ class _HFBackend:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
     def ordinary_token_id(self, text: str) -> int | None:
-        return self.tok.get_vocab(with_added_tokens=False).get(
-            "".join(self._byte_to_char[b] for b in text.encode("utf-8")))
+        return self.tok.token_to_id("".join(self._byte_to_char[b] for b in text.encode("utf-8")))
 
 
 def byte_level_alphabet() -> list[str]:
