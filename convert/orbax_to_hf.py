@@ -61,7 +61,7 @@ def export(ckpt: str, output: str, layout: str = mapping.HUB, dtype: str = "stor
         raise UsageError(f"--layout {layout}: choose one of {mapping.LAYOUTS}")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {DTYPES}")
-    meta = checkpoint.read_meta(ckpt)
+    checkpoint.read_meta(ckpt)  # a clear error if this is not a kimi_jax checkpoint
     cfg = KimiLinearConfig.from_pretrained(ckpt)
     stored = checkpoint.stored_arrays(ckpt)
     specs = mapping.plan(cfg, layout)

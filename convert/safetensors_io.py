@@ -86,6 +86,10 @@ class SafetensorsReader:
                 if base + stop > file_size:
                     raise CheckpointError(f"{path}: truncated: tensor '{name}' ends at byte {base + stop}, but the "
                                           f"file has {file_size} bytes")
+                itemsize = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize
+                if stop - start != int(np.prod(info["shape"], dtype=np.int64)) * itemsize:  # checked before any write
+                    raise CheckpointError(f"{path}: tensor '{name}' has {stop - start} bytes, not "
+                                          f"{tuple(info['shape'])} x {info['dtype']}")
                 self.entries[name] = (path, info["dtype"], tuple(info["shape"]), base + start, base + stop)
         if weight_map is not None:
             absent = [n for n in weight_map if n not in self.entries]

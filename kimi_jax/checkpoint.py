@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from typing import Callable, Iterator, Mapping
 
 import jax
@@ -54,6 +55,26 @@ class LazyParam:
         self.blocks, self.stacked = blocks, stacked
 
 
+_CANCEL = threading.Event()  # set when a save is abandoned (Ctrl-C, error): the writer stops at the next block
+_IN_FLIGHT: list = []  # the writer futures of the current save, waited for when it is abandoned
+
+
+class SaveCancelled(Exception):
+    pass
+
+
+class _DropCancelledWrites(logging.Filter):
+    """orbax's commit threads log the exception that stopped them; after a deliberate cancel that is just noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SaveCancelled):
+            return False
+        return "checkpoint write cancelled" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropCancelledWrites())
+
+
 class _LazyParamHandler(orbax_serialization.NumpyHandler):
     """Writes LazyParams one block at a time; the on-disk format is NumpyHandler's (restores as a plain array)."""
 
@@ -62,8 +83,10 @@ class _LazyParamHandler(orbax_serialization.NumpyHandler):
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
-        return [orbax_future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args),
-                                                                   name="kimi_jax_lazy_param")]
+        writer = orbax_future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args),
+                                                                    name="kimi_jax_lazy_param")
+        _IN_FLIGHT.append(writer)
+        return [writer]
 
     async def _write(self, values, infos, args):
         for value, info, arg in zip(values, infos, args):
@@ -79,6 +102,8 @@ class _LazyParamHandler(orbax_serialization.NumpyHandler):
                 continue
             store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
             for index, block in value.blocks():
+                if _CANCEL.is_set():
+                    raise SaveCancelled("checkpoint write cancelled")
                 block = np.asarray(block, value.dtype)
                 await (store if index is None else store[index]).write(block)
 
@@ -99,8 +124,38 @@ _register_handler()
 
 # ------------------------------------------------------------------ write
 def save_params(directory: str, params: Mapping[str, np.ndarray | LazyParam]) -> None:
-    """Write an orbax PyTree checkpoint of {key: array}; `directory` must not exist yet."""
-    ocp.PyTreeCheckpointer().save(os.path.abspath(directory), dict(params))
+    """Write an orbax PyTree checkpoint of {key: array}; `directory` must not exist yet.
+
+    If the save is interrupted (Ctrl-C) or fails, orbax's background writer is told to stop and waited for before
+    the exception propagates, so the caller can delete the partial folder without racing a live writer.
+    """
+    checkpointer = ocp.PyTreeCheckpointer()
+    _CANCEL.clear()
+    _IN_FLIGHT.clear()
+    threads_before = set(threading.enumerate())
+    try:
+        checkpointer.save(os.path.abspath(directory), dict(params))
+    except BaseException:
+        _CANCEL.set()
+        for writer in _IN_FLIGHT:
+            try:
+                writer.result(timeout=600)
+            except BaseException:
+                pass
+        try:
+            checkpointer.close()
+        except BaseException:
+            pass
+        for thread in set(threading.enumerate()) - threads_before:  # orbax's commit/metadata threads
+            if thread is not threading.current_thread() and thread.is_alive():
+                try:
+                    thread.join(timeout=600)
+                except BaseException:  # orbax's threads re-raise their failure from join()
+                    pass
+        raise
+    finally:
+        _CANCEL.clear()
+        _IN_FLIGHT.clear()
 
 
 def write_meta(folder: str, **fields) -> None:
