@@ -107,6 +107,24 @@ def _intra_chunk_scores(x_NSsK, k_NCK, g_NCK, sub: int, include_diagonal: bool):
     return off_NSsC + diag_NSsC
 
 
+def unit_lower_solve(A_NCC, rhs_NCX):
+    """Solve (I + A) X = rhs for strictly lower-triangular A, with matmuls only.
+
+    A is nilpotent (A^C = 0), so (I + A)^-1 = (I - A)(I + A^2)(I + A^4)...(I + A^(C/2)): log2(C) squarings, exact in
+    exact arithmetic. Matmuls partition cleanly under GSPMD on every backend, whereas `solve_triangular` lowers to a
+    LAPACK custom call on CPU that deadlocks when batch-sharded across devices.
+    """
+    C = A_NCC.shape[-1]
+    X = rhs_NCX - jnp.einsum("nij,njx->nix", A_NCC, rhs_NCX, precision=HIGHEST)  # (I - A) rhs
+    power = A_NCC
+    span = 2
+    while span < C:
+        power = jnp.einsum("nij,njk->nik", power, power, precision=HIGHEST)  # A^span
+        X = X + jnp.einsum("nij,njx->nix", power, X, precision=HIGHEST)
+        span *= 2
+    return X
+
+
 def kda_chunked(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV=None, *, chunk_size: int = 64,
                 sub_block: int = 16, return_chunk_states: bool = False):
     """Chunked (WY / UT) KDA, exact for unbounded per-channel gates.
@@ -150,8 +168,7 @@ def kda_chunked(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV=None, *, ch
 
     # (I + A) [U | W] = [beta V | beta K exp(G)]: unit lower-triangular solve (the UT transform).
     rhs_NCX = jnp.concatenate([flat(v) * betaf[..., None], kf * betaf[..., None] * jnp.exp(flat(gcum))], axis=-1)
-    eye_CC = jnp.eye(C, dtype=F32)
-    UW_NCX = jax.scipy.linalg.solve_triangular(A_NCC + eye_CC, rhs_NCX, lower=True, unit_diagonal=True)
+    UW_NCX = unit_lower_solve(A_NCC, rhs_NCX)
     unflat = lambda a: a.reshape(B, H, nC, *a.shape[1:])
     U_BHNCV, W_BHNCK = unflat(UW_NCX[..., :V]), unflat(UW_NCX[..., V:])
     P_BHNCC = unflat(P_NCC)
