@@ -168,13 +168,20 @@ def model_param_arrays(model: KimiLinearForCausalLM) -> dict[str, jax.Array]:
 
 
 def save_model(folder: str, model: KimiLinearForCausalLM, **meta) -> None:
-    """Write a live model as a kimi_jax checkpoint folder (config.json, kimi_jax.json, params/)."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(model.config.to_hf_dict(), f, indent=2)
-    arrays = {k: np.asarray(v) for k, v in model_param_arrays(model).items()}
+    """Write a live model as a kimi_jax checkpoint folder (config.json, kimi_jax.json, params/).
+
+    Sharded jax.Arrays are handed to orbax as they are, so with several processes every process calls this and
+    each writes its own shards; the JSON files are written by process 0.
+    """
+    arrays = model_param_arrays(model)
+    main = jax.process_index() == 0
+    if main:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(model.config.to_hf_dict(), f, indent=2)
     save_params(os.path.join(folder, PARAMS_DIR), arrays)
-    write_meta(folder, dtype=str(model.dtype), num_params=int(sum(a.size for a in arrays.values())), **meta)
+    if main:
+        write_meta(folder, dtype=str(model.dtype), num_params=int(sum(a.size for a in arrays.values())), **meta)
 
 
 # ------------------------------------------------------------------ read
@@ -234,9 +241,17 @@ def stored_arrays(folder: str) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in dict(tree).items()}
 
 
-def load_model(folder: str, dtype=None, *, shardings: Mapping[str, jax.sharding.Sharding] | None = None
-               ) -> KimiLinearForCausalLM:
-    """Restore a kimi_jax checkpoint folder into a model (dtype defaults to the stored one)."""
+def _unwrap(x):
+    return x.get_value() if isinstance(x, nnx.Variable) else x
+
+
+def load_model(folder: str, dtype=None, *, shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> KimiLinearForCausalLM:
+    """Restore a kimi_jax checkpoint folder into a model (dtype defaults to the stored one).
+
+    With `mesh`, every parameter is restored straight into the sharding that kimi_jax.sharding's rules give it (each
+    process reads only its shards); `shardings` ({key: Sharding}) overrides individual parameters.
+    """
     meta = read_meta(folder)
     cfg = KimiLinearConfig.from_pretrained(folder)
     dtype = jnp.dtype(dtype or meta.get("dtype", "float32"))
@@ -251,6 +266,11 @@ def load_model(folder: str, dtype=None, *, shardings: Mapping[str, jax.sharding.
     if missing or unknown:
         raise CheckpointFormatError(f"{folder}: checkpoint does not match config.json: missing {missing[:3]}, "
                                     f"unexpected {unknown[:3]}")
+    if mesh is not None:
+        from kimi_jax.sharding import state_shardings
+
+        ruled = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh)))
+        shardings = {**{param_key(p): _unwrap(ruled[p]) for p in params}, **(shardings or {})}
     targets = {}
     for path, var in params.items():
         key = param_key(path)

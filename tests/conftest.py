@@ -10,6 +10,13 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+
+# Eight fake CPU devices for the sharding tests; must be set before JAX creates its backend. Single-device tests
+# simply use device 0.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+sys.path.insert(0, os.path.dirname(__file__))  # tests/sharding_cases.py for workers and tests alike
 import shutil
 
 import numpy as np

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from kimi_jax.ops.kda import kda_chunked, kda_recurrent
 
@@ -228,6 +228,9 @@ def test_gradients_finite_and_match_recurrent(kinds):
 
 # ---------------------------------------------------------------------------------------------------------- property
 @settings(max_examples=15, deadline=None)
+# Small head dim, almost no decay: far-from-orthogonal keys stress the matmul-only triangular solve (found by
+# hypothesis; the product form without refinement was off by 1.1e-5 here).
+@example(B=1, T=60, Hh=1, Kk=4, Vv=4, scale=0.01, chunk_size=64, with_state=False, seed=0)
 @given(B=st.integers(1, 2), T=st.integers(1, 150), Hh=st.integers(1, 3), Kk=st.sampled_from([4, 8, 16]),
        Vv=st.sampled_from([4, 8]), scale=st.sampled_from([0.01, 1.0, 100.0]), chunk_size=st.sampled_from([16, 64]),
        with_state=st.booleans(), seed=st.integers(0, 2**31 - 1))

@@ -1,0 +1,215 @@
+"""Meshes, logical axis names and the resolver from logical names to mesh axes.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded weights), `expert` (routed experts),
+`tensor` (heads / MLP width / vocab). A mesh is built from a spec such as "data=2,fsdp=4" (one axis may be -1: it
+takes the remaining devices; unnamed axes have size 1).
+
+Every parameter gets logical axis names from its path (the table below, by suffix, like the HF mapping), and the
+resolver maps each name to mesh axes through an ordered list of candidates: a candidate is skipped when its mesh axes
+are already used by another dimension of the same array, or when they do not divide the dimension. A dimension whose
+candidates all fail is replicated, never mis-sharded; `explain()` reports each such drop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# Logical name -> ordered candidates; each candidate is a tuple of mesh axes used together.
+DEFAULT_RULES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "batch": (("data", "fsdp", "expert"), ("data", "fsdp"), ("data",), ("fsdp",)),
+    "vocab": (("tensor",),),
+    "embed": (("fsdp",),),
+    "heads": (("tensor",),),
+    "mlp": (("tensor",),),
+    "experts": (("expert",),),
+    "expert_embed": (("fsdp",),),
+    "expert_mlp": (("tensor",),),
+}
+
+# Parameter path suffix -> logical names per dimension (stacked parameters get a leading, unsharded "layers" axis).
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed_tokens": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "norm.weight": (None,),
+    "input_norm.weight": (None,),
+    "post_attention_norm.weight": (None,),
+    # KDA
+    "mixer.qkv_proj": ("embed", None, "heads", None),
+    "mixer.conv": (None, None, "heads", None),
+    "mixer.f_a_proj": ("embed", None),
+    "mixer.f_b_proj": (None, "heads", None),
+    "mixer.dt_bias": ("heads", None),
+    "mixer.A_log": ("heads",),
+    "mixer.b_proj": ("embed", "heads"),
+    "mixer.g_a_proj": ("embed", None),
+    "mixer.g_b_proj": (None, "heads", None),
+    "mixer.o_norm": (None,),
+    # MLA (mixer.o_proj is shared by name with KDA: [heads, head_dim, embed] in both)
+    "mixer.q_proj": ("embed", "heads", None),
+    "mixer.q_a_proj": ("embed", None),
+    "mixer.q_a_norm": (None,),
+    "mixer.q_b_proj": (None, "heads", None),
+    "mixer.kv_a_proj": ("embed", None),
+    "mixer.kv_a_norm": (None,),
+    "mixer.kv_b_proj": (None, "heads", None),
+    "mixer.o_proj": ("heads", None, "embed"),
+    # MoE
+    "ffn.router": ("embed", None),
+    "ffn.correction_bias": (None,),
+    "ffn.w_gate": ("experts", "expert_embed", "expert_mlp"),
+    "ffn.w_up": ("experts", "expert_embed", "expert_mlp"),
+    "ffn.w_down": ("experts", "expert_mlp", "expert_embed"),
+    # dense SwiGLU and shared experts
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+}
+
+
+class ShardingError(ValueError):
+    """A mesh spec or rule set that cannot be applied."""
+
+
+def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
+    """"data=2,fsdp=4" -> {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}; one axis may be -1 (the rest)."""
+    sizes = {a: 1 for a in MESH_AXES}
+    if not spec:
+        sizes["fsdp"] = num_devices
+        return sizes
+    fill = None
+    for part in spec.split(","):
+        name, _, value = part.strip().partition("=")
+        if name not in MESH_AXES:
+            raise ShardingError(f"--mesh {spec!r}: unknown axis {name!r}; axes are {', '.join(MESH_AXES)}")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ShardingError(f"--mesh {spec!r}: axis {name!r} needs an integer size, got {value!r}") from None
+        if size == -1:
+            if fill is not None:
+                raise ShardingError(f"--mesh {spec!r}: only one axis may be -1")
+            fill = name
+        elif size < 1:
+            raise ShardingError(f"--mesh {spec!r}: axis {name!r} must be >= 1 or -1")
+        else:
+            sizes[name] = size
+    known = math.prod(s for a, s in sizes.items() if a != fill)
+    if fill is not None:
+        if num_devices % known:
+            raise ShardingError(f"--mesh {spec!r}: {num_devices} devices are not divisible by {known}")
+        sizes[fill] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ShardingError(f"--mesh {spec!r} has {math.prod(sizes.values())} devices, but {num_devices} are present")
+    return sizes
+
+
+def make_mesh(spec: str | None = None, devices: Sequence | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = parse_mesh_spec(spec, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # non-TPU/odd topologies: plain row-major order
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+@dataclasses.dataclass
+class Resolver:
+    mesh: Mesh
+    rules: Mapping[str, tuple[tuple[str, ...], ...]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
+    dropped: list = dataclasses.field(default_factory=list)  # (where, logical name, dim, reason)
+
+    def spec(self, logical: Sequence[str | None], shape: Sequence[int], where: str = "") -> P:
+        used: set[str] = set()
+        out = []
+        for dim, (name, size) in enumerate(zip(logical, shape)):
+            chosen = None
+            if name is not None:
+                if name not in self.rules:
+                    raise ShardingError(f"{where}: no sharding rule for logical axis {name!r}")
+                for candidate in self.rules[name]:
+                    axes = tuple(a for a in candidate if self.mesh.shape[a] > 1)
+                    if not axes or used & set(axes):
+                        continue
+                    ways = math.prod(self.mesh.shape[a] for a in axes)
+                    if size % ways:
+                        self.dropped.append((where, name, dim, f"size {size} not divisible by {axes}={ways}"))
+                        continue
+                    chosen = axes
+                    break
+            if chosen:
+                used.update(chosen)
+                out.append(chosen[0] if len(chosen) == 1 else chosen)
+            else:
+                out.append(None)
+        return P(*out)
+
+    def named(self, logical, shape, where: str = "") -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical, shape, where))
+
+
+def param_logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
+    key = ".".join(str(p) for p in path)
+    for suffix, axes in sorted(PARAM_AXES.items(), key=lambda kv: -len(kv[0])):
+        if key == suffix or key.endswith("." + suffix):
+            extra = ndim - len(axes)
+            if extra not in (0, 1):
+                raise ShardingError(f"parameter {key} has {ndim} dims; its logical axes {axes} expect {len(axes)}")
+            return (None,) * extra + axes  # the stacked "layers" axis is never sharded
+    raise ShardingError(f"no logical axes for parameter {key}; add it to kimi_jax.sharding.PARAM_AXES")
+
+
+def state_shardings(state, mesh: Mesh, resolver: Resolver | None = None):
+    """A pytree of NamedShardings matching an nnx.State (or abstract state) of the model or its optimizer.
+
+    Parameters (and optimizer moments, which carry the same paths under the optimizer's own prefixes) follow their
+    logical axes; scalars and anything unnamed (step counters, RNG state) are replicated.
+    """
+    resolver = resolver or Resolver(mesh)
+    replicated = NamedSharding(mesh, P())
+
+    def leaf(path, value):
+        shape = getattr(value, "shape", ())
+        if not shape:
+            return replicated
+        names = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+        names = tuple(n for n in names if n not in ("value", "raw_value"))
+        try:
+            axes = _axes_for(names, len(shape))
+        except ShardingError:
+            return replicated
+        return resolver.named(axes, shape, ".".join(map(str, names)))
+
+    return jax.tree_util.tree_map_with_path(leaf, state)
+
+
+def _axes_for(names: tuple, ndim: int):
+    # Optimizer states nest the parameter path under their own keys (e.g. opt_state.0.mu.<param path>): try every
+    # suffix of the path until one names a parameter.
+    for start in range(len(names)):
+        try:
+            return param_logical_axes(names[start:], ndim)
+        except ShardingError:
+            continue
+    raise ShardingError(f"no logical axes for {'.'.join(map(str, names))}")
+
+
+def model_shardings(model, mesh: Mesh, resolver: Resolver | None = None):
+    """NamedShardings for the model's full state (params + anything else), as an nnx.State-shaped pytree."""
+    return state_shardings(nnx.state(model), mesh, resolver)
+
+
+def explain(resolver: Resolver) -> list[str]:
+    return [f"{where} dim {dim} ({name}): replicated, {reason}" for where, name, dim, reason in resolver.dropped]

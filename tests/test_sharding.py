@@ -1,0 +1,126 @@
+"""Sharding rules and multi-device equivalence on 8 fake CPU devices (tests/conftest.py asks XLA for 8)."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import kimi_jax
+from kimi_jax import sharding
+from kimi_jax.model import KimiLinearForCausalLM
+from kimi_jax.train_step import build_trainer, make_optimizer, shard_batch
+from sharding_cases import BATCH, LR, make_batch, make_config
+
+MESHES = ["data=8", "fsdp=8", "fsdp=4,tensor=2", "data=2,expert=2,tensor=2"]
+
+# Expected specs of a few parameters per mesh (leading None: the stacked layer axis of a scanned segment).
+EXPECTED = {
+    "data=8": {"qkv": P(None, None, None, None, None), "w_gate": P(None, None, None, None), "embed": P(None, None)},
+    "fsdp=8": {"qkv": P(None, "fsdp", None, None, None), "w_gate": P(None, None, "fsdp", None),
+               "embed": P(None, "fsdp")},
+    "fsdp=4,tensor=2": {"qkv": P(None, "fsdp", None, "tensor", None), "w_gate": P(None, None, "fsdp", "tensor"),
+                        "embed": P("tensor", "fsdp")},
+    "data=2,expert=2,tensor=2": {"qkv": P(None, None, None, "tensor", None),
+                                 "w_gate": P(None, "expert", None, "tensor"), "embed": P("tensor", None)},
+}
+
+
+def param_specs(params) -> dict:
+    flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(params)}
+    pick = {"qkv": "segments.0.blocks.0.mixer.qkv_proj", "w_gate": "segments.1.blocks.0.ffn.w_gate",
+            "embed": "embed_tokens"}
+    return {name: flat[key][...].sharding.spec for name, key in pick.items()}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single-device forward logits, and the loss/params after one AdamW step."""
+    assert jax.device_count() == 8, "conftest.py should give this process 8 CPU devices"
+    model = KimiLinearForCausalLM(make_config(), rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh("fsdp=1", jax.devices()[:1])
+    trainer, params, opt_state = build_trainer(model, make_optimizer(LR), mesh, BATCH)
+    batch = make_batch()
+    logits = np.asarray(kimi_jax.forward(nnx.merge(trainer.graphdef, params), batch["input_ids"]))
+    params, opt_state, metrics = trainer.step_fn(params, opt_state, shard_batch(batch, trainer.batch_sharding))
+    stepped = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(params)}
+    return logits, {k: float(v) for k, v in metrics.items()}, stepped
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+def test_forward_step_and_shardings_match_single_device(reference, mesh_spec):
+    ref_logits, ref_metrics, ref_params = reference
+    model = KimiLinearForCausalLM(make_config(), rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh(mesh_spec)
+    trainer, params, opt_state = build_trainer(model, make_optimizer(LR), mesh, BATCH)
+    assert param_specs(params) == EXPECTED[mesh_spec]
+    batch = make_batch()
+    logits = np.asarray(kimi_jax.forward(nnx.merge(trainer.graphdef, params), batch["input_ids"]))
+    forward_diff = float(np.abs(logits - ref_logits).max())
+    params, opt_state, metrics = trainer.step_fn(params, opt_state, shard_batch(batch, trainer.batch_sharding))
+    # Shardings survive the step, for the parameters and for Adam's moments alike.
+    assert param_specs(params) == EXPECTED[mesh_spec]
+    mu = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+          if "qkv_proj" in jax.tree_util.keystr(path) and "mu" in jax.tree_util.keystr(path)]
+    assert mu and all(m.sharding.spec == EXPECTED[mesh_spec]["qkv"] for m in mu)
+    step_diff = max(float(np.abs(np.asarray(v[...]) - ref_params[k]).max()) for k, v in nnx.to_flat_state(params))
+    print(f"\n  {mesh_spec}: forward max|diff| {forward_diff:.2e}, loss {float(metrics['loss']):.6f} vs "
+          f"{ref_metrics['loss']:.6f}, params after one AdamW step max|diff| {step_diff:.2e}")
+    assert forward_diff <= 1e-5
+    assert abs(float(metrics["loss"]) - ref_metrics["loss"]) <= 1e-5
+    assert abs(float(metrics["grad_norm"]) - ref_metrics["grad_norm"]) <= 1e-5 * max(1.0, ref_metrics["grad_norm"])
+    assert step_diff <= 1e-5
+
+
+def test_resolver_replicates_dimensions_that_do_not_divide():
+    mesh = sharding.make_mesh("tensor=8")
+    resolver = sharding.Resolver(mesh)
+    # 4 heads cannot be split 8 ways: replicated, and the drop is recorded, never mis-sharded.
+    assert resolver.spec(("embed", "heads", None), (64, 4, 24), "q_proj") == P(None, None, None)
+    assert resolver.dropped and "not divisible" in sharding.explain(resolver)[0]
+    assert resolver.spec(("vocab", "embed"), (512, 64), "embed_tokens") == P("tensor", None)
+
+
+def test_resolver_falls_back_and_never_reuses_an_axis():
+    mesh = sharding.make_mesh("data=2,fsdp=2,expert=2")
+    resolver = sharding.Resolver(mesh)
+    assert resolver.spec(("batch", None), (8, 1)) == P(("data", "fsdp", "expert"), None)
+    assert resolver.spec(("batch", None), (4, 1)) == P(("data", "fsdp"), None)  # 8-way does not divide 4
+    # Two dimensions asking for fsdp: the second one gets nothing rather than a duplicate axis.
+    rules = dict(sharding.DEFAULT_RULES, mlp=(("fsdp",),))
+    assert sharding.Resolver(mesh, rules).spec(("embed", "mlp"), (64, 128)) == P("fsdp", None)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("data=3", "has 3 devices, but 8 are present"), ("model=8", "unknown axis"), ("data=x", "integer"), ("data=-1,fsdp=-1", "only one"),
+    ("data=0", ">= 1"), ("data=3,fsdp=-1", "not divisible"),
+])
+def test_bad_mesh_specs(spec, message):
+    with pytest.raises(sharding.ShardingError, match=message):
+        sharding.parse_mesh_spec(spec, 8)
+
+
+def test_mesh_spec_fill_axis():
+    assert sharding.parse_mesh_spec("data=2,fsdp=-1", 8) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert sharding.parse_mesh_spec(None, 8)["fsdp"] == 8
+
+
+def test_every_parameter_has_logical_axes():
+    model = nnx.eval_shape(lambda: KimiLinearForCausalLM(make_config().replace(q_lora_rank=12),
+                                                         rngs=nnx.Rngs(0)))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = sharding.param_logical_axes(path, len(var.shape))
+        assert len(axes) == len(var.shape)
+
+
+def test_restore_directly_into_a_mesh(tmp_path):
+    from kimi_jax import checkpoint
+
+    model = KimiLinearForCausalLM(make_config(), rngs=nnx.Rngs(1))
+    checkpoint.save_model(str(tmp_path / "ckpt"), model)
+    mesh = sharding.make_mesh("fsdp=4,tensor=2")
+    restored = checkpoint.load_model(str(tmp_path / "ckpt"), mesh=mesh)
+    assert param_specs(nnx.state(restored, nnx.Param)) == EXPECTED["fsdp=4,tensor=2"]
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(restored, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
