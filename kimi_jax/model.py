@@ -36,6 +36,13 @@ class RunOptions:
     """Static knobs of one forward pass (not part of the checkpoint)."""
     remat: bool = False  # rematerialise each scanned cycle in the backward pass
     moe_dispatch: str = "auto"  # "auto" | "ragged" | "dense" (identical maths)
+    # Sharding of the [B, T, D] hidden states between layers (batch over the data-parallel mesh axes). Without it
+    # GSPMD may follow the fsdp-sharded embedding table and replicate the whole batch on every device.
+    activation_sharding: Any = None
+
+
+def constrain(x, sharding):
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 class DecoderLayer(nnx.Module):
@@ -88,6 +95,7 @@ class LayerStack(nnx.Module):
             new_caches = []
             for position, block in enumerate(blocks):
                 h, c = block(h, None if cycle_caches is None else cycle_caches[position], ctx, opts)
+                h = constrain(h, opts.activation_sharding)
                 new_caches.append(c)
             return h, (None if cycle_caches is None else new_caches)
 
@@ -128,7 +136,7 @@ class KimiLinearForCausalLM(nnx.Module):
     # ------------------------------------------------------------------ forward
     def hidden_states(self, input_ids_BT, *, cache=None, attention_mask=None, opts: RunOptions = RunOptions()):
         B, T = input_ids_BT.shape
-        h_BTD = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0)
+        h_BTD = constrain(jnp.take(self.embed_tokens[...], input_ids_BT, axis=0), opts.activation_sharding)
         mask_BT = None if attention_mask is None else attention_mask.astype(bool)
         if cache is None:
             causal_TS = jnp.tril(jnp.ones((T, T), bool))

@@ -89,6 +89,8 @@ def build_trainer(model: KimiLinearForCausalLM, tx: optax.GradientTransformation
     opt_sh = shard_lib.state_shardings(abstract_opt, mesh, resolver)
     batch_sh = batch_spec(mesh, batch_size)
     replicated = NamedSharding(mesh, P())
+    if opts.activation_sharding is None:
+        opts = dataclasses.replace(opts, activation_sharding=NamedSharding(mesh, P(batch_sh.spec[0], None, None)))
 
     def step(params, opt_state, batch):
         def loss_of(p):

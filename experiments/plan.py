@@ -1,0 +1,202 @@
+"""Ahead-of-time plan of a train step: compile the full-size program from shapes alone and report what it needs.
+
+    python -m experiments.plan --config kimi-linear-48b-a3b --mesh fsdp=-1 --devices 64 --batch_size 64 --seq_len 4096
+    python -m experiments.plan --config kimi-linear-48b-a3b --mesh fsdp=16,expert=4 --topology v5p:4x4x4 ...
+
+Nothing is allocated: the model and optimizer are abstract (`nnx.eval_shape`), the train step (kimi_jax.train_step,
+AdamW, the same code that trains) is lowered with the shardings kimi_jax.sharding gives every array, and compiled
+for fake CPU devices (`--devices N`) or for a real TPU topology (`--topology`, needs `libtpu`; install it into a
+separate folder on PYTHONPATH as JAX_NOTES §5 describes). Printed per device:
+  * parameter + optimizer-state bytes, exact from the shardings (what every backend must hold between steps);
+  * the compiler's argument / output / temporary / peak figures (TPU-accurate with --topology; the CPU compiler's
+    buffer assignment and fusion differ from TPU/GPU, so on CPU read them as shape/sharding checks, not budgets);
+  * compiled FLOPs per step per device, the analytic model FLOPs per token (matmuls + MLA attention + KDA), and the
+    step time implied at a given MFU on a given chip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+PEAK_TFLOPS = {"v5p": 459.0, "v5e": 197.0, "v6e": 918.0, "v4": 275.0, "h100": 989.0, "h200": 989.0, "a100": 312.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m experiments.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="preset name (kimi-linear-48b-a3b, tiny) or a config.json path")
+    p.add_argument("--mesh", default=None, help="mesh spec, e.g. data=2,fsdp=-1 (default: fsdp over all devices)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--devices", type=int, help="compile for this many fake CPU devices")
+    where.add_argument("--topology", help="compile for a TPU topology, e.g. v5p:4x4x4 (needs libtpu)")
+    p.add_argument("--batch_size", type=int, required=True, help="global batch (sequences)")
+    p.add_argument("--seq_len", type=int, required=True)
+    p.add_argument("--stage", choices=("vanilla", "recursive"), default="vanilla")
+    p.add_argument("--phase", choices=("a", "b", "c"), default="a")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="parameter dtype")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True, help="remat each layer cycle")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the implied step time")
+    p.add_argument("--chip", default=None, help=f"peak-FLOPs key for the step time: {sorted(PEAK_TFLOPS)}")
+    return p.parse_args(argv)
+
+
+def analytic_flops_per_token(cfg, seq_len: int) -> dict:
+    """Training FLOPs per token (forward x 3): 2 x active matmul weights, plus causal MLA attention and KDA."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    H, K = cfg.kda_num_heads, cfg.kda_head_dim
+    P = H * K
+    kda_proj = D * 3 * P + D * K + K * P + D * H + D * K + K * P + P * D
+    mla_q = D * cfg.num_attention_heads * cfg.qk_head_dim if cfg.q_lora_rank is None else (
+        D * cfg.q_lora_rank + cfg.q_lora_rank * cfg.num_attention_heads * cfg.qk_head_dim)
+    mla_proj = (mla_q + D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+                + cfg.kv_lora_rank * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+                + cfg.num_attention_heads * cfg.v_head_dim * D)
+    dense = 3 * D * cfg.intermediate_size
+    moe = (D * cfg.num_experts + 3 * D * cfg.moe_intermediate_size
+           * (cfg.num_experts_per_token + cfg.num_shared_experts))
+    weights = D * V  # lm_head (the embedding lookup is not a matmul)
+    for mixer, ffn in cfg.layer_kinds:
+        weights += (kda_proj if mixer == "kda" else mla_proj) + (moe if ffn == "moe" else dense)
+    n_mla = sum(k == "mla" for k in cfg.mixer_types)
+    n_kda = cfg.num_hidden_layers - n_mla
+    # Causal attention: each token attends to seq_len/2 keys on average: QK^T and PV.
+    mla_attention = n_mla * 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+    # KDA per head per token: state decay/update/readout ~8 K^2 (as MaxText/Megatron count gated delta nets), plus
+    # the chunk's intra-block scores and WY products ~2 C (2K + K) with C = the chunk length.
+    kda_core = n_kda * H * (8 * K * K + 2 * cfg.kda_chunk_size * 3 * K)
+    forward = 2 * weights + 2 * (mla_attention + kda_core)
+    return {"matmul_weights": weights, "forward": forward, "train": 3 * forward,
+            "mla_attention": 3 * 2 * mla_attention, "kda_core": 3 * 2 * kda_core}
+
+
+def sharded_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (exact: size / shards per array)."""
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shards = 1
+        spec = getattr(leaf.sharding, "spec", ())
+        mesh = leaf.sharding.mesh
+        for entry in spec:
+            for axis in (entry if isinstance(entry, tuple) else (entry,)):
+                if axis is not None:
+                    shards *= mesh.shape[axis]
+        total += math.ceil(leaf.size / shards) * leaf.dtype.itemsize
+    return total
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.stage == "recursive":
+        print("error: --stage recursive plans the recursive refinement train step, which is not built yet "
+              "(the surgery issue); plan --stage vanilla for now", file=sys.stderr)
+        return 2
+    for name, value in (("--batch_size", args.batch_size), ("--seq_len", args.seq_len)):
+        if value < 1:
+            print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    import jax
+
+    if args.devices is not None:
+        if args.devices < 1:
+            print(f"error: --devices must be >= 1, got {args.devices}", file=sys.stderr)
+            return 2
+        try:
+            jax.config.update("jax_num_cpu_devices", args.devices)
+        except Exception:  # backend already initialised (e.g. inside tests): use what exists
+            pass
+        cpu = jax.devices("cpu")
+        if len(cpu) < args.devices:
+            print(f"error: --devices {args.devices}: only {len(cpu)} CPU devices exist in this process (JAX was "
+                  "initialised before the planner could ask for more)", file=sys.stderr)
+            return 2
+        devices, platform = cpu[:args.devices], "cpu"
+    else:
+        try:
+            from jax.experimental import topologies
+
+            devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
+        except Exception as e:
+            print(f"error: --topology {args.topology}: cannot build it ({type(e).__name__}: {str(e)[:200]}); "
+                  "compiling for TPU topologies needs libtpu (see JAX_NOTES §5)", file=sys.stderr)
+            return 2
+        platform = "tpu"
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kimi_jax import sharding
+    from kimi_jax.config import ConfigError, KimiLinearConfig, get_preset
+    from kimi_jax.model import KimiLinearForCausalLM, RunOptions
+    from kimi_jax.train_step import build_trainer, make_optimizer
+
+    try:
+        cfg = (KimiLinearConfig.from_pretrained(args.config) if os.path.exists(args.config)
+               else get_preset(args.config))
+        mesh = sharding.make_mesh(args.mesh, devices)
+    except (ConfigError, sharding.ShardingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = len(devices)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    t0 = time.time()
+    model = nnx.eval_shape(lambda: KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    opts = RunOptions(remat=args.remat, moe_dispatch="ragged")
+    trainer, params, opt_state = build_trainer(model, make_optimizer(1e-5), mesh, args.batch_size, opts=opts)
+    batch = {k: jax.ShapeDtypeStruct((args.batch_size, args.seq_len), dt, sharding=trainer.batch_sharding)
+             for k, dt in (("input_ids", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
+    lowered = trainer.step_fn.lower(params, opt_state, batch)
+    t_lower = time.time() - t0
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # the compiler's own verdict that the program does not fit
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"DOES NOT FIT: {args.config}, mesh {dict(mesh.shape)} on {n} {platform} devices, batch "
+              f"{args.batch_size} x {args.seq_len}: {str(e).splitlines()[0][:300]}")
+        return 3
+    t_compile = time.time() - t0 - t_lower
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = analytic_flops_per_token(cfg, args.seq_len)
+    tokens = args.batch_size * args.seq_len
+    gib = 1 << 30
+
+    def size(n_bytes: float) -> str:
+        return f"{n_bytes / gib:.2f} GiB" if n_bytes >= 0.1 * gib else f"{n_bytes / (1 << 20):.2f} MiB"
+    state_bytes = sharded_bytes(params) + sharded_bytes(opt_state)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    chip = args.chip or (args.topology.split(":")[0] if args.topology else None)
+    print(f"plan: {args.config} ({num_params / 1e9:.4g} B params, {args.dtype}), stage {args.stage}, mesh "
+          f"{dict(mesh.shape)} on {n} {platform} devices{' (' + args.topology + ')' if args.topology else ''}, "
+          f"batch {args.batch_size} x {args.seq_len} tokens, remat {args.remat}")
+    print(f"lowered in {t_lower:.1f} s, compiled in {t_compile:.1f} s")
+    print(f"per device: parameters + AdamW state {size(state_bytes)} (exact, from the shardings)")
+    if mem is not None:
+        print(f"per device (compiler): arguments {size(mem.argument_size_in_bytes)}, outputs "
+              f"{size(mem.output_size_in_bytes)}, aliased {size(mem.alias_size_in_bytes)}, temporaries "
+              f"{size(mem.temp_size_in_bytes)}, peak {size(getattr(mem, 'peak_memory_in_bytes', 0))}"
+              + ("  [CPU compiler: shape/sharding check, not a TPU/GPU budget]" if platform == "cpu" else ""))
+    if cost and "flops" in cost:
+        print(f"compiled FLOPs per step per device: {cost['flops'] / 1e12:.4g} TFLOP")
+    print(f"analytic training FLOPs per token: {flops['train'] / 1e9:.4g} GFLOP (matmuls over "
+          f"{flops['matmul_weights'] / 1e9:.4g} B active weights; MLA attention {flops['mla_attention'] / 1e9:.3g}, "
+          f"KDA core {flops['kda_core'] / 1e9:.3g} GFLOP); per step {flops['train'] * tokens / 1e15:.4g} PFLOP")
+    if chip:
+        key = chip.lower()
+        if key not in PEAK_TFLOPS:
+            print(f"(no peak FLOPs known for chip {chip!r}; pass --chip one of {sorted(PEAK_TFLOPS)})")
+        else:
+            seconds = flops["train"] * tokens / (n * PEAK_TFLOPS[key] * 1e12 * args.mfu)
+            print(f"implied step time at {args.mfu:.0%} MFU on {n} x {key} ({PEAK_TFLOPS[key]:.0f} TFLOP/s bf16): "
+                  f"{seconds:.2f} s ({tokens / seconds:,.0f} tokens/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
