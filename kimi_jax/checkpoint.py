@@ -29,7 +29,7 @@ from orbax.checkpoint import type_handlers as orbax_type_handlers
 from orbax.checkpoint._src.futures import future as orbax_future
 from orbax.checkpoint._src.serialization import type_handlers as orbax_serialization
 
-from kimi_jax.config import KimiLinearConfig
+from kimi_jax.config import KimiLinearConfig, read_json_object
 from kimi_jax.model import KimiLinearForCausalLM
 
 FORMAT = "kimi_jax.params.v1"
@@ -191,13 +191,8 @@ def is_checkpoint(folder: str) -> bool:
 
 def read_meta(folder: str) -> dict:
     path = os.path.join(folder, META_FILE)
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointFormatError(f"{folder}: not a kimi_jax checkpoint ({META_FILE} is missing)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointFormatError(f"{path}: not valid JSON ({e.msg})") from None
+    meta = read_json_object(path, CheckpointFormatError,
+                            missing=f"{folder}: not a kimi_jax checkpoint ({META_FILE} is missing)")
     if meta.get("format") != FORMAT:
         raise CheckpointFormatError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
     return meta

@@ -31,6 +31,20 @@ class ConfigError(ValueError):
     """A config.json (or preset override) that cannot describe a Kimi-Linear model."""
 
 
+def read_json_object(path: str, error: type[Exception] = ConfigError, missing: str | None = None) -> dict:
+    """Read a JSON object from `path`, turning every failure into one `error` line naming the file."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise error(missing or f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object")
+    return d
+
+
 @dataclasses.dataclass(frozen=True)
 class KimiLinearConfig:
     # Sizes.
@@ -306,16 +320,7 @@ class KimiLinearConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides) -> "KimiLinearConfig":
         path = os.fspath(path)
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(d, source=path, **overrides)
+        return cls.from_hf_dict(read_json_object(path), source=path, **overrides)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "KimiLinearConfig":
