@@ -149,41 +149,20 @@ def main(argv=None) -> int:
     trainer, params, opt_state = build_trainer(model, make_optimizer(1e-5), mesh, args.batch_size, opts=opts)
     batch = {k: jax.ShapeDtypeStruct((args.batch_size, args.seq_len), dt, sharding=trainer.batch_sharding)
              for k, dt in (("input_ids", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
-    lowered = trainer.step_fn.lower(params, opt_state, batch)
-    t_lower = time.time() - t0
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # the compiler's own verdict that the program does not fit
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        print(f"DOES NOT FIT: {args.config}, mesh {dict(mesh.shape)} on {n} {platform} devices, batch "
-              f"{args.batch_size} x {args.seq_len}: {str(e).splitlines()[0][:300]}")
-        return 3
-    t_compile = time.time() - t0 - t_lower
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = analytic_flops_per_token(cfg, args.seq_len)
     tokens = args.batch_size * args.seq_len
     gib = 1 << 30
 
     def size(n_bytes: float) -> str:
         return f"{n_bytes / gib:.2f} GiB" if n_bytes >= 0.1 * gib else f"{n_bytes / (1 << 20):.2f} MiB"
+
     state_bytes = sharded_bytes(params) + sharded_bytes(opt_state)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     chip = args.chip or (args.topology.split(":")[0] if args.topology else None)
     print(f"plan: {args.config} ({num_params / 1e9:.4g} B params, {args.dtype}), stage {args.stage}, mesh "
           f"{dict(mesh.shape)} on {n} {platform} devices{' (' + args.topology + ')' if args.topology else ''}, "
           f"batch {args.batch_size} x {args.seq_len} tokens, remat {args.remat}")
-    print(f"lowered in {t_lower:.1f} s, compiled in {t_compile:.1f} s")
     print(f"per device: parameters + AdamW state {size(state_bytes)} (exact, from the shardings)")
-    if mem is not None:
-        print(f"per device (compiler): arguments {size(mem.argument_size_in_bytes)}, outputs "
-              f"{size(mem.output_size_in_bytes)}, aliased {size(mem.alias_size_in_bytes)}, temporaries "
-              f"{size(mem.temp_size_in_bytes)}, peak {size(getattr(mem, 'peak_memory_in_bytes', 0))}"
-              + ("  [CPU compiler: shape/sharding check, not a TPU/GPU budget]" if platform == "cpu" else ""))
-    if cost and "flops" in cost:
-        print(f"compiled FLOPs per step per device: {cost['flops'] / 1e12:.4g} TFLOP")
     print(f"analytic training FLOPs per token: {flops['train'] / 1e9:.4g} GFLOP (matmuls over "
           f"{flops['matmul_weights'] / 1e9:.4g} B active weights; MLA attention {flops['mla_attention'] / 1e9:.3g}, "
           f"KDA core {flops['kda_core'] / 1e9:.3g} GFLOP); per step {flops['train'] * tokens / 1e15:.4g} PFLOP")
@@ -195,6 +174,28 @@ def main(argv=None) -> int:
             seconds = flops["train"] * tokens / (n * PEAK_TFLOPS[key] * 1e12 * args.mfu)
             print(f"implied step time at {args.mfu:.0%} MFU on {n} x {key} ({PEAK_TFLOPS[key]:.0f} TFLOP/s bf16): "
                   f"{seconds:.2f} s ({tokens / seconds:,.0f} tokens/s)")
+    lowered = trainer.step_fn.lower(params, opt_state, batch)
+    t_lower = time.time() - t0
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # the compiler's own verdict that the program does not fit
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"DOES NOT FIT: {args.config}, mesh {dict(mesh.shape)} on {n} {platform} devices, batch "
+              f"{args.batch_size} x {args.seq_len}: {str(e).splitlines()[0][:300]}")
+        return 3
+    t_compile = time.time() - t0 - t_lower
+    print(f"lowered in {t_lower:.1f} s, compiled in {t_compile:.1f} s")
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if mem is not None:
+        print(f"per device (compiler): arguments {size(mem.argument_size_in_bytes)}, outputs "
+              f"{size(mem.output_size_in_bytes)}, aliased {size(mem.alias_size_in_bytes)}, temporaries "
+              f"{size(mem.temp_size_in_bytes)}, peak {size(getattr(mem, 'peak_memory_in_bytes', 0))}"
+              + ("  [CPU compiler: shape/sharding check, not a TPU/GPU budget]" if platform == "cpu" else ""))
+    if cost and "flops" in cost:
+        print(f"compiled FLOPs per step per device: {cost['flops'] / 1e12:.4g} TFLOP")
     return 0
 
 
