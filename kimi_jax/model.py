@@ -67,8 +67,8 @@ class DecoderLayer(nnx.Module):
             mixed, cache = self.mixer(x_BTD, cache, visible_BTS=ctx["visible_BTS"], cache_index=ctx["cache_index"])
         h_BTD = h_BTD + mixed
         x_BTD = self.post_attention_norm(h_BTD)
-        ffn_out = self.ffn(x_BTD, resolve_dispatch(opts.moe_dispatch, self.ffn.w_gate.shape[0])) \
-            if self.ffn_kind == MOE else self.ffn(x_BTD)
+        ffn_out = self.ffn(x_BTD, resolve_dispatch(opts.moe_dispatch, self.ffn.w_gate.shape[0]),
+                           opts.activation_sharding) if self.ffn_kind == MOE else self.ffn(x_BTD)
         return h_BTD + ffn_out, cache
 
     def init_cache(self, batch: int, max_len: int, dtype):

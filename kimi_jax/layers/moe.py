@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from kimi_jax.config import KimiLinearConfig
 from kimi_jax.layers.init import normal_param
@@ -98,16 +99,27 @@ class MoE(nnx.Module):
         self.weights_use_bias = cfg.router_weights_use_correction_bias
         self.dispatch = "auto"
 
-    def __call__(self, x_BTD, dispatch: str | None = None):
+    def __call__(self, x_BTD, dispatch: str | None = None, token_sharding=None):
+        """`token_sharding`: the [B, T, D] activation sharding. When given, routing and dispatch run locally on each
+        batch shard (shard_map; expert weights are gathered per layer as in FSDP), so no device ever sorts or holds
+        another shard's tokens; otherwise GSPMD would all-gather the whole batch for the global sort."""
         B, T, D = x_BTD.shape
-        x_TD = x_BTD.reshape(B * T, D)
-        weights_Tk, experts_Tk = route(
-            x_TD, self.router[...], self.correction_bias[...], top_k=self.top_k, num_groups=self.num_groups,
-            topk_groups=self.topk_groups, renormalize=self.renormalize, scaling=self.scaling,
-            weights_use_bias=self.weights_use_bias)
         kind = resolve_dispatch(dispatch or self.dispatch, self.w_gate.shape[0])
         run = experts_dense if kind == "dense" else experts_ragged
-        routed_TD = run(x_TD, weights_Tk, experts_Tk, self.w_gate[...], self.w_up[...], self.w_down[...])
+
+        def routed(x_TD, router, bias, w_gate, w_up, w_down):
+            weights_Tk, experts_Tk = route(
+                x_TD, router, bias, top_k=self.top_k, num_groups=self.num_groups, topk_groups=self.topk_groups,
+                renormalize=self.renormalize, scaling=self.scaling, weights_use_bias=self.weights_use_bias)
+            return run(x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down)
+
+        params = (self.router[...], self.correction_bias[...], self.w_gate[...], self.w_up[...], self.w_down[...])
+        x_TD = x_BTD.reshape(B * T, D)
+        if token_sharding is not None:
+            tokens = P(token_sharding.spec[0], None)
+            routed = jax.shard_map(routed, mesh=token_sharding.mesh, in_specs=(tokens,) + (P(),) * len(params),
+                                   out_specs=tokens, check_vma=False)
+        routed_TD = routed(x_TD, *params)
         out_BTD = routed_TD.astype(x_BTD.dtype).reshape(B, T, D)
         if self.shared_experts is not None:
             out_BTD = out_BTD + self.shared_experts(x_BTD)
