@@ -27,9 +27,9 @@ from convert.cli import UsageError, atomic_output, copy_sidecar_files, human_byt
 from convert.safetensors_io import PlannedSafetensorsWriter
 from kimi_jax import checkpoint
 from kimi_jax.config import KimiLinearConfig
+from kimi_jax.model import keeps_fp32
 
 DTYPES = ("stored", "bfloat16", "float32")
-KEEP_FP32 = ("gate.weight", "e_score_correction_bias", "dt_bias", "A_log")  # transformers keeps these in fp32
 
 
 def parse_size(text: str) -> int:
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="HF folder to create")
     p.add_argument("--layout", choices=mapping.LAYOUTS, default=mapping.HUB, help="tensor naming (default: hub)")
     p.add_argument("--dtype", choices=DTYPES, default="stored",
-                   help="dtype of the written weights (router/bias/dt_bias/A_log stay float32); default: as stored")
+                   help="dtype of the written weights (kimi_jax.model.FP32_PARAMS stay float32); default: as stored")
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -79,7 +79,9 @@ def export(ckpt: str, output: str, layout: str = mapping.HUB, dtype: str = "stor
     # and each tensor is written at its offset as soon as it is produced: memory holds one parameter, not a shard.
     expected = mapping.expected_hf_tensors(cfg, layout)
     weight_dtype = _weight_dtype(stored, dtype)
-    plan = [(name, shape, np.dtype(np.float32) if _keeps_fp32(name) else weight_dtype)
+    fp32_names = {name.split("|")[0] for spec in specs if keeps_fp32(checkpoint.param_key(spec.path))
+                  for names in spec.hf_names for name in names}
+    plan = [(name, shape, np.dtype(np.float32) if name in fp32_names else weight_dtype)
             for name, shape in expected.items()]
     total_params = int(sum(s.size for s in stored.values()))
     bar = tqdm(total=total_params, unit="param", unit_scale=True, desc="orbax -> hf", disable=not progress,
@@ -106,15 +108,10 @@ def export(ckpt: str, output: str, layout: str = mapping.HUB, dtype: str = "stor
             "seconds": time.time() - t0}
 
 
-def _keeps_fp32(name: str) -> bool:
-    return name.endswith(KEEP_FP32)
-
-
 def _weight_dtype(stored: dict, dtype: str) -> np.dtype:
     """The dtype of every exported tensor that is not kept in float32."""
     if dtype == "stored":
-        dtypes = {np.dtype(s.dtype) for key, s in stored.items()
-                  if not key.endswith(("ffn.router", "ffn.correction_bias", "mixer.dt_bias", "mixer.A_log"))}
+        dtypes = {np.dtype(s.dtype) for key, s in stored.items() if not keeps_fp32(key)}
         if len(dtypes) != 1:
             raise checkpoint.CheckpointFormatError(f"weights are stored in several dtypes {sorted(map(str, dtypes))};"
                                                    " pass --dtype bfloat16 or float32")

@@ -30,6 +30,14 @@ from kimi_jax.layout import Segment, plan_segments
 
 F32 = jnp.float32
 
+# Parameters kept in float32 whatever the model dtype (as transformers' _keep_in_fp32_modules_strict): the router
+# and its correction bias, and KDA's decay parameters. Keys are suffixes of the parameter path.
+FP32_PARAMS = ("ffn.router", "ffn.correction_bias", "mixer.dt_bias", "mixer.A_log")
+
+
+def keeps_fp32(param_key: str) -> bool:
+    return param_key.endswith(FP32_PARAMS)
+
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
