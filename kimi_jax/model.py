@@ -22,7 +22,7 @@ from flax import nnx
 from kimi_jax.config import KDA, MOE, KimiLinearConfig
 from kimi_jax.layers.init import normal_param
 from kimi_jax.layers.kda import KimiDeltaAttention
-from kimi_jax.layers.mla import MultiHeadLatentAttention
+from kimi_jax.layers.mla import MultiHeadLatentAttention, write_rows
 from kimi_jax.layers.mlp import SwiGLU
 from kimi_jax.layers.moe import MoE, resolve_dispatch
 from kimi_jax.layers.norms import RMSNorm
@@ -67,12 +67,18 @@ class DecoderLayer(nnx.Module):
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype)
 
-    def __call__(self, h_BTD, cache, ctx: dict, opts: RunOptions):
+    def __call__(self, h_BTD, cache, ctx: dict, opts: RunOptions, edit=None):
+        """`edit`: this layer's parameters for `ctx["edit_fn"]`, an edit of the residual stream applied before the
+        block (the recursive block's refine cells); None leaves the layer untouched."""
+        if edit is not None:
+            h_BTD = ctx["edit_fn"](h_BTD, edit)
         x_BTD = self.input_norm(h_BTD)
+        export_starts = ctx.get("export_starts")
         if self.mixer_kind == KDA:
-            mixed, cache = self.mixer(x_BTD, cache, ctx["mask_BT"])
+            mixed, cache = self.mixer(x_BTD, cache, ctx["mask_BT"], export_starts_BN=export_starts)
         else:
-            mixed, cache = self.mixer(x_BTD, cache, visible_BTS=ctx["visible_BTS"], cache_index=ctx["cache_index"])
+            mixed, cache = self.mixer(x_BTD, cache, visible_BTS=ctx["visible_BTS"], cache_index=ctx["cache_index"],
+                                      export=export_starts is not None)
         h_BTD = h_BTD + mixed
         x_BTD = self.post_attention_norm(h_BTD)
         ffn_out = self.ffn(x_BTD, resolve_dispatch(opts.moe_dispatch, self.ffn.w_gate.shape[0]),
@@ -97,19 +103,24 @@ class LayerStack(nnx.Module):
             blocks.append(jax.tree.map(lambda *xs: jnp.stack(xs), *copies))
         self.blocks = nnx.List(blocks)
 
-    def __call__(self, h_BTD, caches, ctx: dict, opts: RunOptions):
+    def __call__(self, h_BTD, caches, ctx: dict, opts: RunOptions, edits=None):
+        """`edits`: None, or one entry per cycle position (None = no edit there) stacked over the repeats."""
+        exporting = ctx.get("export_starts") is not None
+        edits = [None] * len(self.blocks) if edits is None else list(edits)
+
         def cycle(h, xs):
-            blocks, cycle_caches = xs
+            blocks, cycle_caches, cycle_edits = xs
             new_caches = []
             for position, block in enumerate(blocks):
-                h, c = block(h, None if cycle_caches is None else cycle_caches[position], ctx, opts)
+                h, c = block(h, None if cycle_caches is None else cycle_caches[position], ctx, opts,
+                             edit=cycle_edits[position])
                 h = constrain(h, opts.activation_sharding)
                 new_caches.append(c)
-            return h, (None if cycle_caches is None else new_caches)
+            return h, (new_caches if cycle_caches is not None or exporting else None)
 
         if opts.remat:
             cycle = jax.checkpoint(cycle)
-        h_BTD, new_caches = jax.lax.scan(cycle, h_BTD, (list(self.blocks), caches))
+        h_BTD, new_caches = jax.lax.scan(cycle, h_BTD, (list(self.blocks), caches, edits))
         return h_BTD, new_caches
 
     def init_cache(self, batch: int, max_len: int, dtype):
@@ -142,9 +153,25 @@ class KimiLinearForCausalLM(nnx.Module):
         }
 
     # ------------------------------------------------------------------ forward
-    def hidden_states(self, input_ids_BT, *, cache=None, attention_mask=None, opts: RunOptions = RunOptions()):
-        B, T = input_ids_BT.shape
-        h_BTD = constrain(jnp.take(self.embed_tokens[...], input_ids_BT, axis=0), opts.activation_sharding)
+    def embed(self, input_ids_BT):
+        return jnp.take(self.embed_tokens[...], input_ids_BT, axis=0)
+
+    def hidden_states(self, input_ids_BT=None, *, embeds_BTD=None, cache=None, attention_mask=None,
+                      opts: RunOptions = RunOptions(), edit_fn=None, edits=None, export_starts=None):
+        """Final-normed hidden states [B, T, D] and the new cache (None without one).
+
+        `embeds_BTD` replaces the token embeddings (inputs that are not tokens, e.g. the recursive block's [Z]
+        slot). `cache["length"]` is the write position: a scalar, or one per sample ([B]; samples then keep
+        separate histories in one buffer, with `key_mask` marking each sample's valid keys).
+        `edit_fn(h_BTD, params)` with `edits` (per segment, per cycle position: params stacked over the repeats, or
+        None) edits the residual stream before those layers (the recursive block's refine cells).
+        `export_starts` [B, N] (no cache): instead of a cache, return {"segments": ...} holding per layer what a
+        window starting at each start needs from this prefix (KDA states and conv tails, MLA latents).
+        """
+        if embeds_BTD is None:
+            embeds_BTD = self.embed(input_ids_BT)
+        B, T = embeds_BTD.shape[:2]
+        h_BTD = constrain(embeds_BTD, opts.activation_sharding)
         mask_BT = None if attention_mask is None else attention_mask.astype(bool)
         if cache is None:
             causal_TS = jnp.tril(jnp.ones((T, T), bool))
@@ -154,16 +181,21 @@ class KimiLinearForCausalLM(nnx.Module):
             start = cache["length"]
             S = cache["key_mask"].shape[1]
             new_mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT
-            key_mask_BS = jax.lax.dynamic_update_slice_in_dim(cache["key_mask"], new_mask_BT, start, axis=1)
-            query_pos_T = start + jnp.arange(T)
-            causal_TS = jnp.arange(S)[None, :] <= query_pos_T[:, None]
-            visible_BTS = causal_TS[None] & key_mask_BS[:, None, :]
+            key_mask_BS = write_rows(cache["key_mask"], new_mask_BT, start)
+            query_pos_BT = jnp.broadcast_to(start, (B,))[:, None] + jnp.arange(T)[None, :]
+            causal_BTS = jnp.arange(S)[None, None, :] <= query_pos_BT[:, :, None]
+            visible_BTS = causal_BTS & key_mask_BS[:, None, :]
             ctx = {"mask_BT": mask_BT, "visible_BTS": visible_BTS, "cache_index": start}
+        ctx["edit_fn"] = edit_fn
+        ctx["export_starts"] = export_starts
         new_segment_caches = []
         for s, seg in enumerate(self.segments):
-            h_BTD, c = seg(h_BTD, None if cache is None else cache["segments"][s], ctx, opts)
+            h_BTD, c = seg(h_BTD, None if cache is None else cache["segments"][s], ctx, opts,
+                           edits=None if edits is None else edits[s])
             new_segment_caches.append(c)
         h_BTD = self.norm(h_BTD)
+        if export_starts is not None:
+            return h_BTD, {"segments": new_segment_caches}
         new_cache = None if cache is None else {"length": cache["length"] + T, "key_mask": key_mask_BS,
                                                 "segments": new_segment_caches}
         return h_BTD, new_cache

@@ -42,6 +42,18 @@ def causal_depthwise_conv(u_BTC, kernel_WC, tail_BWC):
     return y, full[:, T:].astype(u_BTC.dtype)
 
 
+def last_valid_tail(full_BSC, mask_BT, width: int):
+    """The last `width` valid rows of [tail; u] (tail rows always valid, u rows where mask_BT), per sample.
+
+    Used for the new conv tail after a masked call: valid tokens form a suffix (left padding) or a prefix (a
+    right-padded commit); either way the tail is the `width` rows ending at the last valid one.
+    """
+    T = mask_BT.shape[1]
+    valid_BS = jnp.concatenate([jnp.ones((mask_BT.shape[0], width), bool), mask_BT.astype(bool)], axis=1)
+    last_B = jnp.max(jnp.where(valid_BS, jnp.arange(width + T)[None, :], 0), axis=1)
+    return jax.vmap(lambda f, e: jax.lax.dynamic_slice_in_dim(f, e - width + 1, width, axis=0))(full_BSC, last_B)
+
+
 class KimiDeltaAttention(nnx.Module):
     def __init__(self, cfg: KimiLinearConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         D, H, K, W = cfg.hidden_size, cfg.kda_num_heads, cfg.kda_head_dim, cfg.conv_kernel_size
@@ -74,11 +86,18 @@ class KimiDeltaAttention(nnx.Module):
         z = f_BTHK.astype(F32) + self.dt_bias[...].astype(F32)
         return -jnp.exp(self.A_log[...].astype(F32))[:, None] * softplus_thresholded(z)
 
-    def __call__(self, x_BTD, cache: dict | None = None, mask_BT=None, *, return_chunk_states: bool = False):
+    def __call__(self, x_BTD, cache: dict | None = None, mask_BT=None, *, return_chunk_states: bool = False,
+                 export_starts_BN=None):
         """Returns (out_BTD, new_cache or None[, chunk_states_BNHKK]).
 
         With `cache`, the layer continues from its conv tail and recurrent state (prefill continuation or decode).
-        `mask_BT` zeroes padded positions before the projections (left padding then leaves the state untouched).
+        `mask_BT` marks real tokens. Masked positions are zeroed before the projections (as transformers does for left
+        padding) and are made inert: decay 1 (g = 0) and beta 0, so the state passes through them unchanged, and the
+        new conv tail holds the last W-1 *valid* inputs. This makes left padding and right-padded (variable-length)
+        continuations exact, e.g. committing B' < T tokens of a padded chunk.
+        `export_starts_BN` (no cache; window starts, multiples of the chunk size): return, in place of the cache, the
+        decode cache each window would see after the prefix x[:start]: {"state": [B, N, H, K, K], "conv": [B, N,
+        W-1, 3, H, K]}, read off the chunked scan's boundary states (the recursive block's one-pass layout).
         """
         B, T, _ = x_BTD.shape
         if mask_BT is not None:
@@ -87,16 +106,23 @@ class KimiDeltaAttention(nnx.Module):
         tail = cache["conv"] if cache is not None else jnp.zeros((B, self.conv_width - 1) + u_BT3HK.shape[2:],
                                                                  u_BT3HK.dtype)
         y_BT3HK, new_tail = causal_depthwise_conv(u_BT3HK, self.conv[...], tail)
+        if mask_BT is not None and cache is not None:
+            new_tail = last_valid_tail(jnp.concatenate([tail.astype(u_BT3HK.dtype), u_BT3HK], axis=1), mask_BT,
+                                       self.conv_width - 1)
         y_BT3HK = jax.nn.silu(y_BT3HK).astype(x_BTD.dtype)
         q_BTHK, k_BTHK, v_BTHK = y_BT3HK[:, :, 0], y_BT3HK[:, :, 1], y_BT3HK[:, :, 2]
 
         g_BTHK = self.decay(x_BTD)
         beta_BTH = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x_BTD, self.b_proj[...], preferred_element_type=F32))
+        if mask_BT is not None:
+            g_BTHK = jnp.where(mask_BT[:, :, None, None], g_BTHK, 0.0)
+            beta_BTH = jnp.where(mask_BT[:, :, None], beta_BTH, 0.0)
         state = cache["state"] if cache is not None else None
         chunk_states = None
-        if T == 1 and not return_chunk_states:
+        want_states = return_chunk_states or export_starts_BN is not None
+        if T == 1 and not want_states:
             o_BTHK, new_state = kda_recurrent(q_BTHK, k_BTHK, v_BTHK, g_BTHK, beta_BTH, state)
-        elif return_chunk_states:
+        elif want_states:
             o_BTHK, new_state, chunk_states = kda_chunked(q_BTHK, k_BTHK, v_BTHK, g_BTHK, beta_BTH, state,
                                                           chunk_size=self.chunk_size, return_chunk_states=True)
         else:
@@ -108,7 +134,21 @@ class KimiDeltaAttention(nnx.Module):
         gate_BTHK = jnp.einsum("btr,rhk->bthk", gate_BTR, self.g_b_proj[...])
         o_BTHK = gated_rms_norm(o_BTHK, gate_BTHK, self.o_norm[...], self.eps)
         out_BTD = jnp.einsum("bthk,hkd->btd", o_BTHK, self.o_proj[...])
+        if export_starts_BN is not None:
+            return out_BTD, self._export(u_BT3HK, tail, chunk_states, export_starts_BN)
         new_cache = {"conv": new_tail, "state": new_state} if cache is not None else None
         if return_chunk_states:
             return out_BTD, new_cache, chunk_states
         return out_BTD, new_cache
+
+    def _export(self, u_BT3HK, tail, chunk_states_BNHKK, starts_BN):
+        """Per-window decode caches after the prefix x[:start] (start = a multiple of the chunk size)."""
+        Wm1 = self.conv_width - 1
+        full = jnp.concatenate([tail.astype(u_BT3HK.dtype), u_BT3HK], axis=1)  # position p sits at p + W-1
+        starts_BN = jnp.asarray(starts_BN, jnp.int32)
+        states = jnp.take_along_axis(chunk_states_BNHKK, (starts_BN // self.chunk_size)[:, :, None, None, None],
+                                     axis=1)
+        # The tail before `start` holds the inputs at start-W+1 .. start-1, i.e. full[start : start + W-1].
+        take = lambda f, s: jax.lax.dynamic_slice_in_dim(f, s, Wm1, axis=0)
+        conv = jax.vmap(lambda f, ss: jax.vmap(lambda s: take(f, s))(ss))(full, starts_BN)
+        return {"state": states, "conv": conv}

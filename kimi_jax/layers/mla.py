@@ -24,6 +24,17 @@ from kimi_jax.layers.norms import rms_norm
 F32 = jnp.float32
 
 
+def write_rows(buffer_BS, new_BT, index):
+    """Write `new_BT` into `buffer_BS` along axis 1 at `index`: one offset for the batch (shape ()) or one per
+    sample (shape [B], e.g. chunked generation where samples have committed different lengths)."""
+    new_BT = new_BT.astype(buffer_BS.dtype)
+    index = jnp.asarray(index, jnp.int32)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buffer_BS, new_BT, index, axis=1)
+    return jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))(
+        buffer_BS, new_BT, index)
+
+
 class MultiHeadLatentAttention(nnx.Module):
     def __init__(self, cfg: KimiLinearConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         D, H = cfg.hidden_size, cfg.num_attention_heads
@@ -59,11 +70,13 @@ class MultiHeadLatentAttention(nnx.Module):
         latent_BTR = rms_norm(c_BTX[..., :self.rank], self.kv_a_norm[...], self.latent_eps)
         return latent_BTR, c_BTX[..., self.rank:]
 
-    def __call__(self, x_BTD, cache: dict | None = None, *, visible_BTS, cache_index=None):
+    def __call__(self, x_BTD, cache: dict | None = None, *, visible_BTS, cache_index=None, export: bool = False):
         """visible_BTS[b, t, s]: query t may attend key s (causality and padding, built by the model).
 
         Without a cache the keys are this call's own tokens (S = T). With a cache, this call's latents are written
-        at `cache_index` and the keys are the whole cache (S = its length).
+        at `cache_index` (a scalar, or one offset per sample) and the keys are the whole cache (S = its length).
+        `export` (no cache): return this call's latents {"latent", "k_shared"} in place of the cache, so that windows
+        can later attend to this prefix (the recursive block's one-pass layout).
         """
         dtype = x_BTD.dtype
         q_BTHC = self.queries(x_BTD)
@@ -85,12 +98,10 @@ class MultiHeadLatentAttention(nnx.Module):
             probs_BHTS = attention_probs(
                 jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BSHN, preferred_element_type=F32), k_shared_BTE)
             o_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV)
-            new_cache = None
+            new_cache = {"latent": latent_BTR, "k_shared": k_shared_BTE} if export else None
         else:
-            latent_BSR = jax.lax.dynamic_update_slice_in_dim(cache["latent"], latent_BTR.astype(cache["latent"].dtype),
-                                                             cache_index, axis=1)
-            k_shared_BSE = jax.lax.dynamic_update_slice_in_dim(
-                cache["k_shared"], k_shared_BTE.astype(cache["k_shared"].dtype), cache_index, axis=1)
+            latent_BSR = write_rows(cache["latent"], latent_BTR, cache_index)
+            k_shared_BSE = write_rows(cache["k_shared"], k_shared_BTE, cache_index)
             new_cache = {"latent": latent_BSR, "k_shared": k_shared_BSE}
             latent_BSR, k_shared_BSE = latent_BSR.astype(dtype), k_shared_BSE.astype(dtype)
             # Absorb W_k into the query: q_nope . (W_k c) = (W_k^T q_nope) . c; apply W_v after attention.

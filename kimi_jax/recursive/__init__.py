@@ -1,0 +1,1 @@
+"""Recursive refinement add-on: sidecar components, chunked generation and metrics."""

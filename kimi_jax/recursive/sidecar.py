@@ -1,0 +1,200 @@
+"""The recursive refinement sidecar (RECURSIVE_DESIGN.md §3.2): refine cells, z-mixer, [Z] token, halt/length heads.
+
+Shapes: B batch (or batch x windows), W chunk width, S = W (+1 with the [Z] slot) window slots, D model hidden,
+Z = d_state (the latent z), R refine rank, L refined layers, G gate_hidden, V vocab.
+
+    cells     norm [L, D]  a_h [L, D, R]  a_z [L, Z, R]  b [L, R, D] (zero at init)  alpha [L]
+              delta_l(h, z) = alpha_l * b_l^T silu(a_h_l^T RMSNorm_l(h) + a_z_l^T z)      (per position)
+    z-mixer   in_h [D, Z]  in_tok [D, Z]  in_conf [3, Z]  step_embed [K, Z]; `mixer_layers` bidirectional
+              pre-norm blocks of width Z over the S slots; out [Z, Z]:  z <- z + out(blocks(inputs))
+    [Z] token z_embed [D] + mean(z) @ z_to_embed [Z, D], appended after the last window position
+    heads     halt: D -> G -> 1 (bias `halt_bias_init`, i.e. "never halt" at init); length: D -> G -> W + 1
+
+Everything is float32 (the sidecar is ~0.1% of the base). With b = 0 every delta is exactly 0, so the base model's
+outputs are unchanged bit for bit (0 * finite = 0 and h + 0 = h), whatever the other sidecar weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.config import KimiLinearConfig
+from kimi_jax.layers.init import INITIALIZER_RANGE
+from kimi_jax.layers.norms import rms_norm
+from kimi_jax.layout import plan_segments
+from kimi_jax.recursive.config import RecursiveConfig
+
+F32 = jnp.float32
+MASK_ID = -1  # draft id of the [M] embedding (mask seeding); never a real token
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float = INITIALIZER_RANGE) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), shape, F32) * std)
+
+
+def _zeros(shape) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, F32))
+
+
+class RefineCells(nnx.Module):
+    """All refine cells, stacked over the refined layers (in increasing layer order)."""
+
+    def __init__(self, D: int, Z: int, R: int, layers: tuple[int, ...], gate_init: float, *, rngs: nnx.Rngs):
+        L = len(layers)
+        self.layers = layers
+        self.norm = nnx.Param(jnp.ones((L, D), F32))
+        self.a_h = _normal(rngs, (L, D, R))
+        self.a_z = _normal(rngs, (L, Z, R))
+        self.b = _zeros((L, R, D))
+        self.alpha = nnx.Param(jnp.full((L,), gate_init, F32))
+
+
+def refine_delta(cell: dict, h_BSD, z_BSZ, eps: float):
+    """One layer's edit, float32: alpha * b^T silu(a_h^T RMSNorm(h) + a_z^T z)."""
+    x_BSD = rms_norm(h_BSD.astype(F32), cell["norm"], eps)
+    pre_BSR = (jnp.einsum("bsd,dr->bsr", x_BSD, cell["a_h"])
+               + jnp.einsum("bsz,zr->bsr", z_BSZ.astype(F32), cell["a_z"]))
+    return cell["alpha"] * jnp.einsum("bsr,rd->bsd", jax.nn.silu(pre_BSR), cell["b"])
+
+
+class MixerBlock(nnx.Module):
+    """Bidirectional pre-norm transformer block of width Z over the window slots (the only non-causal part)."""
+
+    def __init__(self, Z: int, heads: int, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.attn_norm = nnx.Param(jnp.ones((Z,), F32))
+        self.qkv = _normal(rngs, (Z, 3, heads, Z // heads))
+        self.attn_out = _normal(rngs, (heads, Z // heads, Z))
+        self.mlp_norm = nnx.Param(jnp.ones((Z,), F32))
+        self.mlp_in = _normal(rngs, (Z, 4 * Z))
+        self.mlp_out = _normal(rngs, (4 * Z, Z))
+
+    def __call__(self, x_BSZ, eps: float):
+        a_BSZ = rms_norm(x_BSZ, self.attn_norm[...], eps)
+        qkv_BS3HC = jnp.einsum("bsz,zthc->bsthc", a_BSZ, self.qkv[...])
+        q, k, v = qkv_BS3HC[:, :, 0], qkv_BS3HC[:, :, 1], qkv_BS3HC[:, :, 2]
+        scores_BHST = jnp.einsum("bshc,bthc->bhst", q, k) * (q.shape[-1] ** -0.5)
+        o_BSHC = jnp.einsum("bhst,bthc->bshc", jax.nn.softmax(scores_BHST, axis=-1), v)
+        x_BSZ = x_BSZ + jnp.einsum("bshc,hcz->bsz", o_BSHC, self.attn_out[...])
+        m_BSZ = rms_norm(x_BSZ, self.mlp_norm[...], eps)
+        return x_BSZ + jnp.einsum("bsf,fz->bsz", jax.nn.silu(m_BSZ @ self.mlp_in[...]), self.mlp_out[...])
+
+
+class Head(nnx.Module):
+    def __init__(self, D: int, G: int, out: int, bias_init: float, *, rngs: nnx.Rngs):
+        self.norm = nnx.Param(jnp.ones((D,), F32))
+        self.w1 = _normal(rngs, (D, G))
+        self.b1 = _zeros((G,))
+        self.w2 = _normal(rngs, (G, out))
+        self.b2 = nnx.Param(jnp.full((out,), bias_init, F32))
+
+    def __call__(self, x_BD, eps: float):
+        x_BD = rms_norm(x_BD.astype(F32), self.norm[...], eps)
+        return jax.nn.silu(x_BD @ self.w1[...] + self.b1[...]) @ self.w2[...] + self.b2[...]
+
+
+class Sidecar(nnx.Module):
+    def __init__(self, cfg: KimiLinearConfig, rcfg: RecursiveConfig, *, rngs: nnx.Rngs):
+        D, Z, W, K = cfg.hidden_size, rcfg.d_state, rcfg.chunk_width, rcfg.max_inner_steps
+        if W % cfg.kda_chunk_size:
+            raise ValueError(f"recursive config: chunk_width {W} is not a multiple of the model's KDA chunk size "
+                             f"{cfg.kda_chunk_size} (window snapshots are the chunked scan's boundary states)")
+        self.eps = cfg.rms_norm_eps
+        self.chunk_width = W
+        self.num_slots = W + 1 if rcfg.use_latent_token else W
+        self.cells = RefineCells(D, Z, rcfg.refine_rank, rcfg.refined_layers(cfg.num_hidden_layers),
+                                 rcfg.refine_gate_init, rngs=rngs)
+        self.in_h = _normal(rngs, (D, Z))
+        self.in_tok = _normal(rngs, (D, Z))
+        self.in_conf = _normal(rngs, (3, Z))
+        self.step_embed = _normal(rngs, (K, Z))
+        self.mixer = nnx.List([MixerBlock(Z, rcfg.mixer_heads, rngs=rngs) for _ in range(rcfg.mixer_layers)])
+        self.mixer_norm = nnx.Param(jnp.ones((Z,), F32))
+        self.mixer_out = _normal(rngs, (Z, Z))
+        self.z0 = _normal(rngs, (self.num_slots, Z)) if rcfg.z_init == "learned" else None
+        if rcfg.use_latent_token:
+            self.z_embed = _normal(rngs, (D,))
+            self.z_to_embed = _normal(rngs, (Z, D))
+        self.mask_embed = _normal(rngs, (D,)) if rcfg.seed == "mask" else None
+        self.halt_head = Head(D, rcfg.gate_hidden, 1, rcfg.halt_bias_init, rngs=rngs)
+        self.length_head = Head(D, rcfg.gate_hidden, W + 1, 0.0, rngs=rngs) if rcfg.enable_length_head else None
+
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+    # ------------------------------------------------------------------ refine cells inside the base
+    def segment_edits(self, cfg: KimiLinearConfig):
+        """Cell parameters laid out like the base's scanned segments: per segment, per cycle position, a dict
+        stacked over the repeats, or None where no repeat is refined. Unrefined repeats of a refined position
+        get alpha = 0 (their delta is exactly 0)."""
+        index = {layer: i for i, layer in enumerate(self.cells.layers)}
+        params = {k: getattr(self.cells, k)[...] for k in ("norm", "a_h", "a_z", "b", "alpha")}
+        out = []
+        for seg in plan_segments(cfg.layer_kinds):
+            per_position = []
+            for position in range(seg.period):
+                layers = [seg.layer(position, r) for r in range(seg.repeats)]
+                if not any(layer in index for layer in layers):
+                    per_position.append(None)
+                    continue
+                rows = jnp.asarray([index.get(layer, 0) for layer in layers], jnp.int32)
+                on = jnp.asarray([layer in index for layer in layers], F32)
+                cell = {k: v[rows] for k, v in params.items()}
+                cell["alpha"] = cell["alpha"] * on
+                per_position.append(cell)
+            out.append(per_position)
+        return out
+
+    # ------------------------------------------------------------------ latent z
+    def initial_z(self, batch: int, draft_embeds_BWD=None):
+        Z = self.mixer_out.shape[0]
+        if self.z0 is not None:
+            return jnp.broadcast_to(self.z0[...], (batch, self.num_slots, Z))
+        z_BSZ = jnp.zeros((batch, self.num_slots, Z), F32)
+        if draft_embeds_BWD is not None:  # z_init == "draft": one mixer pass over the draft tokens alone
+            z_BSZ = self.mix(z_BSZ, None, draft_embeds_BWD, None, jnp.int32(0))
+        return z_BSZ
+
+    def mix(self, z_BSZ, h_top_BSD, token_embeds_BWD, conf_BW3, step):
+        """z <- z + Mixer(Proj(h_top) + Proj(E[y]) + z + e_step + Proj(confidence)); missing inputs count as 0."""
+        B, S, Z = z_BSZ.shape
+        W = self.chunk_width
+        pad = lambda a_BW: jnp.pad(a_BW, [(0, 0), (0, S - W), (0, 0)])  # the [Z] slot has no token/confidence
+        x_BSZ = z_BSZ + self.step_embed[...][step][None, None, :]
+        if h_top_BSD is not None:
+            x_BSZ = x_BSZ + jnp.einsum("bsd,dz->bsz", h_top_BSD.astype(F32), self.in_h[...])
+        if token_embeds_BWD is not None:
+            x_BSZ = x_BSZ + pad(jnp.einsum("bwd,dz->bwz", jax.lax.stop_gradient(token_embeds_BWD).astype(F32),
+                                           self.in_tok[...]))
+        if conf_BW3 is not None:
+            x_BSZ = x_BSZ + pad(conf_BW3 @ self.in_conf[...])
+        for block in self.mixer:
+            x_BSZ = block(x_BSZ, self.eps)
+        return z_BSZ + rms_norm(x_BSZ, self.mixer_norm[...], self.eps) @ self.mixer_out[...]
+
+    def latent_token_embed(self, z_BSZ):
+        return self.z_embed[...] + jnp.mean(z_BSZ, axis=1) @ self.z_to_embed[...]
+
+    # ------------------------------------------------------------------ heads
+    def heads(self, h_top_BSD):
+        """(halt logit [B], length logits [B, W + 1] or None) from the [Z] readout (or the window mean)."""
+        readout_BD = h_top_BSD[:, -1] if self.num_slots > self.chunk_width else jnp.mean(h_top_BSD, axis=1)
+        halt_B = self.halt_head(readout_BD, self.eps)[:, 0]
+        length_BL = None if self.length_head is None else self.length_head(readout_BD, self.eps)
+        return halt_B, length_BL
+
+
+def build_sidecar(cfg: KimiLinearConfig, rcfg: RecursiveConfig, seed: int | None = None) -> Sidecar:
+    """A fresh sidecar (b = 0: the surgery that leaves the base unchanged), seeded from `rcfg.rng_seed`."""
+    return Sidecar(cfg, rcfg, rngs=nnx.Rngs(rcfg.rng_seed if seed is None else seed))
+
+
+def confidence_features(logits_BWV):
+    """[max prob, top1 - top2 prob margin, entropy] per position, float32 (the mixer's confidence inputs)."""
+    logp = jax.nn.log_softmax(logits_BWV.astype(F32), axis=-1)
+    top2 = jax.lax.top_k(logp, 2)[0]
+    p1, p2 = jnp.exp(top2[..., 0]), jnp.exp(top2[..., 1])
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return jax.lax.stop_gradient(jnp.stack([p1, p1 - p2, entropy], axis=-1))
