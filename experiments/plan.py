@@ -35,7 +35,11 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, required=True, help="global batch (sequences)")
     p.add_argument("--seq_len", type=int, required=True)
     p.add_argument("--stage", choices=("vanilla", "recursive"), default="vanilla")
-    p.add_argument("--phase", choices=("a", "b", "c"), default="a")
+    p.add_argument("--phase", choices=("a", "b", "c"), default="a", help="recursive training phase")
+    p.add_argument("--recursive_config", default=None,
+                   help="recursive stage: a preset or JSON file (default: the preset phase_{phase})")
+    p.add_argument("--chunk_width", type=int, default=None, help="recursive stage: window width W (default: config)")
+    p.add_argument("--max_inner_steps", type=int, default=None, help="recursive stage: inner steps K")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="parameter dtype")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True, help="remat each layer cycle")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the implied step time")
@@ -72,6 +76,17 @@ def analytic_flops_per_token(cfg, seq_len: int) -> dict:
             "mla_attention": 3 * 2 * mla_attention, "kda_core": 3 * 2 * kda_core}
 
 
+def recursive_flops_per_token(flops: dict, rcfg, windows: int, seq_len: int, remat: bool) -> dict:
+    """Phase A: one clean forward (no backward), then K window passes over N (W + 1) window tokens per sequence,
+    each with an activation-only backward (~1 forward: no weight gradients of the frozen base) and, with remat, one
+    recomputed forward. The sidecar's own matmuls (~0.1% of the base) are left out."""
+    window_tokens = windows * (rcfg.chunk_width + (1 if rcfg.use_latent_token else 0)) / seq_len
+    factor = 1 + rcfg.max_inner_steps * window_tokens * (2 + (1 if remat else 0))
+    scale = factor / 3  # the vanilla entries count forward x 3
+    return dict(flops, train=factor * flops["forward"], mla_attention=scale * flops["mla_attention"],
+                kda_core=scale * flops["kda_core"], recursive_factor=factor, window_tokens_per_token=window_tokens)
+
+
 def sharded_bytes(tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (exact: size / shards per array)."""
     import jax
@@ -91,10 +106,22 @@ def sharded_bytes(tree) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    rcfg = None
     if args.stage == "recursive":
-        print("error: --stage recursive plans the recursive refinement train step, which is not built yet "
-              "(the surgery issue); plan --stage vanilla for now", file=sys.stderr)
-        return 2
+        from kimi_jax.recursive.config import RecursiveConfigError, resolve
+
+        if args.phase != "a":
+            print(f"error: --stage recursive --phase {args.phase}: only phase a (frozen base, sidecar trained) is "
+                  "built so far; phases b/c come with the training issue", file=sys.stderr)
+            return 2
+        try:
+            rcfg = resolve(args.recursive_config or f"phase_{args.phase}")
+            changes = {k: v for k, v in (("chunk_width", args.chunk_width), ("max_inner_steps", args.max_inner_steps))
+                       if v is not None}
+            rcfg = rcfg.replace(recursive_enabled=True, phase=args.phase, **changes)
+        except RecursiveConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     for name, value in (("--batch_size", args.batch_size), ("--seq_len", args.seq_len)):
         if value < 1:
             print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
@@ -146,23 +173,55 @@ def main(argv=None) -> int:
     t0 = time.time()
     model = nnx.eval_shape(lambda: KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     opts = RunOptions(remat=args.remat, moe_dispatch="ragged")
-    trainer, params, opt_state = build_trainer(model, make_optimizer(1e-5), mesh, args.batch_size, opts=opts)
-    batch = {k: jax.ShapeDtypeStruct((args.batch_size, args.seq_len), dt, sharding=trainer.batch_sharding)
-             for k, dt in (("input_ids", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
     flops = analytic_flops_per_token(cfg, args.seq_len)
+    if rcfg is None:
+        trainer, params, opt_state = build_trainer(model, make_optimizer(1e-5), mesh, args.batch_size, opts=opts)
+        batch = {k: jax.ShapeDtypeStruct((args.batch_size, args.seq_len), dt, sharding=trainer.batch_sharding)
+                 for k, dt in (("input_ids", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
+        step_args = (params, opt_state, batch)
+        frozen = None
+    else:
+        from kimi_jax.recursive.objective import num_windows
+        from kimi_jax.recursive.sidecar import build_sidecar
+        from kimi_jax.recursive.train_step import build_recursive_trainer, make_sidecar_optimizer
+
+        try:
+            windows = num_windows(args.seq_len, rcfg.chunk_width, cfg.kda_chunk_size)
+            sidecar = nnx.eval_shape(lambda: build_sidecar(cfg, rcfg))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        trainer, frozen, params, opt_state = build_recursive_trainer(
+            model, sidecar, rcfg, make_sidecar_optimizer(rcfg), mesh, args.batch_size, opts=opts)
+        batch = {k: jax.ShapeDtypeStruct((args.batch_size, args.seq_len), dt, sharding=trainer.batch_sharding)
+                 for k, dt in (("input_ids", jnp.int32), ("weights", jnp.float32))}
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        step_args = (params, opt_state, frozen, batch, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+                     jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
+        flops = recursive_flops_per_token(flops, rcfg, windows, args.seq_len, args.remat)
     tokens = args.batch_size * args.seq_len
     gib = 1 << 30
 
     def size(n_bytes: float) -> str:
         return f"{n_bytes / gib:.2f} GiB" if n_bytes >= 0.1 * gib else f"{n_bytes / (1 << 20):.2f} MiB"
 
-    state_bytes = sharded_bytes(params) + sharded_bytes(opt_state)
-    num_params = sum(x.size for x in jax.tree.leaves(params))
+    state_bytes = sharded_bytes(params) + sharded_bytes(opt_state) + (0 if frozen is None else sharded_bytes(frozen))
+    num_params = sum(x.size for x in jax.tree.leaves(params if frozen is None else frozen))
     chip = args.chip or (args.topology.split(":")[0] if args.topology else None)
     print(f"plan: {args.config} ({num_params / 1e9:.4g} B params, {args.dtype}), stage {args.stage}, mesh "
           f"{dict(mesh.shape)} on {n} {platform} devices{' (' + args.topology + ')' if args.topology else ''}, "
           f"batch {args.batch_size} x {args.seq_len} tokens, remat {args.remat}")
-    print(f"per device: parameters + AdamW state {size(state_bytes)} (exact, from the shardings)")
+    if rcfg is None:
+        print(f"per device: parameters + AdamW state {size(state_bytes)} (exact, from the shardings)")
+    else:
+        print(f"recursive phase {rcfg.phase}: W {rcfg.chunk_width}, K {rcfg.max_inner_steps}, {windows} windows per "
+              f"sequence; sidecar {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.4g} M params (replicated, "
+              f"AdamW), base frozen")
+        print(f"per device: frozen base + sidecar + its AdamW state {size(state_bytes)} (exact, from the shardings)")
+    if rcfg is not None:
+        print(f"analytic recursive FLOPs per token: clean forward + K x (window forward + activation backward"
+              f"{' + remat' if args.remat else ''}) over {flops['window_tokens_per_token']:.3f} window tokens per "
+              f"token = {flops['recursive_factor']:.3g} x the forward")
     print(f"analytic training FLOPs per token: {flops['train'] / 1e9:.4g} GFLOP (matmuls over "
           f"{flops['matmul_weights'] / 1e9:.4g} B active weights; MLA attention {flops['mla_attention'] / 1e9:.3g}, "
           f"KDA core {flops['kda_core'] / 1e9:.3g} GFLOP); per step {flops['train'] * tokens / 1e15:.4g} PFLOP")
@@ -174,7 +233,7 @@ def main(argv=None) -> int:
             seconds = flops["train"] * tokens / (n * PEAK_TFLOPS[key] * 1e12 * args.mfu)
             print(f"implied step time at {args.mfu:.0%} MFU on {n} x {key} ({PEAK_TFLOPS[key]:.0f} TFLOP/s bf16): "
                   f"{seconds:.2f} s ({tokens / seconds:,.0f} tokens/s)")
-    lowered = trainer.step_fn.lower(params, opt_state, batch)
+    lowered = trainer.step_fn.lower(*step_args)
     t_lower = time.time() - t0
     try:
         compiled = lowered.compile()

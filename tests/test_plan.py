@@ -19,10 +19,27 @@ def test_plan_compiles_a_scaled_config_on_8_devices(tmp_path, capsys):
     assert "compiled FLOPs per step per device" in out and "implied step time" in out
 
 
-def test_plan_refuses_unbuilt_recursive_stage_and_bad_meshes(capsys):
+def test_plan_compiles_recursive_phase_a_on_8_devices(tmp_path, capsys):
+    """The recursive phase-A step (frozen sharded base, replicated sidecar, K scanned inner steps over every
+    window) compiles from shapes alone."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny(num_hidden_layers=4, mla_layers=(1, 3)).to_hf_dict()))
+    rc = plan.main(["--config", str(config), "--mesh", "fsdp=4,tensor=2", "--devices", "8", "--batch_size", "8",
+                    "--seq_len", "200", "--stage", "recursive", "--phase", "a", "--chunk_width", "64",
+                    "--max_inner_steps", "2", "--chip", "v5p"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "recursive phase a: W 64, K 2, 3 windows per sequence" in out
+    assert "compiled FLOPs per step per device" in out
+
+
+def test_plan_refuses_unbuilt_phases_and_bad_meshes(capsys):
     assert plan.main(["--config", "tiny", "--devices", "8", "--batch_size", "8", "--seq_len", "64",
-                      "--stage", "recursive"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+                      "--stage", "recursive", "--phase", "b"]) == 2
+    assert "only phase a" in capsys.readouterr().err
+    assert plan.main(["--config", "tiny", "--devices", "8", "--batch_size", "8", "--seq_len", "64",
+                      "--stage", "recursive", "--chunk_width", "100"]) == 2
+    assert "chunk_width" in capsys.readouterr().err
     assert plan.main(["--config", "tiny", "--mesh", "data=3", "--devices", "8", "--batch_size", "8",
                       "--seq_len", "64"]) == 2
     assert "data=3" in capsys.readouterr().err
