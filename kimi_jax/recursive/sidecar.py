@@ -5,7 +5,8 @@ Z = d_state (the latent z), R refine rank, L refined layers, G gate_hidden, V vo
 
     cells     norm [L, D]  a_h [L, D, R]  a_z [L, Z, R]  b [L, R, D] (zero at init)  alpha [L]
               delta_l(h, z) = alpha_l * b_l^T silu(a_h_l^T RMSNorm_l(h) + a_z_l^T z)      (per position)
-    z-mixer   in_h [D, Z]  in_tok [D, Z]  in_conf [3, Z]  step_embed [K, Z]; `mixer_layers` bidirectional
+    z-mixer   in_h [D, Z]  in_tok [D, Z]  in_conf [3, Z]  in_step [16, Z] (sinusoidal step features, any K);
+              `mixer_layers` bidirectional
               pre-norm blocks of width Z over the S slots; out [Z, Z]:  z <- z + out(blocks(inputs))
     [Z] token z_embed [D] + mean(z) @ z_to_embed [Z, D], appended after the last window position
     heads     halt: D -> G -> 1 (bias `halt_bias_init`, i.e. "never halt" at init); length: D -> G -> W + 1
@@ -28,6 +29,14 @@ from kimi_jax.recursive.config import RecursiveConfig
 
 F32 = jnp.float32
 MASK_ID = -1  # draft id of the [M] embedding (mask seeding); never a real token
+STEP_FEATURES = 16  # sinusoidal features of the inner-step index: a trained sidecar runs with any K
+
+
+def step_features(step):
+    """Sinusoidal encoding of the inner-step index (periods 2 .. ~2000 steps), so nothing depends on K."""
+    freqs = jnp.exp(-jnp.log(1000.0) * jnp.arange(STEP_FEATURES // 2, dtype=F32) / (STEP_FEATURES // 2)) * jnp.pi
+    angle = jnp.asarray(step, F32) * freqs
+    return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)])
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float = INITIALIZER_RANGE) -> nnx.Param:
@@ -97,7 +106,7 @@ class Head(nnx.Module):
 
 class Sidecar(nnx.Module):
     def __init__(self, cfg: KimiLinearConfig, rcfg: RecursiveConfig, *, rngs: nnx.Rngs):
-        D, Z, W, K = cfg.hidden_size, rcfg.d_state, rcfg.chunk_width, rcfg.max_inner_steps
+        D, Z, W = cfg.hidden_size, rcfg.d_state, rcfg.chunk_width
         if W % cfg.kda_chunk_size:
             raise ValueError(f"recursive config: chunk_width {W} is not a multiple of the model's KDA chunk size "
                              f"{cfg.kda_chunk_size} (window snapshots are the chunked scan's boundary states)")
@@ -109,7 +118,7 @@ class Sidecar(nnx.Module):
         self.in_h = _normal(rngs, (D, Z))
         self.in_tok = _normal(rngs, (D, Z))
         self.in_conf = _normal(rngs, (3, Z))
-        self.step_embed = _normal(rngs, (K, Z))
+        self.in_step = _normal(rngs, (STEP_FEATURES, Z))
         self.mixer = nnx.List([MixerBlock(Z, rcfg.mixer_heads, rngs=rngs) for _ in range(rcfg.mixer_layers)])
         self.mixer_norm = nnx.Param(jnp.ones((Z,), F32))
         self.mixer_out = _normal(rngs, (Z, Z))
@@ -162,7 +171,7 @@ class Sidecar(nnx.Module):
         B, S, Z = z_BSZ.shape
         W = self.chunk_width
         pad = lambda a_BW: jnp.pad(a_BW, [(0, 0), (0, S - W), (0, 0)])  # the [Z] slot has no token/confidence
-        x_BSZ = z_BSZ + self.step_embed[...][step][None, None, :]
+        x_BSZ = z_BSZ + (step_features(step) @ self.in_step[...])[None, None, :]
         if h_top_BSD is not None:
             x_BSZ = x_BSZ + jnp.einsum("bsd,dz->bsz", h_top_BSD.astype(F32), self.in_h[...])
         if token_embeds_BWD is not None:

@@ -1,0 +1,329 @@
+"""Generate text from a Kimi-Linear checkpoint: plain greedy decoding, or chunked recursive refinement.
+
+    python -m experiments.generate --model_path DIR (--prompt TEXT [--prompt TEXT ...] | --prompts_file F)
+        [--use_recursive] [--recursive_config PRESET_OR_JSON] [--chunk_width W] [--max_inner_steps K]
+        [--commit_mode verified|learned|baseline_verified] [--draft_seed ar|leftover|mask] [--diagnostic]
+        [--chat] [--max_new_tokens N] [--batch_size B] [--dtype float32|bfloat16] [--seed S] [--warmup]
+        [--output_json F] [--quiet]
+
+--model_path is an HF folder (config.json + safetensors) or a kimi_jax orbax folder (python -m convert.hf_to_orbax,
+or a training checkpoint); its tokenizer files are used. Without --use_recursive (and without a --recursive_config
+that enables recursion) the baseline runs: the same generator with recursion disabled, i.e. greedy decoding.
+--use_recursive forces recursion on. The recursive config is --recursive_config, else the folder's own
+recursive_config.json, else the preset "after_surgery"; the window/commit flags override single fields. The sidecar
+is the folder's saved one when it fits that config, else a fresh zero-init one (the surgery: with verified commits it
+reproduces greedy decoding token for token); a notice on stderr says which.
+
+Each prompt's continuation is printed, then (with recursion) the recursive metrics and the throughput;
+--output_json writes everything, per-chunk traces included (atomically). Every expected failure (bad flag, missing
+folder or file, invalid recursive config, a checkpoint or tokenizer that cannot be read) is one `error:` line on
+stderr with exit status 2; Ctrl-C exits with 130 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+DTYPES = ("float32", "bfloat16")
+COMMIT_MODES = ("verified", "learned", "baseline_verified")
+SEED_MODES = ("ar", "leftover", "mask")
+# flag -> RecursiveConfig field, for the single-field overrides
+OVERRIDE_FLAGS = {"chunk_width": "--chunk_width", "max_inner_steps": "--max_inner_steps",
+                  "commit_mode": "--commit_mode", "seed": "--draft_seed"}
+SUMMARY_METRICS = ("avg_refine_steps", "commit_rate", "avg_chunk_length", "stability_at_k", "mean_flip_rate")
+
+
+class UsageError(Exception):
+    """Bad flags, paths or prompts: reported as one `error:` line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block; main() turns it into exit status 2
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m experiments.generate", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True,
+                   help="HF folder (config.json + safetensors) or kimi_jax orbax folder, with tokenizer files")
+    p.add_argument("--use_recursive", action="store_true", help="generate with recursive refinement")
+    p.add_argument("--recursive_config", metavar="JSON_OR_PRESET",
+                   help="a preset (baseline, after_surgery, phase_a, phase_b, phase_c) or a JSON file of fields; "
+                        "default: the folder's recursive_config.json, else after_surgery")
+    p.add_argument("--chunk_width", type=int, metavar="W", help="window width (a positive multiple of 64)")
+    p.add_argument("--max_inner_steps", type=int, metavar="K", help="refinement step cap per chunk")
+    p.add_argument("--commit_mode", choices=COMMIT_MODES, help="how many window tokens a chunk commits")
+    p.add_argument("--draft_seed", choices=SEED_MODES,
+                   help="draft seed mode (the config field `seed`): AR greedy, previous leftover, or all [M]")
+    p.add_argument("--diagnostic", action="store_true",
+                   help="always run K inner steps (same output; enables stability@K)")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    prompts.add_argument("--prompts_file", metavar="F",
+                         help="one prompt per line, or a .jsonl file of {\"prompt\": ...} objects")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the tokenizer's chat template as a user message")
+    p.add_argument("--max_new_tokens", type=int, default=64, metavar="N", help="tokens to generate per prompt")
+    p.add_argument("--batch_size", type=int, metavar="B", help="prompts per batch (default: all in one batch)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="parameter dtype (default: the stored one for orbax folders, float32 for HF folders)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="recorded in the output (generation is greedy, nothing is sampled)")
+    p.add_argument("--warmup", action="store_true",
+                   help="run the first batch once untimed, so tokens/s excludes XLA compilation")
+    p.add_argument("--output_json", metavar="F", help="write prompts, tokens, texts, metrics and traces here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        for i, text in enumerate(args.prompt, 1):
+            if not text.strip():
+                raise UsageError(f"--prompt: prompt {i} is empty")
+        return list(args.prompt)
+    path = args.prompts_file
+    if not os.path.isfile(path):
+        raise UsageError(f"--prompts_file {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompts_file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"--prompts_file {path}: cannot read it ({e.strerror})") from None
+    prompts = []
+    jsonl = path.endswith(".jsonl")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--prompts_file {path}, line {lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or "prompt" not in obj:
+            raise UsageError(f"--prompts_file {path}, line {lineno}: expected an object with a \"prompt\" field")
+        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+            raise UsageError(f"--prompts_file {path}, line {lineno}: \"prompt\" must be a non-empty string")
+        prompts.append(obj["prompt"])
+    if not prompts:
+        raise UsageError(f"--prompts_file {path}: no prompts (the file is empty or blank)")
+    return prompts
+
+
+def check_output_path(path: str | None) -> str | None:
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise UsageError(f"--output_json {path}: is a folder")
+    if not os.path.isdir(parent):
+        raise UsageError(f"--output_json {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--output_json {path}: folder {parent} is not writable")
+    return path
+
+
+def write_json_atomic(path: str, data) -> None:
+    """Temp file in the same folder, fsync, then os.replace: readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def left_pad(rows: list[list[int]], length: int, pad: int):
+    import numpy as np
+
+    ids = np.full((len(rows), length), pad, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for b, row in enumerate(rows):
+        ids[b, length - len(row):] = row
+        mask[b, length - len(row):] = True
+    return ids, mask
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if not os.path.isdir(args.model_path):
+        raise UsageError(f"--model_path {args.model_path}: no such folder")
+    output_json = check_output_path(args.output_json)
+    prompts = read_prompts(args)
+
+    import numpy as np
+
+    from kimi_jax import tokenizer as tokenizer_mod
+    from kimi_jax.recursive import io
+    from kimi_jax.recursive.generate import generate_recursive
+    from kimi_jax.recursive.metrics import recursive_metrics, traces_to_json
+
+    def notice(message: str) -> None:
+        print(f"notice: {message}", file=sys.stderr, flush=True)
+
+    io.model_format(args.model_path)  # a folder that is no model at all: fail before anything is loaded
+    overrides = {field: getattr(args, "draft_seed" if field == "seed" else field) for field in OVERRIDE_FLAGS}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.use_recursive:
+        overrides["recursive_enabled"] = True
+    elif args.recursive_config is None:  # the default config (the folder's or after_surgery) enables recursion
+        overrides["recursive_enabled"] = False
+    # Validate the recursive config and the prompts before the (possibly huge) model is loaded.
+    rcfg, _ = io.resolve_generation_config(args.model_path, args.recursive_config, overrides)
+    use_recursive = rcfg.recursive_enabled
+    if not use_recursive:
+        unused = [OVERRIDE_FLAGS[k] for k in OVERRIDE_FLAGS if k in overrides] + (["--diagnostic"]
+                                                                                  if args.diagnostic else [])
+        if unused:
+            notice(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without recursion "
+                   f"(pass --use_recursive)")
+    tok = tokenizer_mod.load(args.model_path)
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in prompts]
+    rows = [tok.encode(t) for t in texts]
+    for i, row in enumerate(rows, 1):
+        if not row:
+            raise UsageError(f"prompt {i} is empty after tokenization")
+
+    info: dict = {}
+    model, sidecar, rcfg, tok = io.load_for_generation(args.model_path, recursive_config=args.recursive_config,
+                                                       overrides=overrides, dtype=args.dtype, notice=notice,
+                                                       info=info)
+    cfg = model.config
+    eos = list(dict.fromkeys(list(cfg.eos_token_ids) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (
+        cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    too_big = [(i, t) for i, row in enumerate(rows, 1) for t in row if t >= cfg.vocab_size]
+    if too_big:
+        raise UsageError(f"prompt {too_big[0][0]}: token id {too_big[0][1]} is outside the model's vocabulary "
+                         f"({cfg.vocab_size})")
+
+    # Every batch has the same shape (the longest prompt; the last batch topped up with copies), so the generator
+    # compiles once for the whole run.
+    batch_size = min(args.batch_size or len(rows), len(rows))
+    length = max(len(r) for r in rows)
+    batches = [list(range(s, min(s + batch_size, len(rows)))) for s in range(0, len(rows), batch_size)]
+    N = args.max_new_tokens
+    diagnostic = bool(args.diagnostic and use_recursive)
+
+    def generate(idx: list[int], progress: bool):
+        chunk_rows = [rows[i] for i in idx] + [rows[idx[-1]]] * (batch_size - len(idx))
+        ids, mask = left_pad(chunk_rows, length, pad)
+        return generate_recursive(model, sidecar, rcfg, ids, N, attention_mask=mask, eos_token_id=eos,
+                                  pad_token_id=pad, diagnostic=diagnostic, progress=progress)
+
+    warmup_seconds = None
+    if args.warmup:
+        t0 = time.perf_counter()
+        generate(batches[0], progress=False)
+        warmup_seconds = time.perf_counter() - t0
+
+    from tqdm import tqdm
+
+    # One bar: over prompts when there are several batches, else the recursive generator's own bar over tokens.
+    bar = tqdm(total=len(rows), desc="generate", unit="prompt", disable=args.quiet or len(batches) == 1,
+               file=sys.stderr)
+    samples, traces, seconds = [], [], 0.0
+    for idx in batches:
+        res = generate(idx, progress=use_recursive and not args.quiet and len(batches) == 1)
+        seconds += res.seconds
+        for j, i in enumerate(idx):
+            n = int(res.num_tokens[j])
+            new = [int(t) for t in np.asarray(res.tokens[j, :n])]
+            shown = new[:-1] if new and new[-1] in eos else new
+            sample = {"prompt": prompts[i], "prompt_tokens": [int(t) for t in rows[i]], "tokens": new,
+                      "text": tok.decode(shown), "num_tokens": n}
+            samples.append(sample)
+            traces.append(res.traces[j])
+            header = f"=== [{i + 1}/{len(rows)}] {prompts[i]!r}"
+            tqdm.write(f"{header}\n{sample['text']}\n--- {n} token{'s' if n != 1 else ''}", file=sys.stdout)
+        bar.update(len(idx))
+    bar.close()
+
+    total = sum(s["num_tokens"] for s in samples)
+    tokens_per_sec = total / seconds if seconds > 0 else None
+    metrics = (recursive_metrics([t for per in traces for t in per], rcfg.chunk_width, rcfg.max_inner_steps)
+               if use_recursive else {})
+    if use_recursive:
+        print(f"recursive: chunk_width {rcfg.chunk_width}, max_inner_steps {rcfg.max_inner_steps}, commit_mode "
+              f"{rcfg.commit_mode}, draft seed {rcfg.seed}, sidecar {info.get('sidecar')}"
+              + (", diagnostic" if diagnostic else ""))
+        print("metrics: " + "  ".join(f"{k} {_fmt(metrics.get(k))}" for k in SUMMARY_METRICS))
+    else:
+        print("baseline: greedy decoding (recursion disabled)")
+    compile_note = "" if args.warmup else " (includes XLA compilation; --warmup excludes it)"
+    print(f"generated {total} tokens in {seconds:.2f} s: {_fmt(tokens_per_sec)} tokens/s{compile_note}")
+
+    if output_json is not None:
+        write_json_atomic(output_json, {
+            "model_path": os.path.abspath(args.model_path),
+            "recursive_config": rcfg.to_dict(),
+            "use_recursive": use_recursive,
+            "samples": samples,
+            "metrics": metrics,
+            "traces": [traces_to_json(per) for per in traces],
+            "timing": {"seconds": seconds, "tokens_per_sec": tokens_per_sec, "generated_tokens": total,
+                       "includes_compilation": not args.warmup, "warmup_seconds": warmup_seconds},
+            "settings": {"max_new_tokens": N, "batch_size": batch_size, "num_batches": len(batches),
+                         "padded_prompt_length": length, "dtype": np.dtype(model.dtype).name,
+                         "seed": args.seed, "diagnostic": diagnostic, "chat": args.chat,
+                         "eos_token_ids": eos, "pad_token_id": pad, "model_format": info.get("model_format"),
+                         "recursive_config_source": info.get("recursive_config_source"),
+                         "sidecar": info.get("sidecar")},
+        })
+        print(f"wrote {output_json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Run the command; expected failures become one `error:` line on stderr and exit status 2."""
+    from convert.safetensors_io import CheckpointError
+    from kimi_jax.checkpoint import CheckpointFormatError
+    from kimi_jax.config import ConfigError
+    from kimi_jax.recursive.config import RecursiveConfigError
+    from kimi_jax.recursive.io import LoadError
+    from kimi_jax.tokenizer import TokenizerError
+
+    try:
+        return run(argv)
+    except (UsageError, RecursiveConfigError, LoadError, ConfigError, CheckpointError, CheckpointFormatError,
+            TokenizerError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no output file was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
