@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     else:
         from kimi_jax.recursive.objective import num_windows
         from kimi_jax.recursive.sidecar import build_sidecar
-        from kimi_jax.recursive.train_step import build_recursive_trainer, make_sidecar_optimizer
+        from kimi_jax.recursive.train_step import build_recursive_trainer, make_recursive_optimizer
 
         try:
             windows = num_windows(args.seq_len, rcfg.chunk_width, cfg.kda_chunk_size)
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         trainer, frozen, params, opt_state = build_recursive_trainer(
-            model, sidecar, rcfg, make_sidecar_optimizer(rcfg), mesh, args.batch_size, opts=opts)
+            model, sidecar, rcfg, make_recursive_optimizer(rcfg), mesh, args.batch_size, opts=opts)
         batch = {k: jax.ShapeDtypeStruct((args.batch_size, args.seq_len), dt, sharding=trainer.batch_sharding)
                  for k, dt in (("input_ids", jnp.int32), ("weights", jnp.float32))}
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -68,17 +68,20 @@ class DecoderLayer(nnx.Module):
             self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype)
 
     def __call__(self, h_BTD, cache, ctx: dict, opts: RunOptions, edit=None):
-        """`edit`: this layer's parameters for `ctx["edit_fn"]`, an edit of the residual stream applied before the
-        block (the recursive block's refine cells); None leaves the layer untouched."""
-        if edit is not None:
-            h_BTD = ctx["edit_fn"](h_BTD, edit)
+        """`edit`: this layer's {"cell": params for `ctx["edit_fn"]` (an edit of the residual stream applied before
+        the block: the recursive block's refine cells), "lora": low-rank adapters of the mixer's projections}, each
+        optional; None leaves the layer untouched."""
+        edit = edit or {}
+        if edit.get("cell") is not None:
+            h_BTD = ctx["edit_fn"](h_BTD, edit["cell"])
         x_BTD = self.input_norm(h_BTD)
         export_starts = ctx.get("export_starts")
         if self.mixer_kind == KDA:
-            mixed, cache = self.mixer(x_BTD, cache, ctx["mask_BT"], export_starts_BN=export_starts)
+            mixed, cache = self.mixer(x_BTD, cache, ctx["mask_BT"], export_starts_BN=export_starts,
+                                      lora=edit.get("lora"))
         else:
             mixed, cache = self.mixer(x_BTD, cache, visible_BTS=ctx["visible_BTS"], cache_index=ctx["cache_index"],
-                                      export=export_starts is not None)
+                                      export=export_starts is not None, lora=edit.get("lora"))
         h_BTD = h_BTD + mixed
         x_BTD = self.post_attention_norm(h_BTD)
         ffn_out = self.ffn(x_BTD, resolve_dispatch(opts.moe_dispatch, self.ffn.w_gate.shape[0]),
@@ -163,8 +166,9 @@ class KimiLinearForCausalLM(nnx.Module):
         `embeds_BTD` replaces the token embeddings (inputs that are not tokens, e.g. the recursive block's [Z]
         slot). `cache["length"]` is the write position: a scalar, or one per sample ([B]; samples then keep
         separate histories in one buffer, with `key_mask` marking each sample's valid keys).
-        `edit_fn(h_BTD, params)` with `edits` (per segment, per cycle position: params stacked over the repeats, or
-        None) edits the residual stream before those layers (the recursive block's refine cells).
+        `edits` (per segment, per cycle position: {"cell", "lora"} stacked over the repeats, or None) edit those
+        layers: `edit_fn(h_BTD, cell)` changes the residual stream before the block (the recursive block's refine
+        cells), "lora" adds low-rank adapters to the mixer's projections (its phase B).
         `export_starts` [B, N] (no cache): instead of a cache, return {"segments": ...} holding per layer what a
         window starting at each start needs from this prefix (KDA states and conv tails, MLA latents).
         """

@@ -42,6 +42,12 @@ def causal_depthwise_conv(u_BTC, kernel_WC, tail_BWC):
     return y, full[:, T:].astype(u_BTC.dtype)
 
 
+def lora_apply(x, a, b, down: str, up: str):
+    """A low-rank update x -> (x a) b in float32, cast back to x's dtype."""
+    low = jnp.einsum(down, x.astype(jnp.float32), a.astype(jnp.float32))
+    return jnp.einsum(up, low, b.astype(jnp.float32)).astype(x.dtype)
+
+
 def last_valid_tail(full_BSC, mask_BT, width: int):
     """The last `width` valid rows of [tail; u] (tail rows always valid, u rows where mask_BT), per sample.
 
@@ -87,7 +93,7 @@ class KimiDeltaAttention(nnx.Module):
         return -jnp.exp(self.A_log[...].astype(F32))[:, None] * softplus_thresholded(z)
 
     def __call__(self, x_BTD, cache: dict | None = None, mask_BT=None, *, return_chunk_states: bool = False,
-                 export_starts_BN=None):
+                 export_starts_BN=None, lora: dict | None = None):
         """Returns (out_BTD, new_cache or None[, chunk_states_BNHKK]).
 
         With `cache`, the layer continues from its conv tail and recurrent state (prefill continuation or decode).
@@ -98,11 +104,15 @@ class KimiDeltaAttention(nnx.Module):
         `export_starts_BN` (no cache; window starts, multiples of the chunk size): return, in place of the cache, the
         decode cache each window would see after the prefix x[:start]: {"state": [B, N, H, K, K], "conv": [B, N,
         W-1, 3, H, K]}, read off the chunked scan's boundary states (the recursive block's one-pass layout).
+        `lora`: low-rank adapters {"qkv_a" [D, r], "qkv_b" [r, 3, H, K], "o_a" [H, K, r], "o_b" [r, D]} added to
+        qkv_proj and o_proj (the recursive block's phase B; zero b at init).
         """
         B, T, _ = x_BTD.shape
         if mask_BT is not None:
             x_BTD = x_BTD * mask_BT[:, :, None].astype(x_BTD.dtype)
         u_BT3HK = jnp.einsum("btd,dshk->btshk", x_BTD, self.qkv_proj[...])
+        if lora is not None:
+            u_BT3HK = u_BT3HK + lora_apply(x_BTD, lora["qkv_a"], lora["qkv_b"], "btd,dr->btr", "btr,rshk->btshk")
         tail = cache["conv"] if cache is not None else jnp.zeros((B, self.conv_width - 1) + u_BT3HK.shape[2:],
                                                                  u_BT3HK.dtype)
         y_BT3HK, new_tail = causal_depthwise_conv(u_BT3HK, self.conv[...], tail)
@@ -134,6 +144,8 @@ class KimiDeltaAttention(nnx.Module):
         gate_BTHK = jnp.einsum("btr,rhk->bthk", gate_BTR, self.g_b_proj[...])
         o_BTHK = gated_rms_norm(o_BTHK, gate_BTHK, self.o_norm[...], self.eps)
         out_BTD = jnp.einsum("bthk,hkd->btd", o_BTHK, self.o_proj[...])
+        if lora is not None:
+            out_BTD = out_BTD + lora_apply(o_BTHK, lora["o_a"], lora["o_b"], "bthk,hkr->btr", "btr,rd->btd")
         if export_starts_BN is not None:
             return out_BTD, self._export(u_BT3HK, tail, chunk_states, export_starts_BN)
         new_cache = {"conv": new_tail, "state": new_state} if cache is not None else None

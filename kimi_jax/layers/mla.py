@@ -19,6 +19,7 @@ from flax import nnx
 
 from kimi_jax.config import KimiLinearConfig
 from kimi_jax.layers.init import normal_param
+from kimi_jax.layers.kda import lora_apply
 from kimi_jax.layers.norms import rms_norm
 
 F32 = jnp.float32
@@ -59,27 +60,37 @@ class MultiHeadLatentAttention(nnx.Module):
         return {"latent": jnp.zeros((batch, max_len, self.rank), dtype),
                 "k_shared": jnp.zeros((batch, max_len, self.shared_dim), dtype)}
 
-    def queries(self, x_BTD):
+    def queries(self, x_BTD, lora=None):
+        """Per-head queries; `lora` adds a low-rank update to q_proj (or q_b_proj with q_lora_rank)."""
         if self.q_lora:
             qa = rms_norm(jnp.einsum("btd,dq->btq", x_BTD, self.q_a_proj[...]), self.q_a_norm[...], self.latent_eps)
-            return jnp.einsum("btq,qhc->bthc", qa, self.q_b_proj[...])
-        return jnp.einsum("btd,dhc->bthc", x_BTD, self.q_proj[...])
+            q = jnp.einsum("btq,qhc->bthc", qa, self.q_b_proj[...])
+            src = qa
+        else:
+            q = jnp.einsum("btd,dhc->bthc", x_BTD, self.q_proj[...])
+            src = x_BTD
+        if lora is not None:
+            q = q + lora_apply(src, lora["q_a"], lora["q_b"], "btd,dr->btr", "btr,rhc->bthc")
+        return q
 
     def latents(self, x_BTD):
         c_BTX = jnp.einsum("btd,dx->btx", x_BTD, self.kv_a_proj[...])
         latent_BTR = rms_norm(c_BTX[..., :self.rank], self.kv_a_norm[...], self.latent_eps)
         return latent_BTR, c_BTX[..., self.rank:]
 
-    def __call__(self, x_BTD, cache: dict | None = None, *, visible_BTS, cache_index=None, export: bool = False):
+    def __call__(self, x_BTD, cache: dict | None = None, *, visible_BTS, cache_index=None, export: bool = False,
+                 lora: dict | None = None):
         """visible_BTS[b, t, s]: query t may attend key s (causality and padding, built by the model).
 
         Without a cache the keys are this call's own tokens (S = T). With a cache, this call's latents are written
         at `cache_index` (a scalar, or one offset per sample) and the keys are the whole cache (S = its length).
         `export` (no cache): return this call's latents {"latent", "k_shared"} in place of the cache, so that windows
         can later attend to this prefix (the recursive block's one-pass layout).
+        `lora`: low-rank adapters {"q_a", "q_b", "o_a" [H, V, r], "o_b" [r, D]} on the query and output projections
+        (the recursive block's phase B; zero b at init).
         """
         dtype = x_BTD.dtype
-        q_BTHC = self.queries(x_BTD)
+        q_BTHC = self.queries(x_BTD, lora)
         q_nope_BTHN, q_shared_BTHE = q_BTHC[..., :self.nope_dim], q_BTHC[..., self.nope_dim:]
         latent_BTR, k_shared_BTE = self.latents(x_BTD)
         w_k_RHN = self.kv_b_proj[..., :self.nope_dim]
@@ -110,4 +121,7 @@ class MultiHeadLatentAttention(nnx.Module):
                 jnp.einsum("bthr,bsr->bhts", q_lat_BTHR, latent_BSR, preferred_element_type=F32), k_shared_BSE)
             ctx_BTHR = jnp.einsum("bhts,bsr->bthr", probs_BHTS, latent_BSR)
             o_BTHV = jnp.einsum("bthr,rhv->bthv", ctx_BTHR, w_v_RHV)
-        return jnp.einsum("bthv,hvd->btd", o_BTHV, self.o_proj[...]), new_cache
+        out_BTD = jnp.einsum("bthv,hvd->btd", o_BTHV, self.o_proj[...])
+        if lora is not None:
+            out_BTD = out_BTD + lora_apply(o_BTHV, lora["o_a"], lora["o_b"], "bthv,hvr->btr", "btr,rd->btd")
+        return out_BTD, new_cache

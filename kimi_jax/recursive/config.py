@@ -299,6 +299,11 @@ class RecursiveConfig:
         return dict(self.corruption_mix)
 
     @property
+    def uses_lora(self) -> bool:
+        """Phase-B LoRA adapters exist from phase b on (phase c keeps them and unfreezes blocks besides)."""
+        return self.phase in ("b", "c")
+
+    @property
     def effective_max_chunk_len(self) -> int:
         """The longest commit (the length head covers 0..this); always chunk_width."""
         return self.chunk_width

@@ -40,8 +40,8 @@ DEFAULT_PRESET = "after_surgery"
 
 # RecursiveConfig fields that change the sidecar's parameter names or shapes (or, for layers_to_refine, which decoder
 # layer each stacked cell row belongs to). Everything else only changes behaviour or initial values.
-SHAPE_FIELDS = ("chunk_width", "layers_to_refine", "use_latent_token", "d_state", "gate_hidden",
-                "refine_rank", "mixer_layers", "mixer_heads", "z_init", "seed", "enable_length_head")
+SHAPE_FIELDS = ("chunk_width", "layers_to_refine", "phase", "lora_rank", "lora_layers", "use_latent_token", "d_state",
+                "gate_hidden", "refine_rank", "mixer_layers", "mixer_heads", "z_init", "seed", "enable_length_head")
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -91,6 +91,7 @@ def _check_consistent(sidecar: Sidecar, rcfg: RecursiveConfig) -> None:
         ("z_init", "z0" in arrays, rcfg.z_init == "learned"),
         ("seed", "mask_embed" in arrays, rcfg.seed == "mask"),
         ("enable_length_head", "length_head.w2" in arrays, rcfg.enable_length_head),
+        ("phase", sidecar.lora is not None, rcfg.uses_lora),
     ]
     for field, have, want in checks:
         if have != want:

@@ -148,7 +148,14 @@ def recursive_losses(rcfg: RecursiveConfig, ys: dict, targets_NW, valid_NW, eos_
                "length": rcfg.lambda_length, "ponder": rcfg.lambda_ponder, "stability": rcfg.lambda_stability}
     losses["total"] = sum(weights[k] * v for k, v in losses.items())
     correct_KNW = (ys["proposal"] == targets_NW[None]) & valid_NW[None]
+    # Training-time views of the generation metrics under the halting distribution p: the chance of halting
+    # before the cap K (commit_rate) and the expected verified commit length sum_k p_k min(W, 1 + LCP(yhat^k, y^k-1)).
+    verified_KN = jnp.minimum(targets_NW.shape[1], 1 + jax.vmap(
+        lambda prop, draft: jnp.sum(jnp.cumprod((prop == draft).astype(I32), axis=1), axis=1))(
+            ys["proposal"], ys["draft"]))
     stats = {"expected_steps": jnp.mean(expected_steps_N),
+             "commit_rate": jnp.mean(1.0 - p_KN[-1]),
+             "avg_chunk_length": jnp.mean(jnp.sum(p_KN * verified_KN.astype(F32), axis=0)),
              "step_accuracy": jnp.sum(correct_KNW, axis=(1, 2)) / jnp.maximum(jnp.sum(m), 1.0),
              "halt_agree_rate": jnp.mean(agree_KN, axis=1)}
     return losses, stats

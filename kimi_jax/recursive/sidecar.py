@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kimi_jax.config import KimiLinearConfig
+from kimi_jax.config import KDA, MLA, KimiLinearConfig
 from kimi_jax.layers.init import INITIALIZER_RANGE
 from kimi_jax.layers.norms import rms_norm
 from kimi_jax.layout import plan_segments
@@ -66,6 +66,25 @@ def refine_delta(cell: dict, h_BSD, z_BSZ, eps: float):
     pre_BSR = (jnp.einsum("bsd,dr->bsr", x_BSD, cell["a_h"])
                + jnp.einsum("bsz,zr->bsr", z_BSZ.astype(F32), cell["a_z"]))
     return cell["alpha"] * jnp.einsum("bsr,rd->bsd", jax.nn.silu(pre_BSR), cell["b"])
+
+
+class LoRA(nnx.Module):
+    """Phase-B low-rank adapters (b zero at init) on the mixer projections of the chosen layers, stacked per mixer
+    kind in layer order. KDA: qkv_proj and o_proj; MLA: q_proj (q_b_proj with q_lora_rank) and o_proj. They act in
+    the noisy (window) stream only: the clean stream and every commit pass stay the baseline."""
+
+    def __init__(self, cfg: KimiLinearConfig, layers: tuple[int, ...], rank: int, *, rngs: nnx.Rngs):
+        D, r = cfg.hidden_size, rank
+        self.kda_layers = tuple(i for i in layers if cfg.mixer_types[i] == KDA)
+        self.mla_layers = tuple(i for i in layers if cfg.mixer_types[i] == MLA)
+        Lk, Lm = len(self.kda_layers), len(self.mla_layers)
+        H, K = cfg.kda_num_heads, cfg.kda_head_dim
+        self.kda = nnx.Dict({"qkv_a": _normal(rngs, (Lk, D, r)), "qkv_b": _zeros((Lk, r, 3, H, K)),
+                             "o_a": _normal(rngs, (Lk, H, K, r)), "o_b": _zeros((Lk, r, D))}) if Lk else None
+        Hm, C, V = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
+        q_in = cfg.q_lora_rank or D
+        self.mla = nnx.Dict({"q_a": _normal(rngs, (Lm, q_in, r)), "q_b": _zeros((Lm, r, Hm, C)),
+                             "o_a": _normal(rngs, (Lm, Hm, V, r)), "o_b": _zeros((Lm, r, D))}) if Lm else None
 
 
 class MixerBlock(nnx.Module):
@@ -127,6 +146,8 @@ class Sidecar(nnx.Module):
             self.z_embed = _normal(rngs, (D,))
             self.z_to_embed = _normal(rngs, (Z, D))
         self.mask_embed = _normal(rngs, (D,)) if rcfg.seed == "mask" else None
+        self.lora = (LoRA(cfg, rcfg.lora_layer_indices(cfg.num_hidden_layers), rcfg.lora_rank, rngs=rngs)
+                     if rcfg.uses_lora else None)
         self.halt_head = Head(D, rcfg.gate_hidden, 1, rcfg.halt_bias_init, rngs=rngs)
         self.length_head = Head(D, rcfg.gate_hidden, W + 1, 0.0, rngs=rngs) if rcfg.enable_length_head else None
 
@@ -135,24 +156,41 @@ class Sidecar(nnx.Module):
 
     # ------------------------------------------------------------------ refine cells inside the base
     def segment_edits(self, cfg: KimiLinearConfig):
-        """Cell parameters laid out like the base's scanned segments: per segment, per cycle position, a dict
-        stacked over the repeats, or None where no repeat is refined. Unrefined repeats of a refined position
-        get alpha = 0 (their delta is exactly 0)."""
-        index = {layer: i for i, layer in enumerate(self.cells.layers)}
-        params = {k: getattr(self.cells, k)[...] for k in ("norm", "a_h", "a_z", "b", "alpha")}
+        """Cells and LoRA laid out like the base's scanned segments: per segment, per cycle position, {"cell",
+        "lora"} stacked over the repeats (None where no repeat has one). Repeats without one get a zero gate
+        (alpha = 0, LoRA b = 0), so their edit is exactly 0."""
+        cells = {k: getattr(self.cells, k)[...] for k in ("norm", "a_h", "a_z", "b", "alpha")}
+        stacks = [(self.cells.layers, cells, ("alpha",))]
+        lora_stacks = {}
+        if self.lora is not None:
+            for kind, layers, params in ((KDA, self.lora.kda_layers, self.lora.kda),
+                                         (MLA, self.lora.mla_layers, self.lora.mla)):
+                if layers:
+                    lora_stacks[kind] = (layers, {k: v[...] for k, v in params.items()})
+
+        def gather(layers_of_stack, params, gated, layers):
+            index = {layer: i for i, layer in enumerate(layers_of_stack)}
+            if not any(layer in index for layer in layers):
+                return None
+            rows = jnp.asarray([index.get(layer, 0) for layer in layers], jnp.int32)
+            on = jnp.asarray([layer in index for layer in layers], F32)
+            out = {k: v[rows] for k, v in params.items()}
+            for k in gated:
+                out[k] = out[k] * on.reshape((-1,) + (1,) * (out[k].ndim - 1))
+            return out
+
         out = []
         for seg in plan_segments(cfg.layer_kinds):
             per_position = []
             for position in range(seg.period):
                 layers = [seg.layer(position, r) for r in range(seg.repeats)]
-                if not any(layer in index for layer in layers):
-                    per_position.append(None)
-                    continue
-                rows = jnp.asarray([index.get(layer, 0) for layer in layers], jnp.int32)
-                on = jnp.asarray([layer in index for layer in layers], F32)
-                cell = {k: v[rows] for k, v in params.items()}
-                cell["alpha"] = cell["alpha"] * on
-                per_position.append(cell)
+                cell = gather(*stacks[0][:2], stacks[0][2], layers)
+                kind = cfg.mixer_types[layers[0]]
+                lora = None
+                if kind in lora_stacks:
+                    layers_of_stack, params = lora_stacks[kind]
+                    lora = gather(layers_of_stack, params, tuple(k for k in params if k.endswith("_b")), layers)
+                per_position.append(None if cell is None and lora is None else {"cell": cell, "lora": lora})
             out.append(per_position)
         return out
 
