@@ -1,6 +1,19 @@
 """Benchmarks that print figures measured in one run, each against a reference measured in the same run.
 
+    python -m experiments.bench kda [--lengths 1024,4096,16384] [--heads 4] [--head_dim 128] [--tiny]
+    python -m experiments.bench train [--tiny]      # ~44M-parameter Kimi-Linear, batch 4 x 512, vs transformers
+    python -m experiments.bench decode [--contexts 1024,4096,16384] [--tiny]
     python -m experiments.bench convert [--size_gb 3] [--workdir DIR] [--keep]
+    python -m experiments.bench all [--tiny]
+
+`kda`: our chunked KDA forward (and forward + backward) vs transformers' PyTorch chunked KDA
+(`chunk_kimi_delta_attention`, what a user without fla's Triton kernels runs) and vs our own token-recurrent form,
+fp32, with the analytic FLOPs and the fraction of this machine's measured jitted fp32 matmul peak.
+`train`: train-step tokens/s of the same random model in JAX (our train step, AdamW) and in transformers + torch
+(AdamW), with analytic MFU against the measured matmul peak.
+`decode`: greedy decode tokens/s (batch 1) vs transformers `generate`, and the per-token cost of one KDA layer and
+one MLA layer as the context grows (KDA state is constant-size; MLA attends over the compressed latent cache).
+`--tiny` shrinks every shape so the harness runs in seconds (for CI: correctness of the harness, not timings).
 
 `convert`: writes a synthetic Kimi-Linear checkpoint of about --size_gb GB (hub names, bf16, 1 GB shards, random
 weights of realistic scale, a real layer schedule and MoE shapes), then measures in fresh processes:
@@ -150,15 +163,260 @@ def bench_convert(args) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------------------- timing
+def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Best wall time of `fn()` over `repeats` runs after `warmup` runs (fn must block until done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_peak_gflops(n: int = 2048) -> float:
+    """This machine's jitted fp32 matmul throughput (the denominator of every MFU figure here)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    seconds = best_time(lambda: f(a).block_until_ready(), repeats=5)
+    return 2 * n ** 3 / seconds / 1e9
+
+
+def kda_flops_per_token_head(chunk: int, k: int) -> float:
+    """Forward FLOPs per token per head of the chunked delta rule (d_k = d_v = k, chunk C): intra-chunk QK^T and
+    KK^T, the WY products U = T V and W = T K, P v_new (10 C k), the state terms S^T q, W S, K^T v_new (6 k^2) and the
+    unit-triangular inverse (2/3 C^2). About 176-183k at C = 64, k = 128."""
+    return 10 * chunk * k + 6 * k * k + 2 / 3 * chunk * chunk
+
+
+def bench_kda(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention
+
+    from kimi_jax.ops.kda import kda_chunked, kda_recurrent
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    H, K = args.heads, args.head_dim
+    lengths = [int(x) for x in args.lengths.split(",")]
+    peak = matmul_peak_gflops(256 if args.tiny else 2048)
+    per_token = kda_flops_per_token_head(64, K)
+    print(f"KDA core, fp32, batch 1, {H} heads of {K}; jitted fp32 matmul peak here: {peak:.1f} GFLOP/s; analytic "
+          f"forward {per_token / 1e3:.0f}k FLOPs per token per head (chunk 64); {os.cpu_count()} CPUs")
+    print(f"{'T':>6} {'ours fwd':>10} {'torch fwd':>10} {'ratio':>7} {'% peak':>7} {'ours f+b':>10} "
+          f"{'torch f+b':>10} {'ratio':>7} {'ours recurrent':>15}")
+    rng = np.random.default_rng(0)
+    chunked = jax.jit(kda_chunked)
+    recurrent = jax.jit(kda_recurrent)
+
+    def loss(q, k, v, g, beta):
+        return jnp.sum(kda_chunked(q, k, v, g, beta)[0])
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    for T in lengths:
+        q, k, v = (rng.standard_normal((1, T, H, K), dtype=np.float32) for _ in range(3))
+        g = -np.exp(rng.standard_normal((1, T, H, K), dtype=np.float32)) * 0.1
+        beta = 1 / (1 + np.exp(-rng.standard_normal((1, T, H), dtype=np.float32)))
+        jx = [jnp.asarray(a) for a in (q, k, v, g, beta)]
+        ours = best_time(lambda: jax.block_until_ready(chunked(*jx)))
+        ours_fb = best_time(lambda: jax.block_until_ready(grad(*jx)))
+        reps = 1 if T > 4096 else 3
+        rec = best_time(lambda: jax.block_until_ready(recurrent(*jx)), repeats=reps)
+        tt = [torch.from_numpy(a) for a in (q, k, v, g, beta)]
+
+        def torch_fwd():
+            with torch.no_grad():
+                chunk_kimi_delta_attention(tt[0], tt[1], tt[2], g=tt[3], beta=tt[4], use_qk_l2norm_in_kernel=True)
+
+        def torch_fb():
+            leaves = [a.clone().requires_grad_(True) for a in tt]
+            o, _ = chunk_kimi_delta_attention(leaves[0], leaves[1], leaves[2], g=leaves[3], beta=leaves[4],
+                                              use_qk_l2norm_in_kernel=True)
+            o.sum().backward()
+
+        tf = best_time(torch_fwd, repeats=reps)
+        tfb = best_time(torch_fb, repeats=1)
+        frac = per_token * T * H / ours / 1e9 / peak
+        print(f"{T:>6} {ours * 1e3:>8.1f}ms {tf * 1e3:>8.1f}ms {tf / ours:>6.1f}x {frac:>6.1%} "
+              f"{ours_fb * 1e3:>8.1f}ms {tfb * 1e3:>8.1f}ms {tfb / ours_fb:>6.1f}x {rec * 1e3:>13.1f}ms", flush=True)
+
+
+def bench_model_config(tiny: bool):
+    """The benchmark model: ~44M parameters (8 layers, hidden 512, 8 experts top-2, vocab 8k), or a tiny one."""
+    from kimi_jax.config import MLA, KDA, DENSE, MOE, KimiLinearConfig, tiny as tiny_cfg
+
+    if tiny:
+        return tiny_cfg(num_hidden_layers=4, mla_layers=(3,))
+    layers, mla = 8, (3, 7)
+    return KimiLinearConfig(
+        vocab_size=8192, hidden_size=512, num_hidden_layers=layers, intermediate_size=1536,
+        num_attention_heads=4, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        q_lora_rank=None, kda_num_heads=4, kda_head_dim=128, conv_kernel_size=4,
+        mixer_types=tuple(MLA if i in mla else KDA for i in range(layers)),
+        ffn_types=tuple(DENSE if i == 0 else MOE for i in range(layers)),
+        num_experts=8, num_experts_per_token=2, num_shared_experts=1, moe_intermediate_size=1024,
+        routed_scaling_factor=2.446, moe_renormalize=True, num_expert_group=1, topk_group=1,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _paired_models(cfg, workdir: str):
+    """The same random weights in transformers (torch, fp32) and in our model."""
+    import kimi_jax
+    from kimi_jax.reference import build_reference, save_reference
+
+    ref = build_reference(cfg, seed=0)
+    folder = save_reference(ref, os.path.join(workdir, "model"))
+    return ref, kimi_jax.from_pretrained(folder)
+
+
+def bench_train(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from experiments.plan import analytic_flops_per_token
+    from kimi_jax import sharding
+    from kimi_jax.train_step import build_trainer, make_optimizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = bench_model_config(args.tiny)
+    B, T = (2, 64) if args.tiny else (4, 512)
+    with tempfile.TemporaryDirectory() as workdir:
+        ref, model = _paired_models(cfg, workdir)
+    n_params = model.num_params()
+    peak = matmul_peak_gflops(256 if args.tiny else 2048)
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (B, T + 1))
+    batch = {"input_ids": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
+             "weights": np.ones((B, T), np.float32)}
+    mesh = sharding.make_mesh("fsdp=1", jax.devices()[:1])
+    trainer, params, opt = build_trainer(model, make_optimizer(1e-4), mesh, B)
+    state = {"p": params, "o": opt}
+
+    def ours_step():
+        state["p"], state["o"], m = trainer.step_fn(state["p"], state["o"], batch)
+        jax.block_until_ready(m["loss"])
+
+    ours = best_time(ours_step, repeats=3, warmup=2)
+    ref.train()
+    optim = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    tids = torch.as_tensor(ids, dtype=torch.long)
+
+    def torch_step():
+        optim.zero_grad()
+        out = ref(tids[:, :-1], labels=tids[:, :-1])
+        # transformers shifts labels inside; score the same next-token targets as ours
+        logits = out.logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tids[:, 1:].reshape(-1))
+        loss.backward()
+        optim.step()
+
+    try:
+        theirs = best_time(torch_step, repeats=2, warmup=1)
+    except Exception as e:  # transformers' MoE refuses train mode in some versions
+        theirs = float("nan")
+        print(f"(transformers train step failed: {type(e).__name__}: {str(e)[:160]})")
+    flops = analytic_flops_per_token(cfg, T)["train"] * B * T
+    print(f"train step, fp32, {n_params / 1e6:.1f}M parameters ({cfg.num_hidden_layers} layers, hidden "
+          f"{cfg.hidden_size}, {cfg.num_experts} experts top-{cfg.num_experts_per_token}, vocab {cfg.vocab_size}), "
+          f"batch {B} x {T}; matmul peak {peak:.1f} GFLOP/s; {os.cpu_count()} CPUs")
+    print(f"{'':<26} {'step':>9} {'tokens/s':>10} {'analytic MFU':>13}")
+    for label, sec in (("ours (jax, AdamW)", ours), ("transformers + torch", theirs)):
+        print(f"{label:<26} {sec * 1e3:>7.0f}ms {B * T / sec:>10.0f} {flops / sec / 1e9 / peak:>12.1%}")
+    print(f"ratio (ours / transformers tokens/s): {theirs / ours:.1f}x")
+
+
+def bench_decode(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    from kimi_jax.generate import generate_greedy
+    from kimi_jax.model import DecoderLayer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = bench_model_config(args.tiny)
+    n_new = 16 if args.tiny else 64
+    prompt_len = 16 if args.tiny else 128
+    with tempfile.TemporaryDirectory() as workdir:
+        ref, model = _paired_models(cfg, workdir)
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len))
+    ours = best_time(lambda: generate_greedy(model, ids, n_new, eos_token_id=[]), repeats=2)
+    with torch.no_grad():
+        tids = torch.as_tensor(ids, dtype=torch.long)
+        theirs = best_time(lambda: ref.generate(tids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False),
+                           repeats=1)
+    print(f"greedy decode, batch 1, prompt {prompt_len}, {n_new} new tokens, fp32 ({model.num_params() / 1e6:.1f}M "
+          f"parameters): ours {n_new / ours:.1f} tokens/s, transformers generate {n_new / theirs:.1f} tokens/s, "
+          f"ratio {theirs / ours:.1f}x (prefill included in both)")
+
+    contexts = [int(x) for x in args.contexts.split(",")]
+    kda_layer = cfg.mixer_types.index("kda")
+    mla_layer = cfg.mixer_types.index("mla")
+    print(f"per-token decode cost of one layer (mixer + FFN) at context L:")
+    print(f"{'L':>7} {'KDA layer':>11} {'MLA layer':>11} {'MLA attention analytic':>24}")
+    H, R, E = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    for L in contexts:
+        row = []
+        for layer in (kda_layer, mla_layer):
+            block = DecoderLayer(cfg, layer, rngs=nnx.Rngs(0))
+            cache = block.init_cache(1, L + 1, jnp.float32)
+            gd, st = nnx.split(block)
+            S = L + 1
+            ctx = {"mask_BT": None, "cache_index": jnp.int32(L),
+                   "visible_BTS": jnp.ones((1, 1, S), bool), "edit_fn": None, "export_starts": None}
+
+            @jax.jit
+            def one(st, h, cache):
+                return nnx.merge(gd, st)(h, cache, ctx, __import__("kimi_jax").RunOptions())
+
+            h = jnp.ones((1, 1, cfg.hidden_size), jnp.float32)
+            row.append(best_time(lambda: jax.block_until_ready(one(st, h, cache)), repeats=5))
+        # Absorbed MLA attention per token: scores over R + E and the R-wide context, per head, over L keys.
+        analytic = 2 * H * (2 * R + E) * L
+        print(f"{L:>7} {row[0] * 1e6:>9.0f}us {row[1] * 1e6:>9.0f}us {analytic / 1e6:>18.2f} MFLOP", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
+    k = sub.add_parser("kda", help="chunked KDA vs transformers' torch chunk kernel and our recurrent form")
+    k.add_argument("--lengths", default="1024,4096,16384")
+    k.add_argument("--heads", type=int, default=4)
+    k.add_argument("--head_dim", type=int, default=128)
+    k.add_argument("--tiny", action="store_true")
+    t = sub.add_parser("train", help="train-step tokens/s vs transformers + torch")
+    t.add_argument("--tiny", action="store_true")
+    d = sub.add_parser("decode", help="greedy decode tokens/s vs transformers generate; per-layer cost vs context")
+    d.add_argument("--contexts", default="1024,4096,16384")
+    d.add_argument("--tiny", action="store_true")
+    a = sub.add_parser("all", help="kda, train, decode and convert")
+    a.add_argument("--tiny", action="store_true")
     c = sub.add_parser("convert", help="conversion memory and throughput vs loading everything in memory")
     c.add_argument("--size_gb", type=float, default=3.0, help="synthetic checkpoint size (default 3)")
     c.add_argument("--workdir", default=None, help="where to write (default: a temp dir, removed afterwards)")
     c.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     args = p.parse_args(argv)
-    if args.what == "convert":
+    if args.what in ("kda", "all"):
+        if args.what == "all" or args.tiny:
+            args.heads, args.head_dim = (2, 32) if args.tiny else (4, 128)
+            args.lengths = "128,256" if args.tiny else "1024,4096,16384"
+        bench_kda(args)
+    if args.what in ("train", "all"):
+        bench_train(args)
+    if args.what in ("decode", "all"):
+        if args.what == "all" or args.tiny:
+            args.contexts = "64,128" if args.tiny else "1024,4096,16384"
+        bench_decode(args)
+    if args.what in ("convert", "all"):
+        if args.what == "all":
+            args.size_gb, args.workdir, args.keep = (0.05 if args.tiny else 3.0), None, False
         if args.size_gb <= 0:
             p.error("--size_gb must be positive")
         bench_convert(args)

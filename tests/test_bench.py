@@ -1,0 +1,33 @@
+"""Each benchmark runs once in a tiny setting: the harness (shapes, references, printing), not the timings."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments import bench
+
+
+def test_kda_flop_count_matches_the_issue_figure():
+    # "about 176k FLOPs per token per head at chunk 64" for d_k = d_v = 128.
+    assert 170e3 < bench.kda_flops_per_token_head(64, 128) < 185e3
+
+
+@pytest.mark.parametrize("what,expect", [
+    ("kda", ["ours fwd", "torch fwd", "% peak", "ours recurrent"]),
+    ("train", ["ours (jax, AdamW)", "transformers + torch", "analytic MFU", "ratio"]),
+    ("decode", ["transformers generate", "KDA layer", "MLA layer", "MLA attention analytic"]),
+])
+def test_benchmark_harness_runs_tiny(what, expect, capsys):
+    pytest.importorskip("torch")
+    assert bench.main([what, "--tiny"]) == 0
+    out = capsys.readouterr().out
+    for text in expect:
+        assert text in out, (text, out)
+    assert "nan" not in out.lower()
+
+
+def test_convert_benchmark_harness_runs_small(tmp_path, capsys):
+    assert bench.main(["convert", "--size_gb", "0.02", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for text in ("hf_to_orbax (streaming)", "orbax_to_hf (export)", "reference: from_pretrained", "MB/s"):
+        assert text in out
