@@ -293,6 +293,36 @@ def load_sidecar(folder: str | os.PathLike, model_cfg: KimiLinearConfig,
 
 
 # ------------------------------------------------------------------------------------------------ for generation
+STEP_PREFIX = "step_"
+
+
+def latest_step_folder(folder: str | os.PathLike) -> str | None:
+    """The newest complete `step_N` model folder inside a training output folder, or None.
+
+    The plan evaluates `--model_path ./checkpoints/vanilla_finetune` (the training output folder) as well as
+    `.../recursive_finetune/step_5000`; a folder that is not a model itself but holds step folders means its latest
+    step. Folders still being written (no kimi_jax.json yet, or orbax temporaries) are skipped.
+    """
+    from kimi_jax.checkpoint import is_checkpoint
+
+    folder = os.fspath(folder)
+    steps = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit():
+            path = os.path.join(folder, name)
+            if is_checkpoint(path):
+                steps.append((int(name[len(STEP_PREFIX):]), path))
+    return max(steps)[1] if steps else None
+
+
+def resolve_model_folder(folder: str | os.PathLike) -> str:
+    """`folder` itself when it is a model folder, else its latest `step_N` (a training output folder)."""
+    folder = os.fspath(folder)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    return latest_step_folder(folder) or folder
+
+
 def model_format(folder: str | os.PathLike) -> str:
     """"orbax" for a kimi_jax checkpoint folder, "hf" for config.json + safetensors; else a LoadError."""
     from kimi_jax.checkpoint import is_checkpoint
@@ -347,7 +377,8 @@ def load_for_generation(model_path: str | os.PathLike, *, recursive_config=None,
                         notice: Callable[[str], None] | None = _print_notice, info: dict | None = None):
     """-> (model, sidecar or None, recursive config, tokenizer) for `generate_recursive`.
 
-    `model_path` is an HF folder (config.json + safetensors) or a kimi_jax orbax folder; the tokenizer is loaded
+    `model_path` is an HF folder (config.json + safetensors), a kimi_jax orbax folder, or a training output folder
+    (its latest `step_N` is used: `info["model_path"]` says which); the tokenizer is loaded
     from the same folder. The recursive config follows :func:`resolve_generation_config`. The sidecar is the
     folder's saved one when it fits the final config's shape-defining fields, else a fresh zero-init one (the
     surgery, which leaves the base model's outputs unchanged); None when recursion is disabled. One line saying
@@ -359,7 +390,7 @@ def load_for_generation(model_path: str | os.PathLike, *, recursive_config=None,
     from kimi_jax.checkpoint import load_model
     from kimi_jax.loading import from_pretrained
 
-    folder = os.fspath(model_path)
+    folder = resolve_model_folder(model_path)
     fmt = model_format(folder)
     rcfg, source = resolve_generation_config(folder, recursive_config, overrides)
     tok = tokenizer_mod.load(folder)
@@ -393,10 +424,11 @@ def load_for_generation(model_path: str | os.PathLike, *, recursive_config=None,
     if message is not None and notice is not None:
         notice(message)
     if info is not None:
-        info.update(model_format=fmt, recursive_config_source=source, sidecar=kind, sidecar_notice=message)
+        info.update(model_format=fmt, recursive_config_source=source, sidecar=kind, sidecar_notice=message,
+                    model_path=folder)
     return model, sidecar, rcfg, tok
 
 
-__all__ = ["CONFIG_FILE", "DEFAULT_PRESET", "LoadError", "SHAPE_FIELDS", "SIDECAR_DIR", "SidecarError",
-           "has_sidecar", "load_for_generation", "load_sidecar", "model_format", "resolve_generation_config",
-           "save_sidecar", "sidecar_arrays", "sidecar_mismatch"]
+__all__ = ["CONFIG_FILE", "DEFAULT_PRESET", "LoadError", "SHAPE_FIELDS", "SIDECAR_DIR", "STEP_PREFIX", "SidecarError",
+           "has_sidecar", "latest_step_folder", "load_for_generation", "load_sidecar", "model_format",
+           "resolve_generation_config", "resolve_model_folder", "save_sidecar", "sidecar_arrays", "sidecar_mismatch"]
