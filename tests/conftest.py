@@ -167,3 +167,82 @@ def max_abs_diff(a, b) -> float:
 def flat_params(model) -> dict:
     """{path tuple: numpy array} over every nnx.Param of a model."""
     return {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation runs
+EVAL_SMALL_SIDECAR = dict(chunk_width=64, max_inner_steps=2, d_state=32, refine_rank=8, gate_hidden=16, mixer_heads=2)
+EVAL_NEW_TOKENS = 16
+EVAL_COMMON = ["--eval_data", "demo", "--max_eval_tokens", "2000", "--max_samples", "2", "--num_fewshot", "1",
+               "--max_new_tokens", str(EVAL_NEW_TOKENS), "--seq_len", "128", "--batch_size", "2", "--quiet"]
+
+
+def _evaluate_cli(*args):
+    import contextlib
+    import io as std_io
+
+    from experiments import evaluate
+
+    out, err = std_io.StringIO(), std_io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = evaluate.main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _read_json(path):
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def evaluation_folders(tmp_path_factory):
+    """{"model": orbax folder + tokenizer, "rc": small after_surgery config, "run": training output folder whose
+    step_7 holds a trained (non-zero) sidecar, "root": a scratch folder}. Shared by test_evaluate.py and
+    test_compare.py."""
+    from kimi_jax import checkpoint, tokenizer as tokenizer_mod
+    from kimi_jax.model import KimiLinearForCausalLM
+    from kimi_jax.recursive import io
+    from kimi_jax.recursive.config import load_preset
+    from kimi_jax.recursive.sidecar import build_sidecar
+    from kimi_jax.tokenizer_fixtures import build_kimi_format_tokenizer, local_corpus
+
+    root = tmp_path_factory.mktemp("evaluate")
+    model = str(root / "model")
+    build_kimi_format_tokenizer([" ".join(local_corpus())[:100_000]], model, vocab_size=300)
+    tok = tokenizer_mod.load(model)
+    cfg = tiny(num_hidden_layers=2, mla_layers=(1,), first_k_dense=0, vocab_size=tok.vocab_size,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    checkpoint.save_model(model, KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(3)), source="test")
+    rcfg = load_preset("after_surgery").replace(**EVAL_SMALL_SIDECAR)
+    rc = rcfg.to_json(str(root / "rc.json"))
+    step = str(root / "run" / "step_7")
+    shutil.copytree(model, step)
+    sidecar = build_sidecar(cfg, rcfg)
+    rng = np.random.default_rng(0)
+    sidecar.cells.b[...] = jnp.asarray(rng.normal(size=sidecar.cells.b.shape) * 0.5, jnp.float32)
+    io.save_sidecar(step, sidecar, rcfg)
+    return {"model": model, "rc": rc, "run": str(root / "run"), "step": step, "root": root}
+
+
+@pytest.fixture(scope="session")
+def evaluation_runs(evaluation_folders):
+    """The baseline, the zero-init surgery and the trained-sidecar checkpoint, evaluated with the same settings."""
+    folders = evaluation_folders
+    root = folders["root"]
+    out, logs = root / "out", root / "logs"
+    common = EVAL_COMMON + ["--output_dir", out, "--log_dir", logs]
+    results = {}
+    for name, args in {
+        "baseline": ["--model_path", folders["model"], "--stage", "baseline", "--chunk_width", "64"],
+        "after_surgery": ["--model_path", folders["model"], "--stage", "after_surgery", "--use_recursive",
+                          "--recursive_config", folders["rc"]],
+        "finetuned_recursive": ["--model_path", folders["run"], "--stage", "finetuned_recursive"],
+    }.items():
+        rc, stdout, stderr = _evaluate_cli(*args, *common)
+        assert rc == 0, stderr[-3000:]
+        results[name] = {"json": _read_json(out / f"{name}_results.json"), "stdout": stdout, "stderr": stderr}
+    results["out"], results["logs"] = out, logs
+    return results
+
+

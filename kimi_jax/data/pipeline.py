@@ -189,9 +189,9 @@ def _resolve_files(spec: str) -> tuple[list[str], str] | None:
     elif os.path.isdir(path):
         root = path
         files = []
-        for root, dirs, names in os.walk(path):
+        for here, dirs, names in os.walk(path):  # `root` stays the spec's folder: splits are named below it
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            files += [os.path.join(root, n) for n in names
+            files += [os.path.join(here, n) for n in names
                       if not n.startswith(".") and n.lower().endswith(SUPPORTED_SUFFIXES)]
         if not files:
             raise DataError(f"{spec}: folder has no {'/'.join(SUPPORTED_SUFFIXES)} files")

@@ -1,0 +1,311 @@
+"""Compare evaluation stages: a terminal table, PNG plots, a Markdown report and a verdict on the plan's questions.
+
+    python -m experiments.compare baseline after_surgery finetuned_vanilla finetuned_recursive \
+        [--eval_dir ./eval_results] [--output report.md] [--plots_dir DIR] [--ppl_tolerance 1e-4]
+
+Reads `{eval_dir}/{stage}_results.json` (written by `python -m experiments.evaluate`). Stages whose file is missing
+are reported and skipped; a file that is not valid JSON or not an evaluation result (wrong schema, another stage's
+file) is a one-line error with exit status 2. The four questions of EVALUATION_PLAN.md are answered explicitly,
+with the numbers and tolerances used:
+  1. Does surgery preserve the baseline? after_surgery vs baseline: perplexity within --ppl_tolerance (relative)
+     and identical greedy generations / GSM8K completions (the zero-init sidecar with verified commits).
+  2. Does fine-tuning help? finetuned_vanilla vs baseline: perplexity and reasoning accuracy.
+  3. Does recursion help? finetuned_recursive vs finetuned_vanilla: reasoning accuracy and leak-free chunk
+     accuracy after K inner steps vs the vanilla model's greedy chunk accuracy.
+  4. Is recursion efficient? finetuned_recursive's avg_refine_steps (the plan's target: 1-2) and its decode
+     throughput relative to the baseline path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+
+STAGES = ("baseline", "after_surgery", "finetuned_vanilla", "finetuned_recursive")
+
+# (label, path in the results JSON (`-1` indexes the last list entry), which direction is better)
+METRICS = [
+    ("perplexity", "core.perplexity", "lower"),
+    ("bits per byte", "core.bits_per_byte", "lower"),
+    ("token accuracy", "core.token_accuracy", "higher"),
+    ("GSM8K strict", "reasoning.strict_match", "higher"),
+    ("GSM8K flexible", "reasoning.flexible_extract", "higher"),
+    ("distinct-2", "generation.distinct_2", "higher"),
+    ("4-gram repetition", "generation.repetition_rate_4gram", "lower"),
+    ("mean gen length", "generation.length.mean_tokens", None),
+    ("prefill tok/s", "performance.baseline.prefill_tokens_per_sec", "higher"),
+    ("decode tok/s", "performance.baseline.decode_tokens_per_sec", "higher"),
+    ("recursive decode tok/s", "performance.recursive.decode_tokens_per_sec", "higher"),
+    ("peak memory MiB", "performance.peak_memory_bytes", "lower"),
+    ("avg refine steps", "recursive.metrics.avg_refine_steps", None),
+    ("commit rate", "recursive.metrics.commit_rate", "higher"),
+    ("avg chunk length", "recursive.metrics.avg_chunk_length", "higher"),
+    ("stability@K", "recursive.metrics.stability_at_k", "higher"),
+    ("chunk accuracy@K", "recursive.chunk_accuracy_at_k.token_accuracy_at_k.-1", "higher"),
+    ("greedy chunk accuracy", "greedy_chunk_accuracy.token_accuracy", "higher"),
+]
+SCALE = {"performance.peak_memory_bytes": 1 / 2 ** 20}
+CHUNK_ACC = "recursive.chunk_accuracy_at_k.token_accuracy_at_k.-1"
+GREEDY_CHUNK_ACC = "greedy_chunk_accuracy.token_accuracy"  # every stage scores its own greedy continuation
+
+
+class CompareError(Exception):
+    """A results file that cannot be compared: reported as one `error:` line, exit status 2."""
+
+
+def get(d: dict, path: str):
+    value = d
+    for key in path.split("."):
+        if isinstance(value, list) and key.lstrip("-").isdigit() and value:
+            value = value[int(key)]
+        elif isinstance(value, dict) and key in value:
+            value = value[key]
+        else:
+            return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    return value * SCALE.get(path, 1)
+
+
+def load_stage(eval_dir: str, stage: str) -> dict | None:
+    path = os.path.join(eval_dir, f"{stage}_results.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CompareError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise CompareError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict) or "core" not in data:
+        raise CompareError(f"{path}: not an experiments.evaluate results file (no metadata/core sections)")
+    try:
+        from kimi_jax.evaluation.schema import validate_results
+    except ImportError:  # pragma: no cover - the schema module ships with the evaluation module
+        validate_results = None
+    if validate_results is not None:
+        try:
+            validate_results(data)
+        except ValueError as e:  # SchemaError
+            raise CompareError(f"{path}: does not match the results schema: {str(e).splitlines()[0]}") from None
+    if data["metadata"].get("stage") != stage:
+        raise CompareError(f"{path}: holds stage {data['metadata'].get('stage')!r}, not {stage!r}")
+    return data
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.2f}"
+    return f"{v:.4g}"
+
+
+def _samples(data: dict) -> list:
+    return [s.get("tokens") or s.get("completion") for s in (data.get("generation", {}).get("samples") or [])]
+
+
+def _completions(data: dict) -> list:
+    return [r.get("completion") for r in (data.get("reasoning", {}).get("items") or [])]
+
+
+def verdicts(results: dict[str, dict], ppl_tol: float) -> list[tuple[str, str]]:
+    """[(question, answer sentence)] for the plan's four key questions, from whatever stages are present."""
+    out = []
+    base, surg = results.get("baseline"), results.get("after_surgery")
+    vanilla, rec = results.get("finetuned_vanilla"), results.get("finetuned_recursive")
+
+    q = "1. Does surgery preserve the baseline?"
+    if base and surg:
+        p0, p1 = get(base, "core.perplexity"), get(surg, "core.perplexity")
+        rel = abs(p1 - p0) / p0 if p0 and p1 is not None else None
+        same_gen = _samples(base) == _samples(surg)
+        same_gsm = _completions(base) == _completions(surg)
+        ok = rel is not None and rel <= ppl_tol and same_gen and same_gsm
+        out.append((q, f"{'yes' if ok else 'no'}: max |delta ppl| = {abs(p1 - p0) if rel is not None else 'n/a'}"
+                       f" (relative {_fmt(rel)}, tolerance {ppl_tol:g}); greedy generations "
+                       f"{'identical' if same_gen else 'differ'} ({len(_samples(surg))} samples); GSM8K completions "
+                       f"{'identical' if same_gsm else 'differ'} ({len(_completions(surg))} items)"))
+    else:
+        out.append((q, "not answered: needs baseline and after_surgery"))
+
+    q = "2. Does fine-tuning help?"
+    if base and vanilla:
+        p0, p1 = get(base, "core.perplexity"), get(vanilla, "core.perplexity")
+        a0, a1 = get(base, "reasoning.strict_match"), get(vanilla, "reasoning.strict_match")
+        better = p1 is not None and p0 is not None and p1 < p0
+        out.append((q, f"{'yes' if better else 'no'}: perplexity {_fmt(p0)} -> {_fmt(p1)}"
+                       + (f" ({(p1 - p0) / p0:+.2%})" if p0 and p1 is not None else "")
+                       + f"; GSM8K strict {_fmt(a0)} -> {_fmt(a1)}"))
+    else:
+        out.append((q, "not answered: needs baseline and finetuned_vanilla"))
+
+    q = "3. Does recursion help?"
+    if vanilla and rec:
+        a0, a1 = get(vanilla, "reasoning.strict_match"), get(rec, "reasoning.strict_match")
+        c_rec = get(rec, CHUNK_ACC)
+        c_van = get(vanilla, GREEDY_CHUNK_ACC)  # the vanilla model's own greedy continuation, same chunks
+        gain_chunk = c_rec is not None and c_van is not None and c_rec > c_van
+        gain_gsm = a0 is not None and a1 is not None and a1 > a0
+        verdict = "yes" if gain_chunk and (gain_gsm or a1 == a0) else "no"
+        out.append((q, f"{verdict}: chunk accuracy after K steps {_fmt(c_rec)} vs greedy {_fmt(c_van)}; GSM8K "
+                       f"strict {_fmt(a0)} (vanilla) -> {_fmt(a1)} (recursive)"))
+    else:
+        out.append((q, "not answered: needs finetuned_vanilla and finetuned_recursive"))
+
+    q = "4. Is recursion efficient?"
+    if rec:
+        t_base = get(rec, "performance.baseline.decode_tokens_per_sec")
+        t_rec = get(rec, "performance.recursive.decode_tokens_per_sec")
+        steps = get(rec, "recursive.metrics.avg_refine_steps")
+        ok = steps is not None and steps <= 2
+        ratio = f"{t_rec / t_base:.2f}x the baseline decode throughput" if t_rec and t_base else "throughput n/a"
+        out.append((q, f"{'yes' if ok else 'no'}: avg_refine_steps {_fmt(steps)} (target 1-2), {ratio}"))
+    else:
+        out.append((q, "not answered: needs finetuned_recursive"))
+    return out
+
+
+def table_rows(results: dict[str, dict], stages: list[str]):
+    """[(label, [value per stage], [mark per stage])]; marks: '+' better than baseline, '-' worse, '' same/none."""
+    rows = []
+    reference = next((results[s] for s in stages if s in results), None)
+    for label, path, better in METRICS:
+        values = [get(results[s], path) if s in results else None for s in stages]
+        if all(v is None for v in values):
+            continue
+        ref = get(reference, path) if reference else None
+        marks = []
+        for v in values:
+            if better is None or v is None or ref is None or v == ref:
+                marks.append("")
+            else:
+                marks.append("+" if (v < ref) == (better == "lower") else "-")
+        rows.append((label, values, marks))
+    return rows
+
+
+def print_table(rows, stages: list[str]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        print(" | ".join(["metric"] + stages))
+        for label, values, marks in rows:
+            print(" | ".join([label] + [_fmt(v) + m for v, m in zip(values, marks)]))
+        return
+    table = Table(title="Evaluation stages (green: better than the first stage, red: worse)")
+    table.add_column("metric")
+    for s in stages:
+        table.add_column(s, justify="right")
+    color = {"+": "green", "-": "red", "": ""}
+    for label, values, marks in rows:
+        table.add_row(label, *[f"[{color[m]}]{_fmt(v)}[/]" if color[m] else _fmt(v) for v, m in zip(values, marks)])
+    Console().print(table)
+
+
+def markdown(rows, stages, answers, missing, plots) -> str:
+    lines = ["# Stage comparison", ""]
+    if missing:
+        lines += [f"Missing stages (skipped): {', '.join(missing)}", ""]
+    lines.append("| metric | " + " | ".join(stages) + " |")
+    lines.append("|---|" + "---|" * len(stages))
+    for label, values, marks in rows:
+        cells = [(f"**{_fmt(v)}**" if m == "+" else f"*{_fmt(v)}*" if m == "-" else _fmt(v))
+                 for v, m in zip(values, marks)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Bold: better than the first stage; italics: worse.", "", "## Key questions", ""]
+    lines += [f"- **{q}** {a}" for q, a in answers]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, stages, plots_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plots_dir, exist_ok=True)
+    groups = {"quality": ("perplexity", "bits per byte", "token accuracy", "GSM8K strict", "GSM8K flexible"),
+              "generation": ("distinct-2", "4-gram repetition", "mean gen length"),
+              "performance": ("prefill tok/s", "decode tok/s", "recursive decode tok/s", "peak memory MiB"),
+              "recursion": ("avg refine steps", "commit rate", "avg chunk length", "stability@K",
+                            "chunk accuracy@K", "greedy chunk accuracy")}
+    by_label = {label: values for label, values, _ in rows}
+    written = []
+    for name, labels in groups.items():
+        present = [l for l in labels if l in by_label]
+        if not present:
+            continue
+        fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3.0), squeeze=False)
+        for ax, label in zip(axes[0], present):
+            vals = [v if v is not None else float("nan") for v in by_label[label]]
+            ax.bar(range(len(stages)), vals, color="#4c72b0")
+            ax.set_xticks(range(len(stages)), [s.replace("_", "\n") for s in stages], fontsize=7)
+            ax.set_title(label, fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(plots_dir, f"{name}.png")
+        fig.savefig(path + ".tmp.png", dpi=110)
+        plt.close(fig)
+        os.replace(path + ".tmp.png", path)
+        written.append(path)
+    return written
+
+
+def write_atomic(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".compare-", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("stages", nargs="+", help=f"stages to compare, in order (any of {', '.join(STAGES)})")
+    p.add_argument("--eval_dir", default="./eval_results")
+    p.add_argument("--output", default=None, help="Markdown report (default: {eval_dir}/comparison.md)")
+    p.add_argument("--plots_dir", default=None, help="PNG plots (default: next to the report)")
+    p.add_argument("--ppl_tolerance", type=float, default=1e-4,
+                   help="relative perplexity tolerance for 'surgery preserves the baseline' (default 1e-4)")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        print(f"error: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    try:
+        results = {s: r for s in args.stages if (r := load_stage(args.eval_dir, s)) is not None}
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    missing = [s for s in args.stages if s not in results]
+    for s in missing:
+        print(f"missing: {os.path.join(args.eval_dir, s + '_results.json')} (stage {s} skipped)")
+    if not results:
+        print(f"error: none of the stages has a results file in {args.eval_dir}", file=sys.stderr)
+        return 2
+    stages = [s for s in args.stages if s in results]
+    rows = table_rows(results, stages)
+    print_table(rows, stages)
+    answers = verdicts(results, args.ppl_tolerance)
+    for q, a in answers:
+        print(f"{q} {a}")
+    output = args.output or os.path.join(args.eval_dir, "comparison.md")
+    plots = plot(rows, stages, args.plots_dir or os.path.dirname(os.path.abspath(output)))
+    write_atomic(output, markdown(rows, stages, answers, missing, plots))
+    print(f"report: {output}; plots: {', '.join(plots)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Generation-quality statistics of free-running continuations, over model token ids (pure Python).
+
+* prompts (`prompt_snippets`): the first ~200 characters of held-out documents, cut back to the last whitespace
+  so that no word is split, trailing whitespace removed;
+* lengths (`length_stats`): mean / min / max new tokens (EOS included when generated) and the fraction of samples
+  that hit ``max_new_tokens`` without producing EOS;
+* ``distinct_n`` (Li et al., 2016): unique n-grams / total n-grams, pooled over all samples (n = 1, 2, 3), on the
+  continuation tokens (a final EOS excluded);
+* ``repetition_rate`` (n = 4): per sample, the fraction of its 4-gram occurrences that repeat a 4-gram seen
+  earlier in the same sample, ``1 - unique/total``; averaged over the samples that have at least one 4-gram.
+
+An undefined value (no n-grams at all) is None, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+PROMPT_CHARS = 200
+
+__all__ = ["PROMPT_CHARS", "distinct_n", "generation_stats", "length_stats", "ngrams", "prompt_snippets",
+           "repetition_rate"]
+
+
+def prompt_snippets(texts: Sequence[str], count: int, max_chars: int = PROMPT_CHARS) -> list[str]:
+    """Up to ``count`` prompts: each text's first ``max_chars`` characters, cut at the last whitespace (when there
+    is one in the second half) and right-stripped; texts that leave nothing are skipped."""
+    out = []
+    for text in texts:
+        if len(out) >= count:
+            break
+        head = text.lstrip()[:max_chars]
+        if len(text.lstrip()) > max_chars:
+            cut = max((head.rfind(c) for c in (" ", "\n", "\t")), default=-1)
+            if cut >= max_chars // 2:
+                head = head[:cut]
+        head = head.rstrip()
+        if head:
+            out.append(head)
+    return out
+
+
+def ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(samples: Sequence[Sequence[int]], n: int) -> float | None:
+    grams = [g for s in samples for g in ngrams(list(s), n)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def repetition_rate(samples: Sequence[Sequence[int]], n: int = 4) -> float | None:
+    rates = []
+    for s in samples:
+        grams = ngrams(list(s), n)
+        if grams:
+            rates.append(1.0 - len(set(grams)) / len(grams))
+    return sum(rates) / len(rates) if rates else None
+
+
+def length_stats(num_tokens: Sequence[int], ended_with_eos: Sequence[bool], max_new_tokens: int) -> dict:
+    n = len(num_tokens)
+    if n == 0:
+        return {"mean_tokens": None, "min_tokens": None, "max_tokens": None, "fraction_hit_max_new_tokens": None}
+    hit = sum(1 for k, eos in zip(num_tokens, ended_with_eos) if k >= max_new_tokens and not eos)
+    return {"mean_tokens": sum(num_tokens) / n, "min_tokens": int(min(num_tokens)), "max_tokens": int(max(num_tokens)),
+            "fraction_hit_max_new_tokens": hit / n}
+
+
+def generation_stats(continuations: Sequence[Sequence[int]], num_tokens: Sequence[int],
+                     ended_with_eos: Sequence[bool], max_new_tokens: int) -> dict:
+    """Everything above for one set of samples; ``continuations`` are the new tokens without a final EOS."""
+    return {
+        "length": length_stats(num_tokens, ended_with_eos, max_new_tokens),
+        "distinct_1": distinct_n(continuations, 1),
+        "distinct_2": distinct_n(continuations, 2),
+        "distinct_3": distinct_n(continuations, 3),
+        "repetition_rate_4gram": repetition_rate(continuations, 4),
+    }
