@@ -1,0 +1,15 @@
+"""Training support for `python -m experiments.train`: checkpoint folders with the full training state, and logs.
+
+* :mod:`kimi_jax.training.checkpoints`: every `step_N` folder is a complete model folder (loadable by
+  `experiments.generate` / `kimi_jax.checkpoint.load_model` / `kimi_jax.recursive.io`) plus the optimizer, data
+  iterator, RNG and trainable state needed to resume exactly; written asynchronously and atomically.
+* :mod:`kimi_jax.training.logging`: the per-step JSONL log, TensorBoard scalars (tensorboardX) and a reader for the
+  event files, memory and learning-rate helpers.
+"""
+
+from kimi_jax.training.checkpoints import (CheckpointSaveError, CheckpointWriter, TrainCheckpointError,
+                                           latest_checkpoint, list_checkpoints, resolve_model_folder)
+from kimi_jax.training.logging import MetricsLog, read_scalars
+
+__all__ = ["CheckpointSaveError", "CheckpointWriter", "MetricsLog", "TrainCheckpointError", "latest_checkpoint",
+           "list_checkpoints", "read_scalars", "resolve_model_folder"]

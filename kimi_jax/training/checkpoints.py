@@ -1,0 +1,472 @@
+"""Training checkpoints: each `{output_dir}/step_N` is a complete model folder plus the state to resume exactly.
+
+Layout of one checkpoint (everything a model folder has, then the training state):
+
+    step_N/
+      config.json              the model's HF config
+      kimi_jax.json            kimi_jax's checkpoint metadata, with a "training" entry (stage, phase, step, ...)
+      params/                  the model's parameters (orbax PyTree, keys = parameter paths joined by dots; phase C:
+                               the unfrozen blocks merged in), exactly the format of `kimi_jax.checkpoint.save_model`
+      tiktoken.model, tokenizer_config.json, ...   the tokenizer files of the model the run started from
+      recursive_config.json    (recursive stage) the RecursiveConfig, as `kimi_jax.recursive.io.save_sidecar` writes it
+      sidecar/                 (recursive stage) the sidecar (with phase-B/C LoRA inside), io.save_sidecar's format
+      train_state/             orbax PyTree of the optimizer state ("opt.<path>"), the trainable tree of the
+                               recursive stage ("trainable.<path>") and the root RNG key data ("rng")
+      train_state.json         {"format", "step", "data_state" (BatchIterator.state()), "run" (the settings that
+                               determine the trajectory), "metrics" (the step's logged values)}
+    latest                     the text "step_N" of the newest complete checkpoint
+
+`step_N` only ever appears complete: it is built as the hidden sibling `.step_N.tmp` and renamed into place once
+every array is on disk, so a crash (SIGKILL included) leaves either the previous checkpoints or a stale `.tmp`
+folder, which the next save removes. Arrays are written asynchronously: `CheckpointWriter.save` returns once orbax
+has copied them to host memory (so the train step may donate its buffers right after), and a background thread
+finishes the writes, renames the folder, updates `latest` and prunes old checkpoints (`max_to_keep`). At most one
+save is in flight; the next `save` (or `wait`) waits for it and re-raises its failure.
+
+When the model's parameters equal those of an existing orbax folder on the same file system (recursive phases A/B,
+whose base never changes, started from an orbax folder with the same dtype; or the run's own previous checkpoint),
+`params/` is hard-linked from it instead of written again: for the 48B this saves ~92 GB of writes per checkpoint.
+Orbax never modifies files in place, so linked files are safe to share; deleting one checkpoint leaves the others
+intact.
+
+Multi-process: every process calls `save` (orbax writes each process's shards), process 0 writes the JSON and
+tokenizer files, renames, and prunes. Resuming reads the newest complete checkpoint (`latest_checkpoint`); the
+arrays are restored straight into the current mesh's shardings, which may differ from the saving run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+FORMAT = "kimi_jax.train_state.v1"
+STEP_PREFIX = "step_"
+LATEST_FILE = "latest"
+TRAIN_STATE_DIR = "train_state"
+TRAIN_STATE_FILE = "train_state.json"
+PARAMS_DIR = "params"
+MODEL_META_FILE = "kimi_jax.json"
+# Files of the source model folder copied into every checkpoint (the tokenizer and generation settings).
+MODEL_FILES = ("tiktoken.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja", "generation_config.json")
+_STEP_RE = re.compile(r"^step_(\d+)$")
+ASYNC_TIMEOUT_S = 3600
+
+
+class TrainCheckpointError(ValueError):
+    """A training checkpoint (or output folder) that cannot be read or resumed from."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions, ...); the previous checkpoints are untouched."""
+
+
+# ---------------------------------------------------------------------------------------------------- discovery
+def step_folder(output_dir: str | os.PathLike, step: int) -> str:
+    return os.path.join(os.fspath(output_dir), f"{STEP_PREFIX}{int(step)}")
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a finished training checkpoint (renamed into place, so every part is there)."""
+    folder = os.fspath(folder)
+    return (os.path.isfile(os.path.join(folder, TRAIN_STATE_FILE)) and os.path.isfile(os.path.join(folder,
+                                                                                                   MODEL_META_FILE))
+            and os.path.isdir(os.path.join(folder, PARAMS_DIR))
+            and os.path.isdir(os.path.join(folder, TRAIN_STATE_DIR)))
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """[(step, folder)] of the complete `step_N` checkpoints in `output_dir`, oldest first."""
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _STEP_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path) and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> tuple[int, str] | None:
+    """(step, folder) of the newest complete checkpoint, or None. The highest step wins; `latest` is a pointer for
+    people and other tools, and is never trusted over what is on disk."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_model_folder(path: str | os.PathLike) -> str:
+    """A model folder for `path`: `path` itself when it is one (orbax or HF), else its newest training checkpoint
+    (`path` is a training `--output_dir`, as in `--model_path ./checkpoints/vanilla_finetune`)."""
+    from kimi_jax.checkpoint import is_checkpoint
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise TrainCheckpointError(f"{path}: no such folder")
+    if is_checkpoint(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise TrainCheckpointError(f"{path}: neither a model folder nor a training output folder with a complete "
+                                   f"{STEP_PREFIX}N checkpoint")
+    return latest[1]
+
+
+def read_train_state(folder: str | os.PathLike) -> dict:
+    """The `train_state.json` of a checkpoint folder (format checked)."""
+    from kimi_jax.config import read_json_object
+
+    path = os.path.join(os.fspath(folder), TRAIN_STATE_FILE)
+    state = read_json_object(path, TrainCheckpointError, missing=f"{folder}: not a training checkpoint "
+                                                                 f"({TRAIN_STATE_FILE} is missing)")
+    if state.get("format") != FORMAT:
+        raise TrainCheckpointError(f"{path}: format {state.get('format')!r} is not {FORMAT!r}")
+    for key in ("step", "data_state", "run"):
+        if key not in state:
+            raise TrainCheckpointError(f"{path}: field {key!r} is missing")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------- tree <-> flat
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def path_key(path) -> str:
+    """A pytree key path as dot-joined names ("0.mu.segments.1.blocks.0.mixer.qkv_proj")."""
+    return ".".join(_key_name(k) for k in path)
+
+
+def flatten(tree, prefix: str = "") -> dict[str, Any]:
+    """{prefix + dotted path: leaf} over a pytree's leaves (in tree order); the keys must be unique."""
+    out: dict[str, Any] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        key = prefix + path_key(path)
+        if key in out:
+            raise ValueError(f"flatten: two leaves share the key {key!r}")
+        out[key] = leaf
+    return out
+
+
+def unflatten(like, flat: Mapping[str, Any], prefix: str = ""):
+    """The pytree `like` (same structure) with its leaves taken from `flat` by key."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return jax.tree_util.tree_unflatten(treedef, [flat[prefix + path_key(p)] for p, _ in paths])
+
+
+def abstract_of(tree):
+    """ShapeDtypeStructs (with the arrays' shardings) for every leaf of `tree`: restore targets."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                        tree)
+
+
+def restore_arrays(directory: str, targets: Mapping[str, Any]) -> dict[str, Any]:
+    """Restore the keys of `targets` (ShapeDtypeStructs) from the orbax PyTree checkpoint `directory`: as jax.Arrays
+    placed by each target's sharding, or numpy where a target has none. Checks shapes; casts to the target dtypes."""
+    import orbax.checkpoint as ocp
+
+    if not os.path.isdir(directory):
+        raise TrainCheckpointError(f"{directory}: missing (the checkpoint is incomplete)")
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(directory)
+        tree = getattr(meta, "item_metadata", meta)
+        stored = dict(getattr(tree, "tree", tree))
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged folder
+        raise TrainCheckpointError(f"{directory}: unreadable orbax metadata ({_one_line(e)})") from None
+    missing = sorted(set(targets) - set(stored))
+    if missing:
+        raise TrainCheckpointError(f"{directory}: '{missing[0]}' is missing ({len(missing)} of {len(targets)} "
+                                   f"arrays); the checkpoint was saved by a run with another optimizer or model")
+    for key, t in targets.items():
+        if tuple(stored[key].shape) != tuple(t.shape):
+            raise TrainCheckpointError(f"{directory}: '{key}' has shape {tuple(stored[key].shape)}, this run "
+                                       f"expects {tuple(t.shape)}")
+    restore_args, item = {}, {}
+    for key, t in targets.items():
+        sharding = getattr(t, "sharding", None)
+        if sharding is not None:
+            restore_args[key] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=t.shape, dtype=t.dtype)
+            item[key] = t
+        else:
+            restore_args[key] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)
+            item[key] = np.zeros((), t.dtype)
+    try:
+        return ocp.PyTreeCheckpointer().restore(
+            directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    except Exception as e:
+        raise TrainCheckpointError(f"{directory}: cannot restore ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()  # what open() would give: mkstemp's files are private (0600)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Temp file in the same folder, fsync, os.replace: readers see the old or the new content, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        os.chmod(tmp, _FILE_MODE)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def read_model_files(folder: str) -> dict[str, bytes]:
+    """{name: bytes} of the MODEL_FILES present in `folder` (read once, written into every checkpoint)."""
+    out = {}
+    for name in MODEL_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def link_tree(src: str, dst: str) -> bool:
+    """Hard-link every file under `src` into the new folder `dst` (same layout). False, and nothing left at `dst`,
+    when the file system refuses (another device, no hard links) or `src` is no folder."""
+    if not os.path.isdir(src):
+        return False
+    try:
+        for root, dirs, files in os.walk(src):
+            rel = os.path.relpath(root, src)
+            target = os.path.join(dst, rel) if rel != "." else dst
+            os.makedirs(target, exist_ok=True)
+            for name in files:
+                os.link(os.path.join(root, name), os.path.join(target, name))
+        return True
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        return False
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _all_agree(flag: bool) -> bool:
+    """Process 0's `flag` on every process."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+class CheckpointWriter:
+    """Asynchronous, atomic `step_N` checkpoints in `output_dir` (see the module docstring).
+
+    `model_files` ({name: bytes}) are written into every checkpoint (the tokenizer); `max_to_keep` (0 = all) prunes
+    the oldest complete checkpoints after each save, never a folder in `protect` (the model the run started from,
+    should it be one of them).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, max_to_keep: int = 0,
+                 model_files: Mapping[str, bytes] | None = None, protect: tuple[str, ...] = ()):
+        import orbax.checkpoint as ocp
+
+        self.output_dir = os.path.abspath(os.fspath(output_dir))
+        self.max_to_keep = int(max_to_keep or 0)
+        self.model_files = dict(model_files or {})
+        self.protect = {os.path.realpath(p) for p in protect}
+        self.main = jax.process_index() == 0
+        # One checkpointer per item so their background writes overlap; the timeout bounds orbax's cross-process
+        # barrier at the end of a write (the 48B's parameters and AdamW moments are several hundred GB).
+        self._params = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(), timeout_secs=ASYNC_TIMEOUT_S)
+        self._state = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(), timeout_secs=ASYNC_TIMEOUT_S)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._pending: tuple[int, str] | None = None
+        self.last_saved: tuple[int, str] | None = None  # (step, folder) of the newest finished save
+        self.last_params_folder: str | None = None  # a finished checkpoint whose params/ this run may link from
+        if self.main:
+            os.makedirs(self.output_dir, exist_ok=True)
+
+    # -------------------------------------------------------------------------------------------- save
+    def save(self, step: int, *, config: dict, meta: dict, params: Mapping[str, Any] | None,
+             state_arrays: Mapping[str, Any], state_json: dict, sidecar=None, rcfg=None,
+             link_params_from: str | None = None) -> None:
+        """Start writing checkpoint `step`. Returns once the arrays are copied to host memory.
+
+        `params` ({key: array}, kimi_jax.checkpoint's keys) may be None when `link_params_from` names a folder whose
+        `params/` holds exactly this model; with both, the link is tried first and `params` written if it fails.
+        """
+        from kimi_jax.checkpoint import FORMAT as MODEL_FORMAT
+
+        self.wait()
+        final = step_folder(self.output_dir, step)
+        tmp = os.path.join(self.output_dir, f".{STEP_PREFIX}{int(step)}.tmp")
+        linked = False
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+            with open(os.path.join(tmp, MODEL_META_FILE), "w") as f:
+                json.dump({"format": MODEL_FORMAT, **meta}, f, indent=2)
+            for name, data in self.model_files.items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+            with open(os.path.join(tmp, TRAIN_STATE_FILE), "w") as f:
+                json.dump({"format": FORMAT, "step": int(step), **state_json}, f, indent=2, allow_nan=False)
+            if link_params_from is not None:
+                linked = link_tree(os.path.join(link_params_from, PARAMS_DIR), os.path.join(tmp, PARAMS_DIR))
+        linked = _all_agree(linked)
+        if not linked and params is None:
+            raise CheckpointSaveError(f"checkpoint step {step}: params/ could not be linked from "
+                                       f"{link_params_from} and no parameters were given")
+        _sync(f"kimi_jax_train_ckpt_{step}_folder")
+        import orbax.checkpoint as ocp
+
+        try:
+            if sidecar is not None:
+                from kimi_jax.recursive.io import save_sidecar
+
+                save_sidecar(tmp, sidecar, rcfg)
+            if not linked:
+                self._params.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(dict(params)))
+            self._state.save(os.path.join(tmp, TRAIN_STATE_DIR), args=ocp.args.PyTreeSave(dict(state_arrays)))
+        except BaseException:
+            self._drain()
+            if self.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._pending = (int(step), final)
+        self._thread = threading.Thread(target=self._finish, args=(int(step), tmp, final), daemon=True,
+                                        name=f"kimi_jax-checkpoint-{step}")
+        self._thread.start()
+
+    def _drain(self) -> None:
+        for ckptr in (self._params, self._state):
+            try:
+                ckptr.wait_until_finished()
+            except BaseException:
+                pass
+
+    def _finish(self, step: int, tmp: str, final: str) -> None:
+        try:
+            self._params.wait_until_finished()
+            self._state.wait_until_finished()
+            if self.main:
+                old = None
+                if os.path.lexists(final):  # a previous run's checkpoint at the same step: replace it
+                    old = os.path.join(self.output_dir, f".{STEP_PREFIX}{step}.old")
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.rename(final, old)
+                os.rename(tmp, final)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+                write_text_atomic(os.path.join(self.output_dir, LATEST_FILE), f"{STEP_PREFIX}{step}\n")
+                self._prune(keep=final)
+        except BaseException as e:  # re-raised by the next save()/wait() on the main thread
+            self._error = e
+
+    def _prune(self, keep: str) -> None:
+        if self.max_to_keep <= 0:
+            return
+        found = list_checkpoints(self.output_dir)
+        for _, folder in found[:max(0, len(found) - self.max_to_keep)]:
+            if os.path.abspath(folder) != os.path.abspath(keep) and os.path.realpath(folder) not in self.protect:
+                shutil.rmtree(folder, ignore_errors=True)
+                if self.last_params_folder and os.path.abspath(folder) == os.path.abspath(self.last_params_folder):
+                    self.last_params_folder = None
+
+    # -------------------------------------------------------------------------------------------- wait
+    def wait(self) -> tuple[int, str] | None:
+        """Finish the save in flight (if any); re-raise its failure. Returns the newest finished (step, folder)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            pending, self._pending = self._pending, None
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise CheckpointSaveError(f"checkpoint step {pending[0]} failed: {_one_line(error)}") from error
+            _sync(f"kimi_jax_train_ckpt_{pending[0]}_done")
+            self.last_saved = pending
+            self.last_params_folder = pending[1]
+        return self.last_saved
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            for ckptr in (self._params, self._state):
+                try:
+                    ckptr.close()
+                except Exception:
+                    pass
+
+
+def remove_run_outputs(output_dir: str, extra_files: tuple[str, ...] = ()) -> list[str]:
+    """Delete a run's checkpoints (`step_N`, stale `.step_N.tmp`/`.old`), `latest` and `extra_files` in
+    `output_dir` (for --no-resume). Returns what was removed."""
+    removed = []
+    if not os.path.isdir(output_dir):
+        return removed
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        stale = re.match(r"^\.step_\d+\.(tmp|old)$", name)
+        if (_STEP_RE.match(name) and os.path.isdir(path)) or (stale and os.path.isdir(path)):
+            shutil.rmtree(path)
+            removed.append(name)
+        elif name == LATEST_FILE or name in extra_files:
+            os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def remove_stale(output_dir: str) -> None:
+    """Delete what a killed run can leave half-written: `.step_N.tmp` / `.step_N.old` folders and the temporary
+    files of atomic writes (`.latest.*.tmp`, `.metrics.jsonl.*.tmp`)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if re.match(r"^\.step_\d+\.(tmp|old)$", name):
+            shutil.rmtree(path, ignore_errors=True)
+        elif re.match(r"^\.(latest|metrics\.jsonl)\..+\.tmp$", name) and os.path.isfile(path):
+            os.remove(path)
+
+
+__all__ = ["CheckpointSaveError", "CheckpointWriter", "FORMAT", "LATEST_FILE", "MODEL_FILES", "TRAIN_STATE_DIR",
+           "TRAIN_STATE_FILE", "TrainCheckpointError", "abstract_of", "flatten", "is_complete", "latest_checkpoint",
+           "link_tree", "list_checkpoints", "path_key", "read_model_files", "read_train_state", "remove_run_outputs",
+           "remove_stale", "resolve_model_folder", "restore_arrays", "step_folder", "unflatten", "write_json_atomic",
+           "write_text_atomic"]

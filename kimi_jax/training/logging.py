@@ -1,0 +1,244 @@
+"""Training logs: the per-step JSONL file, TensorBoard scalars, memory and learning-rate helpers, an event reader.
+
+* `MetricsLog` (process 0 only) appends one JSON object per line to `{output_dir}/metrics.jsonl`: train records
+  `{"type": "train", "step", "loss", <every metric of the step>, "lr", "tokens_per_sec", "steps_per_sec",
+  "memory_mb", "step_time_s", "time"}` and evaluation records `{"type": "eval", "step", ...}`. Non-finite values are
+  written as null (JSON has no NaN). On resume `truncate_jsonl` drops the records after the checkpoint's step, so
+  the file reads as one uninterrupted run. Scalars go to TensorBoard through tensorboardX, with `purge_step` on
+  resume so TensorBoard hides the killed run's events after the checkpoint.
+* `read_scalars(log_dir)` reads every scalar back from the event files ({tag: [(step, value)]}), with the protobufs
+  tensorboardX ships (no TensorFlow or tensorboard needed).
+* `memory_mb()`: the peak device memory (`memory_stats()["peak_bytes_in_use"]`, the largest over local devices) where
+  the backend reports it (GPU, TPU), else the host's resident set size (CPU).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import struct
+import time
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+# ------------------------------------------------------------------------------------------------------- values
+def to_python(value: Any) -> Any:
+    """JSON-ready: numpy/jax scalars -> float/int, arrays -> lists, non-finite floats -> None."""
+    if isinstance(value, Mapping):
+        return {str(k): to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    if isinstance(value, (str, bool)) or value is None:
+        return value
+    array = np.asarray(value)
+    if array.ndim > 0:
+        return [to_python(v) for v in array.tolist()]
+    item = array.item()
+    if isinstance(item, float) and not math.isfinite(item):
+        return None
+    return item
+
+
+def memory_mb() -> float:
+    """Peak device memory in MB where the backend reports it, else the host's resident set size in MB."""
+    import jax
+
+    peaks = []
+    for device in jax.local_devices():
+        try:
+            stats = device.memory_stats()
+        except Exception:  # some backends raise instead of returning None
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    if peaks:
+        return max(peaks) / 2**20
+    return host_rss_bytes() / 2**20
+
+
+def host_rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            import resource
+
+            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# -------------------------------------------------------------------------------------------- learning rates
+def vanilla_lr(peak: float, warmup_steps: int, total_steps: int | None, schedule: str, count: int) -> float:
+    """The learning rate `kimi_jax.train_step.make_optimizer(peak, warmup_steps=, total_steps=, schedule=)` applies
+    to update number `count` (0-based: the first update uses count 0). Built from the same optax schedules."""
+    import optax
+
+    if total_steps and schedule == "cosine":
+        fn = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 0), max(total_steps, warmup_steps + 1),
+                                                end_value=0.1 * peak)
+    elif total_steps and schedule == "linear":
+        fn = optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup_steps, 1)),
+                                   optax.linear_schedule(peak, 0.0, max(total_steps - warmup_steps, 1))],
+                                  [max(warmup_steps, 1)])
+    elif warmup_steps:
+        fn = optax.linear_schedule(0.0, peak, warmup_steps)
+    else:
+        return float(peak)
+    return float(fn(count))
+
+
+def recursive_lr(peak: float, warmup_steps: int, total_steps: int | None, count: int) -> float:
+    """The learning rate of a group with peak `peak` in `kimi_jax.recursive.train_step.make_recursive_optimizer`."""
+    import optax
+
+    if total_steps:
+        return float(optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 0),
+                                                        max(total_steps, warmup_steps + 1),
+                                                        end_value=0.1 * peak)(count))
+    if warmup_steps:
+        return float(optax.linear_schedule(0.0, peak, warmup_steps)(count))
+    return float(peak)
+
+
+# ------------------------------------------------------------------------------------------------------- JSONL
+def read_jsonl(path: str) -> list[dict]:
+    """Every complete JSON object line of `path` (a torn last line from a killed writer is skipped)."""
+    records = []
+    if not os.path.isfile(path):
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                records.append(obj)
+    return records
+
+
+def truncate_jsonl(path: str, last_step: int) -> int:
+    """Keep only the records with step <= last_step (atomically rewritten). Returns how many were dropped."""
+    from kimi_jax.training.checkpoints import write_text_atomic
+
+    if not os.path.isfile(path):
+        return 0
+    records = read_jsonl(path)
+    kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= last_step]
+    write_text_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+    return len(records) - len(kept)
+
+
+class MetricsLog:
+    """JSONL + TensorBoard writer for one run; every method is a no-op where `enabled` is False (processes > 0)."""
+
+    def __init__(self, output_dir: str, log_dir: str, *, enabled: bool = True, purge_step: int | None = None):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        self.log_dir = log_dir
+        self._file = None
+        self._writer = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        os.makedirs(log_dir, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir, purge_step=purge_step, flush_secs=10)
+
+    def record(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(to_python(dict(record)), allow_nan=False)
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def scalars(self, values: Mapping[str, Any], step: int) -> None:
+        """TensorBoard scalars {tag: value}; None and non-finite values are skipped."""
+        if not self.enabled:
+            return
+        for tag, value in values.items():
+            if value is None:
+                continue
+            value = float(value)
+            if math.isfinite(value):
+                self._writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._file.flush()
+            self._writer.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+            self._writer.close()
+            self.enabled = False
+
+
+# --------------------------------------------------------------------------------------------- event reader
+def iter_records(path: str) -> Iterable[bytes]:
+    """The payloads of a TFRecord file (length, masked CRC, data, masked CRC); a torn tail ends the iteration."""
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if len(header) < 12:
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            data = f.read(length)
+            footer = f.read(4)
+            if len(data) < length or len(footer) < 4:
+                return
+            yield data
+
+
+def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} from every event file under `log_dir` (file order, then write order), honouring
+    a file's purge marker (a SessionLog START at step s hides earlier files' events at steps >= s), as TensorBoard
+    does."""
+    from tensorboardX.proto import event_pb2
+
+    # Names are events.out.tfevents.{10-digit unix time}.{host}...: sorting them sorts each folder's files by age.
+    files = sorted(glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True))
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in files:
+        for data in iter_records(path):
+            event = event_pb2.Event()
+            event.ParseFromString(data)
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                for tag in out:
+                    out[tag] = [(s, v) for s, v in out[tag] if s < event.step]
+                continue
+            if not event.HasField("summary"):
+                continue
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+    return out
+
+
+def now() -> float:
+    return time.time()
+
+
+__all__ = ["METRICS_FILE", "MetricsLog", "host_rss_bytes", "iter_records", "memory_mb", "read_jsonl",
+           "read_scalars", "recursive_lr", "to_python", "truncate_jsonl", "vanilla_lr"]
