@@ -150,10 +150,11 @@ class Demo:
                  "--output_dir", self.path("eval_results"), "--log_dir", self.path("logs"),
                  "--eval_data", "demo", "--max_samples", s.eval_samples, "--max_new_tokens", s.max_new_tokens,
                  "--seq_len", s.seq_len, "--num_fewshot", 1 if self.quick else 3, "--batch_size", 4,
+                 "--chunk_width", s.chunk_width,  # every stage scores greedy chunk accuracy on the same chunks
                  *(["--max_eval_tokens", s.eval_tokens] if s.eval_tokens else []), *extra)
 
     def recursive_flags(self) -> list:
-        return ["--use_recursive", "--chunk_width", self.s.chunk_width, "--max_inner_steps", self.s.inner_steps]
+        return ["--use_recursive", "--max_inner_steps", self.s.inner_steps]
 
     def train(self, name: str, steps: int, *extra) -> None:
         s = self.s
