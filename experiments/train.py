@@ -80,6 +80,7 @@ step is written (a second Ctrl-C aborts at once).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -168,12 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------------ settings
+@dataclasses.dataclass
 class Settings:
     """The flags after defaults, aliases and consistency checks (no JAX needed)."""
-
-    def __init__(self, args, notices: list[str]):
-        self.args = args
-        self.notices = notices
+    args: argparse.Namespace
+    stage: str  # "vanilla" | "recursive"
+    model_path: str  # absolute
+    output_dir: str  # absolute
+    log_dir: str  # absolute
+    warmup_steps: int
+    schedule: str
+    notices: list[str]  # printed by process 0 once JAX's distributed runtime is up
 
 
 def resolve_settings(args) -> Settings:
@@ -229,29 +235,24 @@ def resolve_settings(args) -> Settings:
             raise UsageError("--clip_norm 0: the recursive optimizer always clips; give a positive norm")
     if args.trust_remote_code:
         notices.append("--trust_remote_code is ignored: kimi_jax implements Kimi-Linear itself")
-    s = Settings(args, notices)
-    s.stage = stage
-    s.model_path = os.path.abspath(model_path)
-    s.warmup_steps = args.warmup_steps if args.warmup_steps is not None else min(100, args.num_steps // 10)
-    s.schedule = args.schedule or "cosine"
     if args.output_dir is not None:
-        s.output_dir = os.path.abspath(args.output_dir)
-    else:
-        name = (os.path.basename(os.path.normpath(args.log_dir)) if args.log_dir else f"{stage}_finetune")
-        s.output_dir = os.path.abspath(os.path.join("checkpoints", name))
-        notices.append(f"--output_dir defaults to {s.output_dir}")
-    if os.path.exists(s.output_dir) and not os.path.isdir(s.output_dir):
-        raise UsageError(f"--output_dir {s.output_dir} exists and is not a folder")
-    s.log_dir = os.path.abspath(args.log_dir) if args.log_dir else os.path.join(s.output_dir, "logs")
-    if os.path.exists(s.log_dir) and not os.path.isdir(s.log_dir):
-        raise UsageError(f"--log_dir {s.log_dir} exists and is not a folder")
-    for flag, folder in (("--output_dir", s.output_dir), ("--log_dir", s.log_dir)):
+        output_dir = os.path.abspath(args.output_dir)
+    else:  # the evaluation plan's layout: --log_dir ./logs/X trains into ./checkpoints/X
+        name = os.path.basename(os.path.normpath(args.log_dir)) if args.log_dir else f"{stage}_finetune"
+        output_dir = os.path.abspath(os.path.join("checkpoints", name))
+        notices.append(f"--output_dir defaults to {output_dir}")
+    log_dir = os.path.abspath(args.log_dir) if args.log_dir else os.path.join(output_dir, "logs")
+    for flag, folder in (("--output_dir", output_dir), ("--log_dir", log_dir)):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UsageError(f"{flag} {folder} exists and is not a folder")
         parent = folder
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.access(parent, os.W_OK):
             raise UsageError(f"{flag} {folder}: {parent} is not writable")
-    return s
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(100, args.num_steps // 10)
+    return Settings(args=args, stage=stage, model_path=os.path.abspath(model_path), output_dir=output_dir,
+                    log_dir=log_dir, warmup_steps=warmup, schedule=args.schedule or "cosine", notices=notices)
 
 
 # -------------------------------------------------------------------------------------------------- the run
@@ -571,8 +572,6 @@ class Run:
 
     # ----------------------------------------------------------------------------------------- evaluation
     def _build_eval(self) -> None:
-        import dataclasses
-
         import jax
         import jax.numpy as jnp
         from flax import nnx

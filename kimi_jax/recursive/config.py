@@ -406,6 +406,7 @@ class RecursiveConfig:
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint's config must be readable on shared storage
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
