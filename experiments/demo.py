@@ -12,7 +12,7 @@ process, exactly as a user with the real 48B would, on a tiny model of the same 
   4. recursive fine-tune (phase a), evaluate `finetuned_recursive` at an intermediate `step_N` and at the end;
   5. compare the four stages: table, verdicts, report and plots.
 Finished steps are reused on a re-run (a marker per step under `{workdir}/.done/`); `--fresh` starts clean.
-`--quick` shrinks every step (CI: under 5 minutes on 2 cores); the default takes under 20 minutes.
+`--quick` shrinks every step (the CI test runs it; the aim is 5 minutes on 2 cores, the default run 20 minutes).
 XLA compilations are cached on disk under `{workdir}/jax_cache`, shared by every step's process.
 """
 
@@ -203,7 +203,7 @@ class Demo:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="./workdir", help="where everything is written (default ./workdir)")
-    p.add_argument("--quick", action="store_true", help="a smaller run (CI: under 5 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a smaller run (what CI runs)")
     p.add_argument("--fresh", action="store_true", help="delete the workdir first instead of reusing finished steps")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
