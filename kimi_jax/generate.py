@@ -41,11 +41,12 @@ def _greedy(graphdef, state, input_ids_BT, attention_mask_BT, eos_ids_E, pad_id,
     return jnp.concatenate([first_B[:, None], rest_NB.T], axis=1)
 
 
-def generate_greedy(model: KimiLinearForCausalLM, input_ids, max_new_tokens: int, *, attention_mask=None,
-                    eos_token_id=None, pad_token_id=None, opts: RunOptions = RunOptions()) -> np.ndarray:
-    """Returns the new tokens [B, max_new_tokens]; after a sample's EOS the rest is `pad_token_id`.
+def prepare_inputs(model: KimiLinearForCausalLM, input_ids, max_new_tokens: int, attention_mask, eos_token_id,
+                   pad_token_id):
+    """Checked generation inputs -> (ids int32 [B, T], mask bool [B, T], eos ids tuple, pad id).
 
-    `eos_token_id` (int or list) defaults to the config's; pass [] to never stop early.
+    `eos_token_id` (int or list) defaults to the config's ([] never stops early); the pad id defaults to the
+    config's, else the first EOS, else 0.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -58,6 +59,17 @@ def generate_greedy(model: KimiLinearForCausalLM, input_ids, max_new_tokens: int
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
                                                           else (eos[0] if eos else 0))
     mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+    return input_ids, mask, eos, pad
+
+
+def generate_greedy(model: KimiLinearForCausalLM, input_ids, max_new_tokens: int, *, attention_mask=None,
+                    eos_token_id=None, pad_token_id=None, opts: RunOptions = RunOptions()) -> np.ndarray:
+    """Returns the new tokens [B, max_new_tokens]; after a sample's EOS the rest is `pad_token_id`.
+
+    `eos_token_id` (int or list) defaults to the config's; pass [] to never stop early.
+    """
+    input_ids, mask, eos, pad = prepare_inputs(model, input_ids, max_new_tokens, attention_mask, eos_token_id,
+                                               pad_token_id)
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
     graphdef, state = nnx.split(model)
     out = _greedy(graphdef, state, input_ids, mask, eos_arr, jnp.int32(pad), max_new_tokens=max_new_tokens,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kimi_jax.generate import generate_greedy
+from kimi_jax.generate import generate_greedy, prepare_inputs
 from kimi_jax.model import KimiLinearForCausalLM, RunOptions
 from kimi_jax.recursive.config import RecursiveConfig
 from kimi_jax.recursive.metrics import ChunkTrace, recursive_metrics
@@ -170,18 +170,9 @@ def generate_recursive(model: KimiLinearForCausalLM, sidecar: Sidecar | None, rc
     `diagnostic` always runs K inner steps (same output; records the proposals needed for stability@K).
     """
     t0 = time.perf_counter()
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    input_ids = jnp.asarray(input_ids, I32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-    cfg = model.config
-    eos = cfg.eos_token_ids if eos_token_id is None else (
-        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
-    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
-                                                          else (eos[0] if eos else 0))
+    input_ids, mask, eos, pad = prepare_inputs(model, input_ids, max_new_tokens, attention_mask, eos_token_id,
+                                               pad_token_id)
     B, T = input_ids.shape
-    mask = jnp.ones((B, T), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
 
     if not rcfg.recursive_enabled:
         tokens = generate_greedy(model, input_ids, max_new_tokens, attention_mask=mask, eos_token_id=list(eos),
