@@ -21,7 +21,7 @@ GATE_KINDS = ("small", "medium", "huge", "realistic")  # batch element b draws i
 GATE_SCALES = {"small": 0.05, "medium": 5.0, "huge": 700.0}
 TOL = 1e-5
 
-kda_chunked_jit = jax.jit(kda_chunked, static_argnames=("chunk_size", "sub_block", "return_chunk_states"))
+kda_chunked_jit = jax.jit(kda_chunked, static_argnames=("chunk_size", "chunks_per_step", "return_chunk_states"))
 kda_recurrent_jit = jax.jit(kda_recurrent)
 
 

@@ -11,18 +11,30 @@ Both take the prepared per-head inputs (after the short conv, before the l2 norm
 Recurrence per token (spec §2.4):  S <- diag(exp g_t) S;  S <- S + beta_t k_t (v_t - S^T k_t)^T;  o_t = S^T q_t.
 
 The chunked form (spec §2.5, chunk C = 64) never factors exp(G_i - G_j) into exp(G_i) * exp(-G_j): with unbounded
-gates -G_j exceeds 88 within a chunk and overflows fp32. Instead each chunk is split into sub-blocks of `sub` rows:
-  * diagonal sub-blocks use exact pairwise differences G_i - G_j (j <= i, masked *before* exp);
-  * off-diagonal sub-blocks (row block I, columns j < start of I) use a GEMM through the anchor r = start of I:
-    exp(G_i - G_j) = exp(G_i - G_r) * exp(G_r - G_j), where both exponents are <= 0 because G is non-increasing.
-This keeps every exponent non-positive (no overflow, at worst a harmless underflow of a tiny true value) while
-materialising only C*sub*K pairwise terms per chunk instead of C*C*K.
+gates -G_j exceeds 88 within a chunk and overflows fp32. It builds the intra-chunk matrices by *recursive halving*:
+for a block of 2b rows, the pairs (i in the second half, j in the first half) all straddle the midpoint m, so
+
+    exp(G_i - G_j) = exp(sum_{m < t <= i} g_t) * exp(sum_{j < t <= m} g_t),    both exponents <= 0,
+
+which turns that quarter of the block into one GEMM of decayed rows by decayed columns; the two diagonal halves
+recurse down to single tokens (exp(0) = 1). Every exponent is a direct sum of same-signed terms (accurate to fp32
+relative precision, never a difference of cumulative sums), so nothing overflows and nothing cancels. The inverse
+(I + A)^-1 of the unit lower-triangular WY system is built alongside by block substitution,
+[[M11, 0], [A21, M22]]^-1 = [[T11, 0], [-T22 A21 T11, T22]], which is as stable as forward substitution and uses
+only matmuls (they partition under GSPMD on every backend; CPU `solve_triangular` is a LAPACK call that deadlocks
+when batch-sharded). The work is O(C^2 K) per chunk, the same order as the plain GEMM form.
+
+The sequential part is a `lax.scan` over groups of chunks: each step builds the intra-chunk matrices of its group
+(batched) and then carries the state through the group's chunks. Grouping keeps the working set in cache on CPU
+(batched small matmuls over all chunks at once run several times below peak there) and amortises the per-step
+overhead; on accelerators a larger group batches more of the intra-chunk work.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -64,143 +76,112 @@ def kda_recurrent(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV=None):
     return jnp.moveaxis(o_TBHV, 0, 1), S
 
 
-def _range_sum_mask(rows: int, cols: int, length: int, row_end, col_start):
-    """M[i, j, t] = 1 where col_start(j) < t <= row_end(i): selects the tokens whose log decays lie between j and i."""
-    t = jnp.arange(length)
-    return ((col_start[None, :, None] < t[None, None, :]) & (t[None, None, :] <= row_end[:, None, None])).astype(F32)
+def _intra_chunk(q_LCK, k_LCK, a_LCK, beta_LC):
+    """Exact intra-chunk matrices of the WY form for chunks of C = 2^n tokens (any leading dims L).
 
-
-def _intra_chunk_scores(x_NSsK, k_NCK, g_NCK, sub: int, include_diagonal: bool):
-    """sum_d x_i[d] k_j[d] exp(G_i[d] - G_j[d]) for all j <= i (or j < i) inside each chunk, without overflow.
-
-    G_i - G_j = sum_{j < t <= i} g_t is always formed as a *direct sum of same-signed terms* over its token range,
-    never as a difference of cumulative sums: after a token with g ~ -2000, |G| ~ 1e5 and a difference of cumsums
-    keeps only ~1e-2 absolute accuracy in fp32, which corrupts exp(G_i - G_j) exactly where it is O(1).
-
-    Shapes: N = batch*heads*chunks, S = C // sub row blocks of s rows, C = chunk length, K = key dim.
-    Returns scores_NSsC (row i = I*sub + a, column j), zero above the diagonal (or on it, if excluded).
+    Works in the decay domain: a_t = exp(g_t) in [0, 1], and every decay between two tokens is a product of such
+    factors, D(i, j) = prod_{j < t <= i} a_t (a product of numbers in [0, 1] never overflows, and it underflows only
+    where the true decay is below fp32's range). Returns
+      T_LCC  : (I + A)^-1, with A_ij = beta_i sum_d k_i k_j D(i, j) for j < i (unit lower-triangular inverse)
+      P_LCC  : P_ij = sum_d q_i k_j D(i, j) for j <= i, zero above the diagonal
+      Din_LCK  : prod_{t <= i} a_t, the decay from the chunk start through token i
+      Dout_LCK : prod_{j < t < C} a_t, the decay from after token j to the chunk end
     """
-    N, S, s, K = x_NSsK.shape
-    C = S * s
-    g_NSsK = g_NCK.reshape(N, S, s, K)
-    # Anchor of row block I is its first row r = I*s. For i in I: G_i - G_r = sum_{r < t <= i} g_t <= 0.
-    row_exp_NSsK = jnp.cumsum(g_NSsK.at[:, :, 0, :].set(0.0), axis=2)
-    # For j < r: G_r - G_j = sum_{j < t <= r} g_t <= 0; columns at or after r are masked before exp.
-    anchors = jnp.arange(S) * s
-    col_mask_SCt = _range_sum_mask(S, C, C, anchors, jnp.arange(C))
-    col_exp_NSCK = jnp.einsum("ijt,ntk->nijk", col_mask_SCt, g_NCK, precision=HIGHEST)
-    col_before_SC = jnp.arange(C)[None, :] < anchors[:, None]
-    col_exp_NSCK = jnp.where(col_before_SC[None, :, :, None], col_exp_NSCK, -jnp.inf)
-    k_scaled_NSCK = k_NCK[:, None, :, :] * jnp.exp(col_exp_NSCK)
-    off_NSsC = jnp.einsum("nisk,nick->nisc", x_NSsK * jnp.exp(row_exp_NSsK), k_scaled_NSCK, precision=HIGHEST)
+    *lead, C, K = k_LCK.shape
+    # One flat leading axis: simpler dots (and XLA:CPU 0.10 segfaulted differentiating the 3-batch-dim form).
+    L = (int(np.prod(lead)),)
+    q_LCK, k_LCK, a_LCK = (x.reshape(L + (C, K)) for x in (q_LCK, k_LCK, a_LCK))
+    beta_LC = beta_LC.reshape(L + (C,))
+    # Block size b = 1: every block is one token. pre / suf: inclusive prefix / exclusive suffix products in a block.
+    pre = a_LCK[..., :, None, :]
+    suf = jnp.ones_like(pre)
+    T = jnp.ones(L + (C, 1, 1), F32)
+    P = jnp.sum(q_LCK * k_LCK, axis=-1)[..., :, None, None]
+    kq_LC2K = jnp.stack([k_LCK * beta_LC[..., None], q_LCK], axis=-2)  # rows of A (beta-scaled keys) and of P
+    b = 1
+    while b < C:
+        n = C // (2 * b)
+        pre2, suf2 = pre.reshape(L + (n, 2, b, K)), suf.reshape(L + (n, 2, b, K))
+        # Second-half rows decayed back to the midpoint, first-half columns decayed up to it.
+        rows_Lnb2K = kq_LC2K.reshape(L + (n, 2, b, 2, K))[..., 1, :, :, :] * pre2[..., 1, :, None, :]
+        cols_LnbK = k_LCK.reshape(L + (n, 2, b, K))[..., 0, :, :] * suf2[..., 0, :, :]
+        cross_Ln2bb = jnp.einsum("...isk,...jk->...sij", rows_Lnb2K, cols_LnbK, precision=HIGHEST)
+        A21, P21 = cross_Ln2bb[..., 0, :, :], cross_Ln2bb[..., 1, :, :]
+        T2, P2 = T.reshape(L + (n, 2, b, b)), P.reshape(L + (n, 2, b, b))
+        T11, T22 = T2[..., 0, :, :], T2[..., 1, :, :]
+        T21 = -jnp.einsum("...ij,...jk->...ik", T22, jnp.einsum("...ij,...jk->...ik", A21, T11, precision=HIGHEST),
+                          precision=HIGHEST)
+        zeros = jnp.zeros(L + (n, b, b), F32)
+        T = jnp.concatenate([jnp.concatenate([T11, zeros], -1), jnp.concatenate([T21, T22], -1)], -2)
+        P = jnp.concatenate([jnp.concatenate([P2[..., 0, :, :], zeros], -1),
+                             jnp.concatenate([P21, P2[..., 1, :, :]], -1)], -2)
+        # Merge: the second half's prefixes gain the first half's total, the first half's suffixes the second's.
+        pre = jnp.concatenate([pre2[..., 0, :, :], pre2[..., 1, :, :] * pre2[..., 0, -1:, :]], -2)
+        suf = jnp.concatenate([suf2[..., 0, :, :] * pre2[..., 1, -1:, :], suf2[..., 1, :, :]], -2)
+        b *= 2
+    out = lambda x, last: x.reshape(tuple(lead) + (C, last))
+    return out(T, C), out(P, C), out(pre, K), out(suf, K)
 
-    # Diagonal blocks: exact pairwise G_a - G_b = sum_{b < t <= a} g_t, masked before exp (exp(-inf) = 0).
-    k_NSsK = k_NCK.reshape(N, S, s, K)
-    pair_mask_abt = _range_sum_mask(s, s, s, jnp.arange(s), jnp.arange(s))
-    diff_NSabK = jnp.einsum("abt,nitk->niabk", pair_mask_abt, g_NSsK, precision=HIGHEST)
-    tri_ab = jnp.tril(jnp.ones((s, s), bool), 0 if include_diagonal else -1)
-    diff_NSabK = jnp.where(tri_ab[None, None, :, :, None], diff_NSabK, -jnp.inf)
-    diag_NSab = jnp.einsum("niak,nibk,niabk->niab", x_NSsK, k_NSsK, jnp.exp(diff_NSabK), precision=HIGHEST)
-    # Place each diagonal block at its own column block.
-    eye_SS = jnp.eye(S, dtype=F32)
-    diag_NSsC = jnp.einsum("niab,ij->niajb", diag_NSab, eye_SS).reshape(N, S, s, C)
-    return off_NSsC + diag_NSsC
 
-
-def unit_lower_solve(A_NCC, rhs_NCX):
-    """Solve (I + A) X = rhs for strictly lower-triangular A, with matmuls only.
-
-    A is nilpotent (A^C = 0), so (I + A)^-1 = (I - A)(I + A^2)(I + A^4)...(I + A^(C/2)): log2(C) squarings, exact in
-    exact arithmetic. Matmuls partition cleanly under GSPMD on every backend, whereas `solve_triangular` lowers to a
-    LAPACK custom call on CPU that deadlocks when batch-sharded across devices. The product form is less stable than
-    substitution when keys are far from orthogonal (small head dims, little decay: ~1e-5 relative error), so one
-    step of iterative refinement follows, reusing the powers; it brings the error back to substitution's (~2e-7).
-    """
-    C = A_NCC.shape[-1]
-    mm = lambda a, b: jnp.einsum("nij,njx->nix", a, b, precision=HIGHEST)
-    powers = []  # A^2, A^4, ..., A^(2^k) < C
-    power, span = A_NCC, 2
-    while span < C:
-        power = mm(power, power)
-        powers.append(power)
-        span *= 2
-
-    def inverse_times(rhs):
-        X = rhs - mm(A_NCC, rhs)
-        for p in powers:
-            X = X + mm(p, X)
-        return X
-
-    X = inverse_times(rhs_NCX)
-    residual = rhs_NCX - X - mm(A_NCC, X)
-    return X + inverse_times(residual)
+def _default_chunks_per_step() -> int:
+    return 4 if jax.default_backend() == "cpu" else 16
 
 
 def kda_chunked(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV=None, *, chunk_size: int = 64,
-                sub_block: int = 16, return_chunk_states: bool = False):
+                chunks_per_step: int | None = None, return_chunk_states: bool = False):
     """Chunked (WY / UT) KDA, exact for unbounded per-channel gates.
 
-    Returns (o_BTHV fp32, final state_BHKV fp32) or, with `return_chunk_states`, also chunk_states_BNHKV: the state
-    *before* chunk n (after n * chunk_size tokens; n = 0 is the initial state), for every chunk n.
+    chunk_size must be a power of two (spec: 64). chunks_per_step chunks are handled per scan step (default: 4 on
+    CPU, 16 elsewhere; fewer when the sequence has fewer chunks). Returns (o_BTHV fp32, final state_BHKV fp32) or,
+    with `return_chunk_states`, also chunk_states_BNHKV: the state *before* chunk n (after n * chunk_size tokens;
+    n = 0 is the initial state), for every chunk n.
     """
-    q, k, v, g, beta = _prepare(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
     C = chunk_size
-    sub = min(sub_block, C)
-    if C % sub:
-        raise ValueError(f"kda_chunked: chunk_size {C} is not a multiple of sub_block {sub}")
-    S0 = _zero_state(q, v) if state_BHKV is None else state_BHKV.astype(F32)
-    pad = (-T) % C
+    if C < 1 or C & (C - 1):
+        raise ValueError(f"kda_chunked: chunk_size must be a power of two, got {C}")
+    B, T, H, K = q_BTHK.shape
+    V = v_BTHV.shape[-1]
+    S0 = jnp.zeros((B, H, K, V), F32) if state_BHKV is None else state_BHKV.astype(F32)
+    n_chunks = -(-T // C)
+    G = max(1, min(chunks_per_step or _default_chunks_per_step(), n_chunks))
+    n_steps = -(-n_chunks // G)
+    pad = n_steps * G * C - T
+    xs = (q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH)
     if pad:
         # Zero padding is inert: g = 0 keeps the state, beta = k = 0 adds nothing.
-        padT = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-        q, k, v, g, beta = map(padT, (q, k, v, g, beta))
-    Tp = T + pad
-    nC = Tp // C
+        xs = tuple(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in xs)
+    # [B, T, H, *] -> [steps, B, G, C, H, *] is a reshape (no copy for B = 1). The l2 norms, the decays a = exp(g)
+    # and the heads-first layout are done per step, while the group is in cache: as separate passes over the whole
+    # sequence they cost more than the rest of the kernel once T * H * K outgrows the cache.
+    xs = tuple(jnp.moveaxis(x.reshape(B, n_steps, G, C, *x.shape[2:]), 1, 0) for x in xs)
+    heads_first = lambda x: jnp.moveaxis(x, 3, 1)  # [B, G, C, H, *] -> [B, H, G, C, *]
 
-    # [B, T, H, *] -> [B, H, nC, C, *]
-    to_chunks = lambda a: jnp.moveaxis(a, 2, 1).reshape(B, H, nC, C, *a.shape[3:])
-    q, k, v, g, beta = map(to_chunks, (q, k, v, g, beta))
-    # Within-chunk cumulative log decays, each a same-signed sum (accurate to fp32 relative precision):
-    # G_i = sum_{t <= i} g_t from the chunk start, and E_j = G_last - G_j = sum_{j < t <= last} g_t to its end.
-    gcum = jnp.cumsum(g, axis=3)
-    g_to_end = jnp.flip(jnp.cumsum(jnp.flip(jnp.concatenate([g[:, :, :, 1:], jnp.zeros_like(g[:, :, :, :1])], 3),
-                                            3), 3), 3)
+    def group_step(S_BHKV, xs):
+        q_BHGCK, k_BHGCK, v_BHGCV, g_BHGCK, beta_BHGC = _prepare(*map(heads_first, xs))
+        a_BHGCK = jnp.exp(g_BHGCK)
+        T_BHGCC, P_BHGCC, Din_BHGCK, Dout_BHGCK = _intra_chunk(q_BHGCK, k_BHGCK, a_BHGCK, beta_BHGC)
+        # (I + A) [U | W] = [beta V | beta K Din]  (the UT transform)
+        rhs = jnp.concatenate([v_BHGCV * beta_BHGC[..., None], k_BHGCK * beta_BHGC[..., None] * Din_BHGCK], axis=-1)
+        UW_BHGCX = jnp.einsum("...ij,...jx->...ix", T_BHGCC, rhs, precision=HIGHEST)
+        # Rows that read the state: W (what the state already predicts, to subtract) and the decayed queries.
+        reads_BHGXK = jnp.concatenate([UW_BHGCX[..., V:], q_BHGCK * Din_BHGCK], axis=-2)
+        k_to_end_BHGCK = k_BHGCK * Dout_BHGCK
+        chunk_decay_BHGK = Din_BHGCK[..., -1, :]
+        outs, states = [], []
+        for c in range(G):  # the state recursion: sequential over the group's chunks
+            states.append(S_BHKV)
+            read_BHXV = jnp.einsum("bhxk,bhkv->bhxv", reads_BHGXK[:, :, c], S_BHKV, precision=HIGHEST)
+            v_new_BHCV = UW_BHGCX[:, :, c, :, :V] - read_BHXV[:, :, :C]
+            outs.append(read_BHXV[:, :, C:]
+                        + jnp.einsum("bhij,bhjv->bhiv", P_BHGCC[:, :, c], v_new_BHCV, precision=HIGHEST))
+            S_BHKV = (S_BHKV * chunk_decay_BHGK[:, :, c, :, None]
+                      + jnp.einsum("bhck,bhcv->bhkv", k_to_end_BHGCK[:, :, c], v_new_BHCV, precision=HIGHEST))
+        o_BGCHV = jnp.moveaxis(jnp.stack(outs, axis=2), 1, 3)
+        return S_BHKV, (o_BGCHV, jnp.stack(states, axis=1))
 
-    flat = lambda a: a.reshape(B * H * nC, *a.shape[3:])
-    qf, kf, gf, betaf = flat(q), flat(k), flat(g), flat(beta)
-    N = B * H * nC
-    blocks = lambda a: a.reshape(N, C // sub, sub, a.shape[-1])
-    # A_ij = beta_i sum_d k_i k_j exp(G_i - G_j), strictly lower; P_ij = sum_d q_i k_j exp(G_i - G_j), j <= i.
-    A_NCC = _intra_chunk_scores(blocks(kf), kf, gf, sub, include_diagonal=False).reshape(N, C, C)
-    A_NCC = A_NCC * betaf[:, :, None]
-    P_NCC = _intra_chunk_scores(blocks(qf), kf, gf, sub, include_diagonal=True).reshape(N, C, C)
-
-    # (I + A) [U | W] = [beta V | beta K exp(G)]: unit lower-triangular solve (the UT transform).
-    rhs_NCX = jnp.concatenate([flat(v) * betaf[..., None], kf * betaf[..., None] * jnp.exp(flat(gcum))], axis=-1)
-    UW_NCX = unit_lower_solve(A_NCC, rhs_NCX)
-    unflat = lambda a: a.reshape(B, H, nC, *a.shape[1:])
-    U_BHNCV, W_BHNCK = unflat(UW_NCX[..., :V]), unflat(UW_NCX[..., V:])
-    P_BHNCC = unflat(P_NCC)
-    q_decayed = q * jnp.exp(gcum)  # exponent <= 0
-    g_last_BHNK = gcum[:, :, :, -1, :]
-    k_to_end = k * jnp.exp(g_to_end)  # exponent <= 0
-
-    # Only the state recursion is sequential: scan over chunks.
-    def chunk_step(S_BHKV, xs):
-        U, W, P, qd, kd, glast = xs
-        v_new_BHCV = U - jnp.einsum("bhck,bhkv->bhcv", W, S_BHKV, precision=HIGHEST)
-        o_BHCV = (jnp.einsum("bhck,bhkv->bhcv", qd, S_BHKV, precision=HIGHEST)
-                  + jnp.einsum("bhcj,bhjv->bhcv", P, v_new_BHCV, precision=HIGHEST))
-        S_next = (S_BHKV * jnp.exp(glast)[..., None]
-                  + jnp.einsum("bhck,bhcv->bhkv", kd, v_new_BHCV, precision=HIGHEST))
-        return S_next, (o_BHCV, S_BHKV)
-
-    xs = tuple(jnp.moveaxis(a, 2, 0) for a in (U_BHNCV, W_BHNCK, P_BHNCC, q_decayed, k_to_end, g_last_BHNK))
-    S_final, (o_NBHCV, states_NBHKV) = jax.lax.scan(chunk_step, S0, xs)
-    o_BTHV = jnp.moveaxis(o_NBHCV, 0, 2).reshape(B, H, Tp, V)[:, :, :T]
-    o_BTHV = jnp.moveaxis(o_BTHV, 1, 2)
+    S_final, (o_sBGCHV, states_sBGHKV) = jax.lax.scan(group_step, S0, xs)
+    o_BTHV = jnp.moveaxis(o_sBGCHV, 0, 1).reshape(B, n_steps * G * C, H, V)[:, :T]
     if return_chunk_states:
-        return o_BTHV, S_final, jnp.moveaxis(states_NBHKV, 0, 1)
+        states_BNHKV = jnp.moveaxis(states_sBGHKV, 0, 1).reshape(B, n_steps * G, H, K, V)[:, :n_chunks]
+        return o_BTHV, S_final, states_BNHKV
     return o_BTHV, S_final
