@@ -255,12 +255,12 @@ def bench_model_config(tiny: bool):
         return tiny_cfg(num_hidden_layers=4, mla_layers=(3,))
     layers, mla = 8, (3, 7)
     return KimiLinearConfig(
-        vocab_size=8192, hidden_size=512, num_hidden_layers=layers, intermediate_size=1536,
+        vocab_size=8192, hidden_size=512, num_hidden_layers=layers, intermediate_size=1024,
         num_attention_heads=4, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
         q_lora_rank=None, kda_num_heads=4, kda_head_dim=128, conv_kernel_size=4,
         mixer_types=tuple(MLA if i in mla else KDA for i in range(layers)),
         ffn_types=tuple(DENSE if i == 0 else MOE for i in range(layers)),
-        num_experts=8, num_experts_per_token=2, num_shared_experts=1, moe_intermediate_size=1024,
+        num_experts=8, num_experts_per_token=2, num_shared_experts=1, moe_intermediate_size=256,
         routed_scaling_factor=2.446, moe_renormalize=True, num_expert_group=1, topk_group=1,
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
 

@@ -24,7 +24,7 @@ from kimi_jax.layers.init import normal_param
 from kimi_jax.layers.kda import KimiDeltaAttention
 from kimi_jax.layers.mla import MultiHeadLatentAttention, write_rows
 from kimi_jax.layers.mlp import SwiGLU
-from kimi_jax.layers.moe import MoE, resolve_dispatch
+from kimi_jax.layers.moe import MoE
 from kimi_jax.layers.norms import RMSNorm
 from kimi_jax.layout import Segment, plan_segments
 
@@ -43,7 +43,7 @@ def keeps_fp32(param_key: str) -> bool:
 class RunOptions:
     """Static knobs of one forward pass (not part of the checkpoint)."""
     remat: bool = False  # rematerialise each scanned cycle in the backward pass
-    moe_dispatch: str = "auto"  # "auto" | "ragged" | "dense" (identical maths)
+    moe_dispatch: str = "auto"  # "auto" | "ragged" | "tiled" | "dense" (identical maths)
     # Sharding of the [B, T, D] hidden states between layers (batch over the data-parallel mesh axes). Without it
     # GSPMD may follow the fsdp-sharded embedding table and replicate the whole batch on every device.
     activation_sharding: Any = None
@@ -84,8 +84,8 @@ class DecoderLayer(nnx.Module):
                                       export=export_starts is not None, lora=edit.get("lora"))
         h_BTD = h_BTD + mixed
         x_BTD = self.post_attention_norm(h_BTD)
-        ffn_out = self.ffn(x_BTD, resolve_dispatch(opts.moe_dispatch, self.ffn.w_gate.shape[0]),
-                           opts.activation_sharding) if self.ffn_kind == MOE else self.ffn(x_BTD)
+        ffn_out = self.ffn(x_BTD, opts.moe_dispatch, opts.activation_sharding) if self.ffn_kind == MOE \
+            else self.ffn(x_BTD)
         return h_BTD + ffn_out, cache
 
     def init_cache(self, batch: int, max_len: int, dtype):

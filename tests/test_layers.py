@@ -23,7 +23,7 @@ import torch
 import kimi_jax
 from kimi_jax.config import tiny
 from kimi_jax.layers.kda import softplus_thresholded
-from kimi_jax.layers.moe import route
+from kimi_jax.layers.moe import experts_dense, experts_tiled, resolve_dispatch, route, tile_rows
 from kimi_jax.layers.norms import gated_rms_norm, rms_norm
 from kimi_jax.layout import locate
 from kimi_jax.model import DecoderLayer, RunOptions
@@ -264,7 +264,7 @@ def test_mla_absorbed_cache_equals_expanded(pair):
 
 # ---------------------------------------------------------------------------------------------------------- FFN
 @pytest.mark.parametrize("T_", [T, 1])
-def test_moe_matches_torch_dense_and_ragged(pair, T_):
+def test_moe_matches_torch_every_dispatch(pair, T_):
     for i in MOE_LAYERS:
         ffn = pair.layer(i).ffn
         x = randn(40 + i, B, T_, pair.cfg.hidden_size)
@@ -277,11 +277,11 @@ def test_moe_matches_torch_dense_and_ragged(pair, T_):
             used = np.bincount(np.asarray(experts).ravel(), minlength=pair.cfg.num_experts)
             print(f"\n  layer {i} tokens per expert: {used}")
             assert np.count_nonzero(used) >= 6, f"routing should spread over the experts: {used}"
-        dense = ffn_apply(ffn, jnp.asarray(x), "dense")
-        ragged = ffn_apply(ffn, jnp.asarray(x), "ragged")
-        check(f"MoE layer {i} T={T_} dense vs torch ({pair.seed})", dense, expected)
-        check(f"MoE layer {i} T={T_} ragged vs torch ({pair.seed})", ragged, expected)
-        check(f"MoE layer {i} T={T_} dense vs ragged ({pair.seed})", dense, ragged)
+        outs = {kind: ffn_apply(ffn, jnp.asarray(x), kind) for kind in ("dense", "ragged", "tiled")}
+        for kind, out in outs.items():
+            check(f"MoE layer {i} T={T_} {kind} vs torch ({pair.seed})", out, expected)
+        check(f"MoE layer {i} T={T_} dense vs ragged ({pair.seed})", outs["dense"], outs["ragged"])
+        check(f"MoE layer {i} T={T_} tiled vs ragged ({pair.seed})", outs["tiled"], outs["ragged"])
 
 
 def silu_np(x):
@@ -468,3 +468,46 @@ def test_softplus_thresholded_matches_torch_formula():
     # The decay's gradient stays finite through a saturated softplus too.
     g_of_z = lambda z: jnp.sum(-jnp.exp(jnp.float32(2.0)) * softplus_thresholded(z))
     assert np.all(np.isfinite(np.asarray(jax.grad(g_of_z)(jnp.array([100.0, 1e4, -1e4], jnp.float32)))))
+
+
+@pytest.mark.parametrize("routing", ["skewed", "one_expert", "exact_tiles", "single_token"])
+def test_moe_tiled_dispatch_equals_dense_values_and_grads(routing):
+    """The tiled dispatch on routings that stress its bookkeeping: empty experts, one expert holding everything,
+    groups that fill whole tiles exactly, a single token. Values and all gradients equal the dense dispatch."""
+    rng = np.random.default_rng(7)
+    E, D, F, k = 8, 16, 8, 2
+    T = {"skewed": 90, "one_expert": 40, "exact_tiles": 64, "single_token": 1}[routing]
+    if routing == "skewed":
+        experts_Tk = np.stack([rng.choice([0, 0, 0, 3, 5], T), rng.choice([6, 7], T)], axis=1)
+    elif routing == "one_expert":
+        experts_Tk = np.stack([np.full(T, 2), np.full(T, 4)], axis=1)
+    elif routing == "exact_tiles":  # 128 assignments over 8 experts: 16 per expert = one whole tile each
+        experts_Tk = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], axis=1)
+        assert tile_rows(T * k, E) == 16
+    else:
+        experts_Tk = np.array([[1, 6]])
+    experts_Tk = jnp.asarray(experts_Tk, jnp.int32)
+    weights_Tk = jnp.asarray(rng.random((T, k)), jnp.float32)
+    x_TD = jnp.asarray(rng.standard_normal((T, D)), jnp.float32)
+    w = [jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32) for s in ((E, D, F), (E, D, F), (E, F, D))]
+
+    def loss(fn, x, wg, wu, wd):
+        return jnp.sum(jnp.sin(fn(x, weights_Tk, experts_Tk, wg, wu, wd)))
+
+    for fn in (experts_dense, experts_tiled):
+        chex.assert_shape(fn(x_TD, weights_Tk, experts_Tk, *w), (T, D))
+    np.testing.assert_allclose(np.asarray(experts_tiled(x_TD, weights_Tk, experts_Tk, *w)),
+                               np.asarray(experts_dense(x_TD, weights_Tk, experts_Tk, *w)), rtol=1e-5, atol=1e-6)
+    g_dense = jax.grad(functools.partial(loss, experts_dense), argnums=(0, 1, 2, 3))(x_TD, *w)
+    g_tiled = jax.grad(functools.partial(loss, experts_tiled), argnums=(0, 1, 2, 3))(x_TD, *w)
+    for a, b in zip(g_tiled, g_dense):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_moe_auto_dispatch_choice():
+    """auto on CPU: dense for a handful of tokens (decode), tiled for training-sized batches; explicit names pass."""
+    assert resolve_dispatch("auto", 8, num_tokens=1, top_k=2) == "dense"
+    assert resolve_dispatch("auto", 8, num_tokens=2048, top_k=2) == "tiled"
+    assert resolve_dispatch("ragged", 8, num_tokens=1, top_k=2) == "ragged"
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_dispatch("sparse", 8)

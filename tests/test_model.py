@@ -257,12 +257,13 @@ def test_remat_gradients_equal_default(small, small_ids):
 
 def test_moe_dispatch_dense_equals_ragged(small, small_ids):
     m = small.model()
-    # The default ("auto") forward is already compiled; it resolves to one of the two, compile only the other.
-    auto = resolve_dispatch("auto", small.cfg.num_experts)
-    other = "ragged" if auto == "dense" else "dense"
-    results = {auto: forward(m, small_ids), other: forward(m, small_ids, opts=RunOptions(moe_dispatch=other))}
+    # The default ("auto") forward is already compiled; it resolves to one of the three, compile only the others.
+    B, T = small_ids.shape
+    auto = resolve_dispatch("auto", small.cfg.num_experts, B * T, small.cfg.num_experts_per_token)
+    results = {kind: forward(m, small_ids) if kind == auto else forward(m, small_ids, opts=RunOptions(moe_dispatch=kind))
+               for kind in ("dense", "ragged", "tiled")}
     dense, ragged = results["dense"], results["ragged"]
-    diff = max_abs_diff(dense, ragged)
-    print(f"\n[moe] dense vs ragged dispatch: {diff:.3e}")
+    diff = max(max_abs_diff(dense, ragged), max_abs_diff(results["tiled"], ragged))
+    print(f"\n[moe] dense / tiled vs ragged dispatch: {diff:.3e}")
     assert diff <= 1e-5
     check_logits(small, small_ids, ragged, "small ragged dispatch")

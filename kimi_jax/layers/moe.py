@@ -7,10 +7,15 @@ Routing: s = sigmoid(x W_r) in fp32; experts are *selected* by s + correction_bi
 the unbiased s at the selected experts (transformers/vLLM), or the biased ones with
 `router_weights_use_correction_bias` (the hub remote code's aliasing), renormalised, times routed_scaling_factor.
 
-Two dispatches compute the same thing:
+Three dispatches compute the same thing:
   * "ragged": assignments sorted by expert, `jax.lax.ragged_dot` grouped matmuls, scattered back (GPU/TPU);
-  * "dense": every expert on every token, combined with the (mostly zero) routing weights. More FLOPs but plain
-    batched matmuls, which beat ragged_dot several times over on CPU for small expert counts (JAX_NOTES §11).
+  * "tiled": assignments sorted by expert, each expert's group padded to whole tiles of rows, one batched matmul
+    over the tiles with each tile's expert weights (the block-sparse form of grouped GEMM). Only the routed rows
+    plus at most one partial tile per expert are computed; on CPU it is ~3x faster than "dense" for a training
+    step of 8 experts top-2 and ragged_dot is slower than both there;
+  * "dense": every expert on every token, combined with the (mostly zero) routing weights: E / k times the routed
+    FLOPs, but the cheapest for a handful of tokens (decode).
+"auto" picks ragged off CPU; on CPU, dense or tiled, whichever computes fewer expert rows for the shapes at hand.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from kimi_jax.layers.init import normal_param
 from kimi_jax.layers.mlp import SwiGLU
 
 F32 = jnp.float32
-DISPATCHES = ("auto", "ragged", "dense")
+DISPATCHES = ("auto", "ragged", "tiled", "dense")
 
 
 def route(x_TD, router_DE, bias_E, *, top_k: int, num_groups: int, topk_groups: int, renormalize: bool,
@@ -74,12 +79,56 @@ def experts_ragged(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EF
     return jax.ops.segment_sum(weighted_AD, token_A, num_segments=T)
 
 
-def resolve_dispatch(dispatch: str, num_experts: int) -> str:
+def tile_rows(num_assignments: int, num_experts: int) -> int:
+    """Rows per tile: about one expert's share of the assignments, a power of two in [8, 256]."""
+    share = max(1, -(-num_assignments // num_experts))
+    return int(min(256, max(8, 1 << (share - 1).bit_length())))
+
+
+def experts_tiled(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD):
+    T, k = experts_Tk.shape
+    E, D, _ = w_gate_EDF.shape
+    A = T * k
+    tile = tile_rows(A, E)
+    # Static bound on the tiles: sum_e ceil(n_e / tile) <= A / tile + E.
+    n_tiles = -(-A // tile) + E
+    R = n_tiles * tile
+    flat_expert_A = experts_Tk.reshape(-1)
+    order_A = jnp.argsort(flat_expert_A, stable=True)  # sorted slot -> assignment
+    expert_A = flat_expert_A[order_A]
+    count_E = jnp.bincount(flat_expert_A, length=E)
+    padded_E = (count_E + tile - 1) // tile * tile
+    padded_end_E = jnp.cumsum(padded_E)
+    first_slot_E = jnp.cumsum(count_E) - count_E
+    row_A = padded_end_E[expert_A] - padded_E[expert_A] + jnp.arange(A) - first_slot_E[expert_A]
+    # Padding rows read a zero token (index T) and carry weight 0.
+    token_R = jnp.full((R,), T, jnp.int32).at[row_A].set((order_A // k).astype(jnp.int32))
+    weight_R = jnp.zeros((R,), F32).at[row_A].set(weights_Tk.reshape(-1)[order_A])
+    x_NtD = jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)])[token_R].reshape(n_tiles, tile, D)
+    # Tile n starts at row n * tile; its expert is the group whose padded range holds that row (unused tail tiles
+    # clamp to the last expert and only see zero rows).
+    expert_N = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_tiles) * tile, side="right"), E - 1)
+    gate_NtF = jnp.einsum("ntd,ndf->ntf", x_NtD, w_gate_EDF[expert_N])
+    up_NtF = jnp.einsum("ntd,ndf->ntf", x_NtD, w_up_EDF[expert_N])
+    out_NtD = jnp.einsum("ntf,nfd->ntd", jax.nn.silu(gate_NtF) * up_NtF, w_down_EFD[expert_N])
+    weighted_RD = out_NtD.reshape(R, D).astype(F32) * weight_R[:, None]
+    return jax.ops.segment_sum(weighted_RD, token_R, num_segments=T + 1)[:T]
+
+
+def resolve_dispatch(dispatch: str, num_experts: int, num_tokens: int | None = None, top_k: int = 1) -> str:
+    """The concrete dispatch for "auto" (others pass through). Without a token count, CPU resolves to tiled."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"moe dispatch {dispatch!r} is not one of {DISPATCHES}")
-    if dispatch == "auto":
-        return "dense" if jax.default_backend() == "cpu" and num_experts <= 16 else "ragged"
-    return dispatch
+    if dispatch != "auto":
+        return dispatch
+    if jax.default_backend() != "cpu":
+        return "ragged"
+    if num_tokens is None:
+        return "tiled"
+    A = num_tokens * top_k
+    tile = tile_rows(A, num_experts)
+    tiled_rows = (-(-A // tile) + num_experts) * tile
+    return "dense" if num_tokens * num_experts <= tiled_rows else "tiled"
 
 
 class MoE(nnx.Module):
@@ -104,8 +153,8 @@ class MoE(nnx.Module):
         batch shard (shard_map; expert weights are gathered per layer as in FSDP), so no device ever sorts or holds
         another shard's tokens; otherwise GSPMD would all-gather the whole batch for the global sort."""
         B, T, D = x_BTD.shape
-        kind = resolve_dispatch(dispatch or self.dispatch, self.w_gate.shape[0])
-        run = experts_dense if kind == "dense" else experts_ragged
+        kind = resolve_dispatch(dispatch or self.dispatch, self.w_gate.shape[0], B * T, self.top_k)
+        run = {"dense": experts_dense, "tiled": experts_tiled, "ragged": experts_ragged}[kind]
 
         def routed(x_TD, router, bias, w_gate, w_up, w_down):
             weights_Tk, experts_Tk = route(
