@@ -470,13 +470,13 @@ def test_softplus_thresholded_matches_torch_formula():
     assert np.all(np.isfinite(np.asarray(jax.grad(g_of_z)(jnp.array([100.0, 1e4, -1e4], jnp.float32)))))
 
 
-@pytest.mark.parametrize("routing", ["skewed", "one_expert", "exact_tiles", "single_token"])
+@pytest.mark.parametrize("routing", ["skewed", "one_expert", "exact_tiles", "single_token", "few_tokens"])
 def test_moe_tiled_dispatch_equals_dense_values_and_grads(routing):
     """The tiled dispatch on routings that stress its bookkeeping: empty experts, one expert holding everything,
     groups that fill whole tiles exactly, a single token. Values and all gradients equal the dense dispatch."""
     rng = np.random.default_rng(7)
     E, D, F, k = 8, 16, 8, 2
-    T = {"skewed": 90, "one_expert": 40, "exact_tiles": 64, "single_token": 1}[routing]
+    T = {"skewed": 90, "one_expert": 40, "exact_tiles": 64, "single_token": 1, "few_tokens": 3}[routing]
     if routing == "skewed":
         experts_Tk = np.stack([rng.choice([0, 0, 0, 3, 5], T), rng.choice([6, 7], T)], axis=1)
     elif routing == "one_expert":
@@ -484,8 +484,11 @@ def test_moe_tiled_dispatch_equals_dense_values_and_grads(routing):
     elif routing == "exact_tiles":  # 128 assignments over 8 experts: 16 per expert = one whole tile each
         experts_Tk = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], axis=1)
         assert tile_rows(T * k, E) == 16
-    else:
+    elif routing == "single_token":
         experts_Tk = np.array([[1, 6]])
+    else:  # 3 tokens, 6 assignments: one-row tiles, two tokens sharing expert 5
+        experts_Tk = np.array([[5, 0], [2, 5], [7, 3]])
+        assert tile_rows(T * k, E) == 1
     experts_Tk = jnp.asarray(experts_Tk, jnp.int32)
     weights_Tk = jnp.asarray(rng.random((T, k)), jnp.float32)
     x_TD = jnp.asarray(rng.standard_normal((T, D)), jnp.float32)
@@ -505,8 +508,10 @@ def test_moe_tiled_dispatch_equals_dense_values_and_grads(routing):
 
 
 def test_moe_auto_dispatch_choice():
-    """auto on CPU: dense for a handful of tokens (decode), tiled for training-sized batches; explicit names pass."""
-    assert resolve_dispatch("auto", 8, num_tokens=1, top_k=2) == "dense"
+    """auto on CPU: tiled for decode (2 of 8 expert matrices) and training batches, dense when E / k is small (it
+    then computes fewer rows than padded tiles); explicit names pass through."""
+    assert resolve_dispatch("auto", 8, num_tokens=1, top_k=2) == "tiled"
+    assert resolve_dispatch("auto", 2, num_tokens=512, top_k=2) == "dense"
     assert resolve_dispatch("auto", 8, num_tokens=2048, top_k=2) == "tiled"
     assert resolve_dispatch("ragged", 8, num_tokens=1, top_k=2) == "ragged"
     with pytest.raises(ValueError, match="not one of"):

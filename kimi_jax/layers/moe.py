@@ -14,8 +14,9 @@ Three dispatches compute the same thing:
     plus at most one partial tile per expert are computed; on CPU it is ~3x faster than "dense" for a training
     step of 8 experts top-2 and ragged_dot is slower than both there;
   * "dense": every expert on every token, combined with the (mostly zero) routing weights: E / k times the routed
-    FLOPs, but the cheapest for a handful of tokens (decode).
-"auto" picks ragged off CPU; on CPU, dense or tiled, whichever computes fewer expert rows for the shapes at hand.
+    FLOPs; the plainest form, and the cheapest when E / k is small.
+"auto" picks ragged off CPU; on CPU, tiled when it touches fewer expert matrices (decode: top-k of E) or computes
+fewer rows than dense, else dense.
 """
 
 from __future__ import annotations
@@ -58,10 +59,14 @@ def route(x_TD, router_DE, bias_E, *, top_k: int, num_groups: int, topk_groups: 
 def experts_dense(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD):
     E = w_gate_EDF.shape[0]
     combine_TE = jnp.sum(jax.nn.one_hot(experts_Tk, E, dtype=F32) * weights_Tk[..., None], axis=1)
-    gate_TEF = jnp.einsum("td,edf->tef", x_TD, w_gate_EDF)
-    up_TEF = jnp.einsum("td,edf->tef", x_TD, w_up_EDF)
-    out_TED = jnp.einsum("tef,efd->ted", jax.nn.silu(gate_TEF) * up_TEF, w_down_EFD)
-    return jnp.einsum("ted,te->td", out_TED.astype(F32), combine_TE)
+    # Batched over experts (tokens broadcast): the weights are read in their stored [E, D, F] layout. The
+    # "td,edf->tef" form makes XLA transpose every expert matrix to [D, E*F] first, a full weight copy per call
+    # that doubled the cost of a decode step.
+    x_ETD = jnp.broadcast_to(x_TD, (E,) + x_TD.shape)
+    gate_ETF = jnp.einsum("etd,edf->etf", x_ETD, w_gate_EDF)
+    up_ETF = jnp.einsum("etd,edf->etf", x_ETD, w_up_EDF)
+    out_ETD = jnp.einsum("etf,efd->etd", jax.nn.silu(gate_ETF) * up_ETF, w_down_EFD)
+    return jnp.einsum("etd,te->td", out_ETD.astype(F32), combine_TE)
 
 
 def experts_ragged(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -80,9 +85,16 @@ def experts_ragged(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EF
 
 
 def tile_rows(num_assignments: int, num_experts: int) -> int:
-    """Rows per tile: about one expert's share of the assignments, a power of two in [8, 256]."""
+    """Rows per tile: about one expert's share of the assignments, a power of two in [1, 256]."""
     share = max(1, -(-num_assignments // num_experts))
-    return int(min(256, max(8, 1 << (share - 1).bit_length())))
+    return int(min(256, 1 << (share - 1).bit_length()))
+
+
+def num_tiles(num_assignments: int, num_experts: int, tile: int) -> int:
+    """Static bound on the tiles: sum_e ceil(n_e / tile) <= A / tile + (groups that can be non-empty)."""
+    if tile == 1:
+        return num_assignments
+    return -(-num_assignments // tile) + min(num_experts, num_assignments)
 
 
 def experts_tiled(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -90,8 +102,7 @@ def experts_tiled(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD
     E, D, _ = w_gate_EDF.shape
     A = T * k
     tile = tile_rows(A, E)
-    # Static bound on the tiles: sum_e ceil(n_e / tile) <= A / tile + E.
-    n_tiles = -(-A // tile) + E
+    n_tiles = num_tiles(A, E, tile)
     R = n_tiles * tile
     flat_expert_A = experts_Tk.reshape(-1)
     order_A = jnp.argsort(flat_expert_A, stable=True)  # sorted slot -> assignment
@@ -127,8 +138,10 @@ def resolve_dispatch(dispatch: str, num_experts: int, num_tokens: int | None = N
         return "tiled"
     A = num_tokens * top_k
     tile = tile_rows(A, num_experts)
-    tiled_rows = (-(-A // tile) + num_experts) * tile
-    return "dense" if num_tokens * num_experts <= tiled_rows else "tiled"
+    tiles = num_tiles(A, num_experts, tile)
+    if tiles < num_experts:  # a few tokens (decode): reading only the routed experts' weights wins
+        return "tiled"
+    return "dense" if num_tokens * num_experts <= tiles * tile else "tiled"
 
 
 class MoE(nnx.Module):
