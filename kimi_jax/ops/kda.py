@@ -123,16 +123,20 @@ def _intra_chunk(q_LCK, k_LCK, a_LCK, beta_LC):
     return out(T, C), out(P, C), out(pre, K), out(suf, K)
 
 
-def _default_chunks_per_step() -> int:
-    return 4 if jax.default_backend() == "cpu" else 16
+def _default_chunks_per_step(batch_heads: int) -> int:
+    """On CPU about 16 (sample, head, chunk) triples per step keep a step's working set in cache (measured: 4 heads,
+    batch 1 -> 4 chunks; batch 4 -> 1); accelerators batch more of the intra-chunk work."""
+    return max(1, 16 // batch_heads) if jax.default_backend() == "cpu" else 16
 
 
 def kda_chunked(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV=None, *, chunk_size: int = 64,
                 chunks_per_step: int | None = None, return_chunk_states: bool = False):
     """Chunked (WY / UT) KDA, exact for unbounded per-channel gates.
 
-    chunk_size must be a power of two (spec: 64). chunks_per_step chunks are handled per scan step (default: 4 on
-    CPU, 16 elsewhere; fewer when the sequence has fewer chunks). Returns (o_BTHV fp32, final state_BHKV fp32) or,
+    chunk_size must be a power of two (spec: 64). chunks_per_step chunks are handled per scan step (default: about
+    16 // (batch * heads) on CPU, 16 elsewhere; fewer when the sequence has fewer chunks). Each step is
+    rematerialised in the backward pass (only the carried state is saved per step): on CPU that is 1.5x faster
+    than storing every intermediate of the intra-chunk construction. Returns (o_BTHV fp32, final state_BHKV fp32) or,
     with `return_chunk_states`, also chunk_states_BNHKV: the state *before* chunk n (after n * chunk_size tokens;
     n = 0 is the initial state), for every chunk n.
     """
@@ -143,7 +147,7 @@ def kda_chunked(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV=None, *, ch
     V = v_BTHV.shape[-1]
     S0 = jnp.zeros((B, H, K, V), F32) if state_BHKV is None else state_BHKV.astype(F32)
     n_chunks = -(-T // C)
-    G = max(1, min(chunks_per_step or _default_chunks_per_step(), n_chunks))
+    G = max(1, min(chunks_per_step or _default_chunks_per_step(B * H), n_chunks))
     n_steps = -(-n_chunks // G)
     pad = n_steps * G * C - T
     xs = (q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH)
@@ -179,7 +183,7 @@ def kda_chunked(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV=None, *, ch
         o_BGCHV = jnp.moveaxis(jnp.stack(outs, axis=2), 1, 3)
         return S_BHKV, (o_BGCHV, jnp.stack(states, axis=1))
 
-    S_final, (o_sBGCHV, states_sBGHKV) = jax.lax.scan(group_step, S0, xs)
+    S_final, (o_sBGCHV, states_sBGHKV) = jax.lax.scan(jax.checkpoint(group_step, prevent_cse=False), S0, xs)
     o_BTHV = jnp.moveaxis(o_sBGCHV, 0, 1).reshape(B, n_steps * G * C, H, V)[:, :T]
     if return_chunk_states:
         states_BNHKV = jnp.moveaxis(states_sBGHKV, 0, 1).reshape(B, n_steps * G, H, K, V)[:, :n_chunks]
