@@ -204,9 +204,12 @@ class KimiLinearForCausalLM(nnx.Module):
                                                 "segments": new_segment_caches}
         return h_BTD, new_cache
 
+    def head(self):
+        """The LM head [D, V] (the embedding table, transposed, when tied)."""
+        return self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+
     def logits(self, h_BTD):
-        head_DV = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", h_BTD, head_DV, preferred_element_type=F32)
+        return jnp.einsum("btd,dv->btv", h_BTD, self.head(), preferred_element_type=F32)
 
     def __call__(self, input_ids_BT, *, cache=None, attention_mask=None, opts: RunOptions = RunOptions()):
         """logits_BTV (fp32) without a cache; (logits_BTV, new_cache) with one."""
