@@ -188,6 +188,44 @@ def matmul_peak_gflops(n: int = 2048) -> float:
     return 2 * n ** 3 / seconds / 1e9
 
 
+def memory_bandwidth_gbs(mib: int = 256) -> float:
+    """This device's streaming bandwidth under jit, GB/s: x <- 2x over `mib` MiB of fp32, read + written, with the
+    buffer donated so no fresh allocation (and no page faulting) is timed. The roofline of every decode figure."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda x: x * 2.0, donate_argnums=0)
+    holder = {"x": jnp.ones((mib * 2 ** 18,), jnp.float32)}
+
+    def once():
+        holder["x"] = f(holder["x"])
+        holder["x"].block_until_ready()
+
+    return 2 * mib * 2 ** 20 / best_time(once, repeats=5) / 1e9
+
+
+def decode_bytes_per_token(model, cfg, context: int) -> float:
+    """Bytes a greedy decode step must read at `context`: every weight except the embedding table (one row) and
+    the unrouted experts (k of E are used), plus the caches (KDA states are read and written; MLA latents read)."""
+    import jax
+    from flax import nnx
+
+    total = 0.0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+        keys = "/".join(str(getattr(p, "key", p)) for p in path)
+        nbytes = leaf.size * leaf.dtype.itemsize
+        if "embed_tokens" in keys:
+            nbytes = leaf.shape[-1] * leaf.dtype.itemsize
+        elif any(name in keys for name in ("w_gate", "w_up", "w_down")):
+            nbytes *= cfg.num_experts_per_token / cfg.num_experts
+        total += nbytes
+    n_mla = sum(k == "mla" for k in cfg.mixer_types)
+    n_kda = cfg.num_hidden_layers - n_mla
+    total += n_kda * 2 * cfg.kda_num_heads * cfg.kda_head_dim ** 2 * 4
+    total += n_mla * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    return total
+
+
 def kda_flops_per_token_head(chunk: int, k: int) -> float:
     """Forward FLOPs per token per head of the chunked delta rule (d_k = d_v = k, chunk C): intra-chunk QK^T and
     KK^T, the WY products U = T V and W = T K, P v_new (10 C k), the state terms S^T q, W S, K^T v_new (6 k^2) and the
@@ -349,14 +387,25 @@ def bench_decode(args) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         ref, model = _paired_models(cfg, workdir)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len))
-    ours = best_time(lambda: generate_greedy(model, ids, n_new, eos_token_id=[]), repeats=2)
+    n_long = 4 * n_new
+    ours, ours_long = (best_time(lambda: generate_greedy(model, ids, n, eos_token_id=[]), repeats=2)
+                       for n in (n_new, n_long))
     with torch.no_grad():
         tids = torch.as_tensor(ids, dtype=torch.long)
-        theirs = best_time(lambda: ref.generate(tids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False),
-                           repeats=1)
-    print(f"greedy decode, batch 1, prompt {prompt_len}, {n_new} new tokens, fp32 ({model.num_params() / 1e6:.1f}M "
-          f"parameters): ours {n_new / ours:.1f} tokens/s, transformers generate {n_new / theirs:.1f} tokens/s, "
-          f"ratio {theirs / ours:.1f}x (prefill included in both)")
+        theirs, theirs_long = (best_time(lambda: ref.generate(tids, max_new_tokens=n, min_new_tokens=n,
+                                                              do_sample=False), repeats=1)
+                               for n in (n_new, n_long))
+    bandwidth = memory_bandwidth_gbs(32 if args.tiny else 256)
+    print(f"greedy decode, batch 1, prompt {prompt_len}, fp32 ({model.num_params() / 1e6:.1f}M parameters), "
+          f"backend {jax.default_backend()}, {os.cpu_count()} CPUs; measured streaming bandwidth {bandwidth:.1f} GB/s")
+    print(f"  {n_new} new tokens, prefill included: ours {n_new / ours:.1f} tokens/s, transformers generate "
+          f"{n_new / theirs:.1f} tokens/s, ratio {theirs / ours:.1f}x")
+    per_ours, per_theirs = (ours_long - ours) / (n_long - n_new), (theirs_long - theirs) / (n_long - n_new)
+    read = decode_bytes_per_token(model, cfg, prompt_len + n_long)
+    print(f"  per decode token (tokens {n_new}-{n_long}): ours {per_ours * 1e3:.2f} ms, transformers "
+          f"{per_theirs * 1e3:.2f} ms, ratio {per_theirs / per_ours:.1f}x; ours reads {read / 2 ** 20:.0f} MiB per token "
+          f"(active weights + caches) = {read / per_ours / 1e9:.1f} GB/s, {read / per_ours / 1e9 / bandwidth:.0%} of "
+          f"the measured bandwidth (a bandwidth-bound step takes >= {read / bandwidth / 1e6:.2f} ms)")
 
     contexts = [int(x) for x in args.contexts.split(",")]
     kda_layer = cfg.mixer_types.index("kda")
