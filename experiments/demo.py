@@ -12,7 +12,8 @@ process, exactly as a user with the real 48B would, on a tiny model of the same 
   4. recursive fine-tune (phase a), evaluate `finetuned_recursive` at an intermediate `step_N` and at the end;
   5. compare the four stages: table, verdicts, report and plots.
 Finished steps are reused on a re-run (a marker per step under `{workdir}/.done/`); `--fresh` starts clean.
-`--quick` shrinks every step (the CI test runs it; the aim is 5 minutes on 2 cores, the default run 20 minutes).
+`--quick` shrinks every step (the CI test runs it). Measured on 2 cores from an empty workdir: 3 min 27 s quick, 10 min
+8 s default (aims: 5 and 20 minutes).
 XLA compilations are cached on disk under `{workdir}/jax_cache`, shared by every step's process.
 """
 

@@ -204,20 +204,28 @@ def test_chunk_states_are_recurrent_prefix_states():
 
 
 # ---------------------------------------------------------------------------------------------------------- grads
-_grad_chunked = jax.jit(jax.grad(lambda *a: jnp.sum(kda_chunked(*a)[0]), argnums=(0, 1, 2, 3, 4)))
-_grad_recurrent = jax.jit(jax.grad(lambda *a: jnp.sum(kda_recurrent(*a)[0]), argnums=(0, 1, 2, 3, 4)))
+def _loss(core):
+    # Output and final state both feed the loss, so the backward sees cotangents on every output of the scan.
+    def loss(*a):
+        o, S = core(*a)
+        return jnp.sum(o) + jnp.sum(jnp.sin(S))
+    return loss
+
+
+_grad_chunked = jax.jit(jax.grad(_loss(kda_chunked), argnums=(0, 1, 2, 3, 4, 5)))
+_grad_recurrent = jax.jit(jax.grad(_loss(kda_recurrent), argnums=(0, 1, 2, 3, 4, 5)))
 
 
 @pytest.mark.parametrize("kinds", [("huge", "realistic"), ("small", "medium")], ids=["huge", "moderate"])
 def test_gradients_finite_and_match_recurrent(kinds):
-    (q, k, v, g, beta), _ = make_inputs(seed=11, T=70, kinds=kinds, H=2, K=8, V=8)
+    (q, k, v, g, beta), state = make_inputs(seed=11, T=70, kinds=kinds, H=2, K=8, V=8, with_state=True)
     if kinds[0] == "huge":
         assert np.max(np.abs(g)) > 1000
-    grads_c = _grad_chunked(q, k, v, g, beta)
-    grads_r = _grad_recurrent(q, k, v, g, beta)
-    chex.assert_trees_all_equal_shapes(grads_c, (q, k, v, g, beta))
+    grads_c = _grad_chunked(q, k, v, g, beta, state)
+    grads_r = _grad_recurrent(q, k, v, g, beta, state)
+    chex.assert_trees_all_equal_shapes(grads_c, (q, k, v, g, beta, state))
     errs = []
-    for name, gc, gr in zip("q k v g beta".split(), grads_c, grads_r):
+    for name, gc, gr in zip("q k v g beta state".split(), grads_c, grads_r):
         assert_finite(gc, gr)
         assert np.max(np.abs(np.asarray(gr))) > 0, f"d/d{name} is identically zero"
         e = rel_err(gc, gr)
@@ -250,3 +258,31 @@ def test_property_chunked_equals_recurrent(B, T, Hh, Kk, Vv, scale, chunk_size, 
     print(f"\n  B={B} T={T} H={Hh} K={Kk} V={Vv} scale={scale} C={chunk_size} state={with_state}: "
           f"o {e_o:.1e} S {e_S:.1e}")
     assert e_o < TOL and e_S < TOL
+
+
+def test_gradients_through_chunk_states():
+    """The per-chunk states (exported to the recursive block's windows) differentiate like prefix states of the
+    recurrence: d/d(inputs, initial state) of sum(sin(states)) matches the recurrent form on each prefix."""
+    T, C = 70, 16
+    (q, k, v, g, beta), state = make_inputs(seed=12, T=T, kinds=("realistic", "medium"), H=2, K=8, V=8,
+                                            with_state=True)
+
+    def chunked(*a):
+        _, _, states_BNHKV = kda_chunked(*a, chunk_size=C, return_chunk_states=True)
+        return jnp.sum(jnp.sin(states_BNHKV))
+
+    def recurrent(q, k, v, g, beta, S0):
+        total = jnp.sum(jnp.sin(S0))
+        for n in range(1, -(-T // C)):
+            t = n * C
+            total = total + jnp.sum(jnp.sin(kda_recurrent(q[:, :t], k[:, :t], v[:, :t], g[:, :t], beta[:, :t], S0)[1]))
+        return total
+
+    grads_c = jax.jit(jax.grad(chunked, argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, g, beta, state)
+    grads_r = jax.jit(jax.grad(recurrent, argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, g, beta, state)
+    np.testing.assert_array_equal(np.asarray(grads_c[0]), 0.0)  # states never read the queries
+    np.testing.assert_array_equal(np.asarray(grads_r[0]), 0.0)
+    for name, gc, gr in list(zip("q k v g beta state".split(), grads_c, grads_r))[1:]:
+        assert_finite(gc)
+        assert np.max(np.abs(np.asarray(gr))) > 0, name
+        assert rel_err(gc, gr) < 1e-4, (name, rel_err(gc, gr))
