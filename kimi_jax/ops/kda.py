@@ -105,12 +105,16 @@ def _intra_chunk(q_LCK, k_LCK, a_LCK, beta_LC):
         # Second-half rows decayed back to the midpoint, first-half columns decayed up to it.
         rows_Lnb2K = kq_LC2K.reshape(L + (n, 2, b, 2, K))[..., 1, :, :, :] * pre2[..., 1, :, None, :]
         cols_LnbK = k_LCK.reshape(L + (n, 2, b, K))[..., 0, :, :] * suf2[..., 0, :, :]
-        cross_Ln2bb = jnp.einsum("...isk,...jk->...sij", rows_Lnb2K, cols_LnbK, precision=HIGHEST)
+        # Each matmul over one flat batch axis M = L * n (see kda_chunked on XLA:CPU and multi-batch-dim dots).
+        M = L[0] * n
+        cross_Ln2bb = jnp.einsum("misk,mjk->msij", rows_Lnb2K.reshape(M, b, 2, K), cols_LnbK.reshape(M, b, K),
+                                 precision=HIGHEST).reshape(L + (n, 2, b, b))
         A21, P21 = cross_Ln2bb[..., 0, :, :], cross_Ln2bb[..., 1, :, :]
         T2, P2 = T.reshape(L + (n, 2, b, b)), P.reshape(L + (n, 2, b, b))
         T11, T22 = T2[..., 0, :, :], T2[..., 1, :, :]
-        T21 = -jnp.einsum("...ij,...jk->...ik", T22, jnp.einsum("...ij,...jk->...ik", A21, T11, precision=HIGHEST),
-                          precision=HIGHEST)
+        mm = lambda x, y: jnp.einsum("mij,mjk->mik", x.reshape(M, b, b), y.reshape(M, b, b),
+                                     precision=HIGHEST).reshape(L + (n, b, b))
+        T21 = -mm(T22, mm(A21, T11))
         zeros = jnp.zeros(L + (n, b, b), F32)
         T = jnp.concatenate([jnp.concatenate([T11, zeros], -1), jnp.concatenate([T21, T22], -1)], -2)
         P = jnp.concatenate([jnp.concatenate([P2[..., 0, :, :], zeros], -1),
