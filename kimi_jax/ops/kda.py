@@ -181,7 +181,7 @@ def kda_chunked(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV=None, *, ch
         raise ValueError(f"kda_chunked: chunk_size must be a power of two, got {C}")
     B, T, H, K = q_BTHK.shape
     V = v_BTHV.shape[-1]
-    S0 = jnp.zeros((B, H, K, V), F32) if state_BHKV is None else state_BHKV.astype(F32)
+    S0 = _zero_state(q_BTHK, v_BTHV) if state_BHKV is None else state_BHKV.astype(F32)
     n_chunks = -(-T // C)
     G = max(1, min(chunks_per_step or _default_chunks_per_step(B * H), n_chunks))
     n_steps = -(-n_chunks // G)
