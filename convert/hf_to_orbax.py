@@ -8,7 +8,9 @@ mapping (convert/mapping.py) and written to orbax; parameters stacked over a sca
 written one layer at a time. Peak host memory is therefore about the largest *per-layer* parameter a couple of times
 over (the tensor read, its transposed copy, the cast) plus orbax/tensorstore buffers: for Kimi-Linear-48B in bf16
 that is one layer's routed-expert stack, 256 x 2304 x 1024 x 2 B = 1.1 GiB, never the 91.5 GiB checkpoint.
-Writing to --dtype float32 doubles it; nothing else grows with model size.
+Writing to --dtype float32 doubles it; nothing else grows with model size. Assembly overlaps the writes: up to
+512 MiB of assembled blocks may wait for tensorstore (kimi_jax.checkpoint.WRITE_AHEAD_BYTES), which compresses
+64 MiB chunks on every core.
 
 The output is built in a temporary sibling folder and renamed into place only when complete, with config.json and
 the tokenizer files copied alongside; an existing output is refused unless --overwrite.

@@ -13,6 +13,8 @@ the writer holds one layer's tensor in memory at a time, never the whole checkpo
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import logging
 import os
@@ -59,6 +61,11 @@ _CANCEL = threading.Event()  # set when a save is abandoned (Ctrl-C, error): the
 _IN_FLIGHT: list = []  # the writer futures of the current save, waited for when it is abandoned
 
 
+# Streaming writes (LazyParam): chunk size on disk, and how much assembled data may wait for tensorstore.
+CHUNK_BYTES = 64 << 20
+WRITE_AHEAD_BYTES = 512 << 20
+
+
 class SaveCancelled(Exception):
     pass
 
@@ -89,23 +96,51 @@ class _LazyParamHandler(orbax_serialization.NumpyHandler):
         return [writer]
 
     async def _write(self, values, infos, args):
-        for value, info, arg in zip(values, infos, args):
-            await info.await_path_creation()
-            block_shape = (1,) + value.shape[1:] if value.stacked else value.shape
-            spec = orbax_serialization.ts_utils.build_array_write_spec(
-                info=info, arg=arg, global_shape=value.shape, local_shape=block_shape, dtype=value.dtype,
-                use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=orbax_serialization.ocdbt_utils.get_process_index_for_subdir(
-                    use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=None),
-                metadata_key=None)
-            if orbax_serialization.multihost.process_index() != 0:
-                continue
-            store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
-            for index, block in value.blocks():
-                if _CANCEL.is_set():
-                    raise SaveCancelled("checkpoint write cancelled")
-                block = np.asarray(block, value.dtype)
-                await (store if index is None else store[index]).write(block)
+        # Blocks are assembled here (numpy, this thread) while tensorstore copies, compresses and writes earlier
+        # ones on its own threads. Assembled-but-unwritten blocks are capped at WRITE_AHEAD_BYTES (a block larger
+        # than that waits for every earlier write first), so peak memory stays within the largest block plus the
+        # cap; chunks of at most CHUNK_BYTES let tensorstore compress one block on several cores.
+        pending: collections.deque = collections.deque()  # (write future, bytes), oldest first
+        pending_bytes = 0
+        try:
+            for value, info, arg in zip(values, infos, args):
+                await info.await_path_creation()
+                block_shape = (1,) + value.shape[1:] if value.stacked else value.shape
+                if arg.chunk_byte_size is None:
+                    arg = dataclasses.replace(arg, chunk_byte_size=CHUNK_BYTES)
+                spec = orbax_serialization.ts_utils.build_array_write_spec(
+                    info=info, arg=arg, global_shape=value.shape, local_shape=block_shape, dtype=value.dtype,
+                    use_ocdbt=info.is_ocdbt_checkpoint,
+                    process_index=orbax_serialization.ocdbt_utils.get_process_index_for_subdir(
+                        use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=None),
+                    metadata_key=None)
+                if orbax_serialization.multihost.process_index() != 0:
+                    continue
+                store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+                block_bytes = int(np.prod(block_shape, dtype=np.int64)) * value.dtype.itemsize
+                blocks = value.blocks()
+                while True:
+                    while pending and pending_bytes + block_bytes > WRITE_AHEAD_BYTES:
+                        future, nbytes = pending.popleft()
+                        await future
+                        pending_bytes -= nbytes
+                    if _CANCEL.is_set():
+                        raise SaveCancelled("checkpoint write cancelled")
+                    try:
+                        index, block = next(blocks)
+                    except StopIteration:
+                        break
+                    block = np.asarray(block, value.dtype)
+                    pending.append(((store if index is None else store[index]).write(block), block_bytes))
+                    pending_bytes += block_bytes
+            while pending:
+                await pending.popleft()[0]
+        finally:  # on an error or a cancel, let the writes already handed to tensorstore finish first
+            for future, _ in pending:
+                try:
+                    await future
+                except BaseException:
+                    pass
 
 
 def _register_handler():

@@ -220,3 +220,22 @@ def test_lazy_params_blocks_in_any_order(tmp_path):
     assert np.array_equal(out["a.stacked"], stacked)
     assert out["b.whole"].dtype == ml_dtypes.bfloat16 and np.array_equal(out["b.whole"], whole)
     assert np.array_equal(out["c.plain"], stacked[0] * 2)
+
+
+@pytest.mark.parametrize("write_ahead", [0, 1 << 30])
+def test_lazy_params_with_small_chunks_and_any_write_ahead(tmp_path, monkeypatch, write_ahead):
+    """Blocks split into several on-disk chunks (compressed in parallel) and any write-ahead budget (0: every
+    write waits for the one before; 1 GiB: all blocks in flight) store the same values."""
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4 * 5 * 4 // 2)  # half a block of [4, 5] float32
+    monkeypatch.setattr(checkpoint, "WRITE_AHEAD_BYTES", write_ahead)
+    rng = np.random.default_rng(2)
+    stacked = rng.standard_normal((6, 4, 5)).astype(np.float32)
+    params = {"s": checkpoint.LazyParam(stacked.shape, np.float32, lambda: ((r, stacked[r]) for r in range(6)),
+                                        stacked=True)}
+    folder = tmp_path / "chunks"
+    folder.mkdir()
+    checkpoint.save_params(str(folder / checkpoint.PARAMS_DIR), params)
+    chunk = _stored_chunk_shapes(folder)["s"]
+    assert chunk[0] == 1 and np.prod(chunk) < 4 * 5
+    out = checkpoint.restore_arrays(str(folder), checkpoint.stored_arrays(str(folder)))
+    assert np.array_equal(out["s"], stacked)
