@@ -97,6 +97,21 @@ class ReferenceCase:
         return np.random.default_rng(1000 + seed).integers(3, self.cfg.vocab_size, (batch, length)).astype(np.int64)
 
 
+# ------------------------------------------------------------------------------------------- parallel scheduling
+# The README's test command runs two pytest-xdist workers with `--dist loadfile` (each module stays in one process
+# with its module fixtures and compiles). Modules are handed out in collection order, so the longest go first and
+# the short ones fill in at the end. (`--dist loadgroup` would let modules share a worker, but xdist 3.8 cannot
+# rename pytest 9.2's node ids and silently falls back to per-test scheduling.)
+LONGEST_FIRST = ("test_demo", "test_multiprocess", "test_compare", "test_evaluate", "test_train_cli",
+                 "test_recursive_train_step", "test_recursive_generate", "test_generate_cli", "test_plan")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    module = lambda item: os.path.splitext(os.path.basename(str(item.fspath)))[0]
+    items.sort(key=lambda item: rank.get(module(item), len(rank)))  # stable: file order within and after
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop JAX's compiled programs after each test module. One pytest process compiles thousands of XLA:CPU
