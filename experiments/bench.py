@@ -10,7 +10,8 @@
 (`chunk_kimi_delta_attention`, what a user without fla's Triton kernels runs) and vs our own token-recurrent form,
 fp32, with the analytic FLOPs and the fraction of this machine's measured jitted fp32 matmul peak.
 `train`: train-step tokens/s of the same random model in JAX (our train step, AdamW) and in transformers + torch
-(AdamW), with analytic MFU against the measured matmul peak.
+(AdamW), with analytic MFU against the measured matmul peak; then a breakdown: each kind of layer, the KDA mixer,
+the KDA kernel and the MoE under each dispatch, jitted alone at the step's shape (forward and forward + backward).
 `decode`: greedy decode tokens/s (batch 1) vs transformers `generate`, and the per-token cost of one KDA layer and
 one MLA layer as the context grows (KDA state is constant-size; MLA attends over the compressed latent cache).
 `--tiny` shrinks every shape so the harness runs in seconds (for CI: correctness of the harness, not timings).
@@ -369,6 +370,63 @@ def bench_train(args) -> None:
     for label, sec in (("ours (jax, AdamW)", ours), ("transformers + torch", theirs)):
         print(f"{label:<26} {sec * 1e3:>7.0f}ms {B * T / sec:>10.0f} {flops / sec / 1e9 / peak:>12.1%}")
     print(f"ratio (ours / transformers tokens/s): {theirs / ours:.1f}x")
+    train_breakdown(cfg, B, T, peak)
+
+
+def train_breakdown(cfg, B: int, T: int, peak: float) -> None:
+    """Where a train step's time goes: each kind of layer, its mixer and FFN, and the KDA kernel, each jitted alone
+    at the step's shape (forward, and forward + backward of a sum of squares), with their matmul FLOPs' time at the
+    measured peak for scale."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kimi_jax.layers.kda import KimiDeltaAttention
+    from kimi_jax.layers.moe import MoE
+    from kimi_jax.model import DecoderLayer, RunOptions
+    from kimi_jax.ops.kda import kda_chunked
+
+    D = cfg.hidden_size
+    h_BTD = jax.random.normal(jax.random.PRNGKey(0), (B, T, D), jnp.float32)
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool))[None], (B, T, T))
+    ctx = {"mask_BT": None, "visible_BTS": causal, "cache_index": None, "edit_fn": None, "export_starts": None}
+
+    def fwd_and_grad(fn, *args):
+        f = jax.jit(fn)
+        g = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=tuple(range(len(args)))))
+        return (best_time(lambda: jax.block_until_ready(f(*args)), repeats=3),
+                best_time(lambda: jax.block_until_ready(g(*args)), repeats=3))
+
+    def module_times(module, call):
+        gd, st = nnx.split(module)
+        return fwd_and_grad(lambda st, h: call(nnx.merge(gd, st), h), st, h_BTD)
+
+    rows = []
+    for kind in sorted(set(zip(cfg.mixer_types, cfg.ffn_types))):
+        layer = list(zip(cfg.mixer_types, cfg.ffn_types)).index(kind)
+        block = DecoderLayer(cfg, layer, rngs=nnx.Rngs(0))
+        count = sum(k == kind for k in zip(cfg.mixer_types, cfg.ffn_types))
+        rows.append((f"{kind[0]}+{kind[1]} layer (x{count})",
+                     module_times(block, lambda m, h: m(h, None, ctx, RunOptions())[0])))
+    if "kda" in cfg.mixer_types:
+        rows.append(("  KDA mixer", module_times(KimiDeltaAttention(cfg, rngs=nnx.Rngs(0)), lambda m, h: m(h)[0])))
+        H, K = cfg.kda_num_heads, cfg.kda_head_dim
+        ks = jax.random.split(jax.random.PRNGKey(1), 5)
+        q, k, v = (jax.random.normal(key, (B, T, H, K)) for key in ks[:3])
+        g = -jnp.abs(jax.random.normal(ks[3], (B, T, H, K)))
+        beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
+        kernel = functools.partial(kda_chunked, chunk_size=cfg.kda_chunk_size)
+        rows.append(("    of which the KDA kernel", fwd_and_grad(lambda *a: kernel(*a)[0], q, k, v, g, beta)))
+    if "moe" in cfg.ffn_types:
+        for dispatch in ("tiled", "dense", "ragged"):
+            rows.append((f"  MoE ({dispatch} dispatch)",
+                         module_times(MoE(cfg, rngs=nnx.Rngs(0)), lambda m, h, d=dispatch: m(h, d, None))))
+    print(f"step breakdown, each piece jitted alone at batch {B} x {T} (matmul peak {peak:.1f} GFLOP/s):")
+    print(f"{'':<30} {'fwd':>9} {'fwd+bwd':>9}")
+    for label, (t_fwd, t_both) in rows:
+        print(f"{label:<30} {t_fwd * 1e3:>7.1f}ms {t_both * 1e3:>7.1f}ms")
 
 
 def bench_decode(args) -> None:

@@ -99,9 +99,9 @@ class ReferenceCase:
 
 # ------------------------------------------------------------------------------------------- parallel scheduling
 # The README's test command runs two pytest-xdist workers with `--dist loadfile` (each module stays in one process
-# with its module fixtures and compiles). Modules are handed out in collection order, so the longest go first and
-# the short ones fill in at the end. (`--dist loadgroup` would let modules share a worker, but xdist 3.8 cannot
-# rename pytest 9.2's node ids and silently falls back to per-test scheduling.)
+# with its module fixtures and compiles). With --no-loadscope-reorder (setup.cfg) modules are handed out in
+# collection order, so the longest go first and the short ones fill in at the end. (`--dist loadgroup` would let
+# modules share a worker, but xdist 3.8 cannot rename pytest 9.2's node ids and falls back to per-test scheduling.)
 LONGEST_FIRST = ("test_demo", "test_multiprocess", "test_compare", "test_evaluate", "test_train_cli",
                  "test_recursive_train_step", "test_recursive_generate", "test_generate_cli", "test_plan")
 
