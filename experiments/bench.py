@@ -234,6 +234,14 @@ def kda_flops_per_token_head(chunk: int, k: int) -> float:
     return 10 * chunk * k + 6 * k * k + 2 / 3 * chunk * chunk
 
 
+def random_kda_inputs(rng, B: int, T: int, H: int, K: int):
+    """Random fp32 numpy inputs of the KDA core: q, k, v [B, T, H, K], log decay g < 0, beta in (0, 1)."""
+    q, k, v = (rng.standard_normal((B, T, H, K), dtype=np.float32) for _ in range(3))
+    g = -np.exp(rng.standard_normal((B, T, H, K), dtype=np.float32)) * 0.1
+    beta = 1 / (1 + np.exp(-rng.standard_normal((B, T, H), dtype=np.float32)))
+    return q, k, v, g, beta
+
+
 def bench_kda(args) -> None:
     import jax
     import jax.numpy as jnp
@@ -260,9 +268,7 @@ def bench_kda(args) -> None:
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     for T in lengths:
-        q, k, v = (rng.standard_normal((1, T, H, K), dtype=np.float32) for _ in range(3))
-        g = -np.exp(rng.standard_normal((1, T, H, K), dtype=np.float32)) * 0.1
-        beta = 1 / (1 + np.exp(-rng.standard_normal((1, T, H), dtype=np.float32)))
+        q, k, v, g, beta = random_kda_inputs(rng, 1, T, H, K)
         jx = [jnp.asarray(a) for a in (q, k, v, g, beta)]
         ours = best_time(lambda: jax.block_until_ready(chunked(*jx)))
         ours_fb = best_time(lambda: jax.block_until_ready(grad(*jx)))
@@ -375,8 +381,7 @@ def bench_train(args) -> None:
 
 def train_breakdown(cfg, B: int, T: int, peak: float) -> None:
     """Where a train step's time goes: each kind of layer, its mixer and FFN, and the KDA kernel, each jitted alone
-    at the step's shape (forward, and forward + backward of a sum of squares), with their matmul FLOPs' time at the
-    measured peak for scale."""
+    at the step's shape (forward, and forward + backward of a sum of squares)."""
     import functools
 
     import jax
@@ -412,13 +417,10 @@ def train_breakdown(cfg, B: int, T: int, peak: float) -> None:
                      module_times(block, lambda m, h: m(h, None, ctx, RunOptions())[0])))
     if "kda" in cfg.mixer_types:
         rows.append(("  KDA mixer", module_times(KimiDeltaAttention(cfg, rngs=nnx.Rngs(0)), lambda m, h: m(h)[0])))
-        H, K = cfg.kda_num_heads, cfg.kda_head_dim
-        ks = jax.random.split(jax.random.PRNGKey(1), 5)
-        q, k, v = (jax.random.normal(key, (B, T, H, K)) for key in ks[:3])
-        g = -jnp.abs(jax.random.normal(ks[3], (B, T, H, K)))
-        beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
+        inputs = map(jnp.asarray, random_kda_inputs(np.random.default_rng(1), B, T, cfg.kda_num_heads,
+                                                    cfg.kda_head_dim))
         kernel = functools.partial(kda_chunked, chunk_size=cfg.kda_chunk_size)
-        rows.append(("    of which the KDA kernel", fwd_and_grad(lambda *a: kernel(*a)[0], q, k, v, g, beta)))
+        rows.append(("    of which the KDA kernel", fwd_and_grad(lambda *a: kernel(*a)[0], *inputs)))
     if "moe" in cfg.ffn_types:
         for dispatch in ("tiled", "dense", "ragged"):
             rows.append((f"  MoE ({dispatch} dispatch)",
