@@ -34,12 +34,36 @@ def causal_depthwise_conv(u_BTC, kernel_WC, tail_BWC):
     u_BTC: inputs (C = any trailing channel shape flattened by the caller), tail_BWC: the previous W-1 inputs.
     Returns (y_BTC in fp32, new tail = the last W-1 inputs of [tail; u]).
     """
-    W = kernel_WC.shape[0]
     T = u_BTC.shape[1]
     full = jnp.concatenate([tail_BWC.astype(u_BTC.dtype), u_BTC], axis=1).astype(F32)
-    k32 = kernel_WC.astype(F32)
-    y = sum(full[:, j:j + T] * k32[j] for j in range(W))
-    return y, full[:, T:].astype(u_BTC.dtype)
+    return _shifted_taps(full, kernel_WC.astype(F32)), full[:, T:].astype(u_BTC.dtype)
+
+
+@jax.custom_vjp
+def _shifted_taps(full_BSC, kernel_WC):
+    """sum_j kernel[j] * full[:, j : j + T] with T = S - W + 1 (the conv's forward)."""
+    W = kernel_WC.shape[0]
+    T = full_BSC.shape[1] - W + 1
+    return sum(full_BSC[:, j:j + T] * kernel_WC[j] for j in range(W))
+
+
+def _shifted_taps_fwd(full_BSC, kernel_WC):
+    return _shifted_taps(full_BSC, kernel_WC), (full_BSC, kernel_WC)
+
+
+def _shifted_taps_bwd(residuals, dy_BTC):
+    # d full[s] = sum_j kernel[j] dy[s - j]: the same taps, reversed, over dy padded by W-1 on both sides. Autodiff
+    # forms this as W separate zero-padded copies summed inside a transposing copy, several times slower on CPU.
+    full_BSC, kernel_WC = residuals
+    W = kernel_WC.shape[0]
+    S, T = full_BSC.shape[1], dy_BTC.shape[1]
+    dy_pad = jnp.pad(dy_BTC, [(0, 0), (W - 1, W - 1)] + [(0, 0)] * (dy_BTC.ndim - 2))
+    d_full = sum(dy_pad[:, W - 1 - j:W - 1 - j + S] * kernel_WC[j] for j in range(W))
+    d_kernel = jnp.stack([jnp.sum(full_BSC[:, j:j + T] * dy_BTC, axis=(0, 1)) for j in range(W)])
+    return d_full, d_kernel
+
+
+_shifted_taps.defvjp(_shifted_taps_fwd, _shifted_taps_bwd)
 
 
 def lora_apply(x, a, b, down: str, up: str):
