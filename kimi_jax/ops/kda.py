@@ -28,6 +28,11 @@ The sequential part is a `lax.scan` over groups of chunks: each step builds the 
 (batched) and then carries the state through the group's chunks. Grouping keeps the working set in cache on CPU
 (batched small matmuls over all chunks at once run several times below peak there) and amortises the per-step
 overhead; on accelerators a larger group batches more of the intra-chunk work.
+
+The backward is hand-written (`_chunked_scan`'s custom VJP): a reverse scan over the same groups carries the state's
+cotangent back through each group's chunks, and every input's gradient comes from batched matmuls plus the same
+recursive halving (`_decayed_triangular_products`), so the backward never divides by a decay either; d/dg sums only
+the pair products that contain exp(g_t), which keeps it exact where exp(g_t) underflows to 0.
 """
 
 from __future__ import annotations
