@@ -5,7 +5,7 @@
         [--grad_accum G] [--num_steps N] [--lr LR] [--warmup_steps S] [--schedule cosine|linear]
         [--weight_decay WD] [--clip_norm C] [--train_groups G1,G2,...] [--recursive_config PRESET_OR_JSON]
         [--chunk_width W] [--max_inner_steps K] [--mesh data=2,fsdp=-1] [--dtype float32|bfloat16]
-        [--remat | --no-remat] [--seed S] [--output_dir DIR] [--log_dir DIR] [--eval_interval N]
+        [--remat | --no-remat] [--unroll_layers] [--seed S] [--output_dir DIR] [--log_dir DIR] [--eval_interval N]
         [--max_eval_batches N] [--save_interval N] [--max_to_keep N] [--resume | --no-resume] [--quiet]
 
 Model. --model_path (alias --model_name) is an HF folder (config.json + safetensors, converted in memory; fine for
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter dtype (default: the stored one for orbax folders, float32 for HF folders)")
     g.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
                    help="rematerialise each layer cycle in the backward pass (default on)")
+    g.add_argument("--unroll_layers", action="store_true",
+                   help="unroll the scans over layers (faster steps for small models; compile time grows with depth)")
     g.add_argument("--mesh", help="mesh spec, e.g. data=2,fsdp=-1 (default: fsdp over every device)")
     g.add_argument("--trust_remote_code", action="store_true", help="accepted and ignored")
     d = p.add_argument_group("data")
@@ -477,7 +479,7 @@ class Run:
         from kimi_jax.training import checkpoints as ck
 
         self.mesh = sharding.make_mesh(args.mesh)
-        self.opts = RunOptions(remat=args.remat)
+        self.opts = RunOptions(remat=args.remat, unroll_layers=args.unroll_layers)
         self.dtype = jnp.dtype(self.dtype_name)
         self.root_key = np.asarray(jax.random.PRNGKey(args.seed), np.uint32)
         if self.resume_from is not None:

@@ -43,6 +43,10 @@ def keeps_fp32(param_key: str) -> bool:
 class RunOptions:
     """Static knobs of one forward pass (not part of the checkpoint)."""
     remat: bool = False  # rematerialise each scanned cycle in the backward pass
+    # Unroll each segment's scan over its layers into straight-line code: no stacked residual buffers (XLA fills
+    # each with zeros, then writes it slice by slice) and fusion across layers, so faster steps on small models
+    # (bench train on CPU: 2,389 -> 2,138 ms); compile time grows with the depth, so deep models keep the scan.
+    unroll_layers: bool = False
     moe_dispatch: str = "auto"  # "auto" | "ragged" | "tiled" | "dense" (identical maths)
     # Sharding of the [B, T, D] hidden states between layers (batch over the data-parallel mesh axes). Without it
     # GSPMD may follow the fsdp-sharded embedding table and replicate the whole batch on every device.
@@ -123,7 +127,8 @@ class LayerStack(nnx.Module):
 
         if opts.remat:
             cycle = jax.checkpoint(cycle)
-        h_BTD, new_caches = jax.lax.scan(cycle, h_BTD, (list(self.blocks), caches, edits))
+        h_BTD, new_caches = jax.lax.scan(cycle, h_BTD, (list(self.blocks), caches, edits),
+                                         unroll=True if opts.unroll_layers else 1)
         return h_BTD, new_caches
 
     def init_cache(self, batch: int, max_len: int, dtype):

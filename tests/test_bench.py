@@ -14,7 +14,7 @@ def test_kda_flop_count_matches_the_issue_figure():
 
 @pytest.mark.parametrize("what,expect", [
     ("kda", ["ours fwd", "torch fwd", "% peak", "ours recurrent"]),
-    ("train", ["ours (jax, AdamW)", "transformers + torch", "analytic MFU", "ratio", "step breakdown",
+    ("train", ["ours (jax, AdamW)", "ours, unrolled layers", "transformers + torch", "analytic MFU", "ratio", "step breakdown",
                "kda+moe layer", "KDA mixer", "of which the KDA kernel", "MoE (tiled dispatch)"]),
     ("decode", ["transformers generate", "per decode token", "of the measured bandwidth", "KDA layer", "MLA layer",
                 "MLA attention analytic"]),

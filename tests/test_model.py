@@ -218,13 +218,13 @@ def small_ids(small):
     return small.random_ids(2, 20, seed=2)
 
 
-def test_remat_forward_equals_default(small, small_ids):
+def test_remat_and_unrolled_forward_equal_default(small, small_ids):
     m = small.model()
     base = forward(m, small_ids)
-    remat = forward(m, small_ids, opts=RunOptions(remat=True))
-    diff = max_abs_diff(base, remat)
-    print(f"\n[remat] forward diff {diff:.3e}")
-    assert diff <= 1e-6
+    for opts in (RunOptions(remat=True), RunOptions(unroll_layers=True)):
+        diff = max_abs_diff(base, forward(m, small_ids, opts=opts))
+        print(f"\n[{opts}] forward diff {diff:.3e}")
+        assert diff <= 1e-6
 
 
 def _loss(model, ids, opts):
@@ -238,17 +238,18 @@ def _grads(model, ids, opts):
     return nnx.grad(lambda m: _loss(m, ids, opts))(model)
 
 
-def test_remat_gradients_equal_default(small, small_ids):
+@pytest.mark.parametrize("opts", [RunOptions(remat=True), RunOptions(unroll_layers=True)], ids=["remat", "unrolled"])
+def test_run_option_gradients_equal_default(small, small_ids, opts):
     m = small.model()
     ids = jnp.asarray(small_ids, jnp.int32)
     g0 = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(_grads(m, ids, RunOptions()))}
-    g1 = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(_grads(m, ids, RunOptions(remat=True)))}
+    g1 = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(_grads(m, ids, opts))}
     assert g0.keys() == g1.keys() and len(g0) > 10
     worst = 0.0
     for p in g0:
         assert np.isfinite(g1[p]).all(), p
         worst = max(worst, max_abs_diff(g0[p], g1[p]))
-    print(f"\n[remat] max |grad diff| = {worst:.3e}")
+    print(f"\n[{opts}] max |grad diff| = {worst:.3e}")
     assert worst <= 1e-5
     # Gradients reach the KDA, MLA and MoE weights (not all zero).
     for key in ("qkv_proj", "kv_b_proj", "w_gate", "lm_head", "embed_tokens"):
