@@ -45,7 +45,7 @@ class RunOptions:
     remat: bool = False  # rematerialise each scanned cycle in the backward pass
     # Unroll each segment's scan over its layers into straight-line code: no stacked residual buffers (XLA fills
     # each with zeros, then writes it slice by slice) and fusion across layers, so faster steps on small models
-    # (bench train on CPU: 2,389 -> 2,138 ms); compile time grows with the depth, so deep models keep the scan.
+    # (bench train on CPU: 2,545 -> 2,285 ms); compile time grows with the depth, so deep models keep the scan.
     unroll_layers: bool = False
     moe_dispatch: str = "auto"  # "auto" | "ragged" | "tiled" | "dense" (identical maths)
     # Sharding of the [B, T, D] hidden states between layers (batch over the data-parallel mesh axes). Without it
