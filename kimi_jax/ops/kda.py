@@ -234,17 +234,31 @@ def kda_chunked(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV=None, *, ch
     if pad:
         # Zero padding is inert: g = 0 keeps the state, beta = k = 0 adds nothing.
         xs = tuple(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in xs)
-    # [B, T, H, *] -> [steps, B, G, C, H, *] is a reshape (no copy for B = 1). The l2 norms, the decays a = exp(g)
-    # and the heads-first layout are done per step, while the group is in cache: as separate passes over the whole
-    # sequence they cost more than the rest of the kernel once T * H * K outgrows the cache.
-    xs = tuple(jnp.moveaxis(x.reshape(B, n_steps, G, C, *x.shape[2:]), 1, 0).astype(F32) for x in xs)
-    S_final, o_sBGCHV, states_sBHGKV = _chunked_scan(S0.reshape(B * H, K, V), xs)
+    # Each scan step slices its G chunks out of the [B, T, H, *] inputs and writes its outputs back in place: passing
+    # the inputs as scanned-over arrays made XLA copy all of them into the loop first (~30% of the forward at 16k).
+    # The l2 norms, the decays a = exp(g) and the heads-first layout are done per step, while the group is in cache:
+    # as separate passes over the whole sequence they cost more than the rest of the kernel once T * H * K outgrows
+    # the cache.
+    xs = tuple(x.astype(F32) for x in xs)
+    S_final, o_BTHV, states_sBHGKV = _chunked_scan(S0.reshape(B * H, K, V), xs, G, C)
     S_final = S_final.reshape(B, H, K, V)
-    o_BTHV = jnp.moveaxis(o_sBGCHV, 0, 1).reshape(B, n_steps * G * C, H, V)[:, :T]
+    o_BTHV = o_BTHV[:, :T]
     if return_chunk_states:
         states_BNHKV = jnp.moveaxis(states_sBHGKV, (0, 2), (1, 3)).reshape(B, n_steps * G, H, K, V)[:, :n_chunks]
         return o_BTHV, S_final, states_BNHKV
     return o_BTHV, S_final
+
+
+def _step_inputs(xs, i, G: int, C: int):
+    """Step i's G chunks of the [B, T, H, *] arrays, as [B, G, C, H, *]."""
+    return tuple(jax.lax.dynamic_slice_in_dim(x, i * G * C, G * C, axis=1).reshape(x.shape[0], G, C, *x.shape[2:])
+                 for x in xs)
+
+
+def _put_step(buffer, x_BGCX, i):
+    """Write step i's [B, G, C, *] block into the [B, T, *] buffer."""
+    B, G, C = x_BGCX.shape[:3]
+    return jax.lax.dynamic_update_slice_in_dim(buffer, x_BGCX.reshape(B, G * C, *x_BGCX.shape[3:]), i * G * C, axis=1)
 
 
 # Inside a step every matmul has one flat batch axis (N = B * H, or N * G): XLA:CPU 0.10 segfaulted on some
@@ -373,21 +387,45 @@ def _group_backward(dS_NKV, per_step):
     return dS_NKV, grads
 
 
-@jax.custom_vjp
-def _chunked_scan(S0_NKV, xs):
-    S_final, (o, states) = jax.lax.scan(_group_forward, S0_NKV, xs)
-    return S_final, o, states
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _chunked_scan(S0_NKV, xs, G: int, C: int):
+    S_final, o_BTHV, (states,) = _forward_scan(S0_NKV, xs, G, C, keep_TP=False)
+    return S_final, o_BTHV, states
 
 
-def _chunked_scan_fwd(S0_NKV, xs):
-    S_final, (o, states, TP) = jax.lax.scan(functools.partial(_group_forward, keep_TP=True), S0_NKV, xs)
-    return (S_final, o, states), (xs, TP, states)
+def _forward_scan(S0_NKV, xs, G: int, C: int, keep_TP: bool):
+    B, T, H = xs[0].shape[:3]
+    V = xs[2].shape[-1]
+
+    def body(carry, i):
+        S_NKV, o_BTHV = carry
+        S_NKV, (o_BGCHV, *per_step) = _group_forward(S_NKV, _step_inputs(xs, i, G, C), keep_TP)
+        return (S_NKV, _put_step(o_BTHV, o_BGCHV, i)), tuple(per_step)
+
+    (S_final, o_BTHV), per_step = jax.lax.scan(body, (S0_NKV, jnp.zeros((B, T, H, V), F32)),
+                                               jnp.arange(T // (G * C)))
+    return S_final, o_BTHV, per_step
 
 
-def _chunked_scan_bwd(residuals, cotangents):
+def _chunked_scan_fwd(S0_NKV, xs, G: int, C: int):
+    S_final, o_BTHV, (states, TP) = _forward_scan(S0_NKV, xs, G, C, keep_TP=True)
+    return (S_final, o_BTHV, states), (xs, TP, states)
+
+
+def _chunked_scan_bwd(G: int, C: int, residuals, cotangents):
     xs, TP, states = residuals
-    dS_final, do, dstates = cotangents
-    dS0, dxs = jax.lax.scan(_group_backward, dS_final, (xs, TP, states, do, dstates), reverse=True)
+    dS_final, do_BTHV, dstates = cotangents
+
+    def body(carry, per_step):
+        dS_NKV, dxs = carry
+        i, TP_i, states_i, dstates_i = per_step
+        (do_BGCHV,) = _step_inputs((do_BTHV,), i, G, C)
+        dS_NKV, grads = _group_backward(dS_NKV, (_step_inputs(xs, i, G, C), TP_i, states_i, do_BGCHV, dstates_i))
+        return (dS_NKV, tuple(_put_step(d, g, i) for d, g in zip(dxs, grads))), None
+
+    steps = xs[0].shape[1] // (G * C)
+    (dS0, dxs), _ = jax.lax.scan(body, (dS_final, tuple(jnp.zeros_like(x) for x in xs)),
+                                 (jnp.arange(steps), TP, states, dstates), reverse=True)
     return dS0, dxs
 
 
