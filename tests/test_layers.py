@@ -188,8 +188,7 @@ def test_kda_decay_matches_torch_forget_gate(pair):
     check(f"KDA decay g ({pair.seed})", g, expected)
 
 
-@pytest.mark.parametrize("layer_idx", KDA_LAYERS)
-def test_kda_mixer_gradients_match_torch(pair, layer_idx):
+def test_kda_mixer_gradients_match_torch(pair, layer_idx=KDA_LAYERS[0]):
     """d/d(input, conv, A_log, dt_bias, q/k/v projections) of <out, w> vs torch autograd: covers the hand-written
     backward passes of the short conv and of the chunked KDA core (T = 70: two chunks, one padded)."""
     cfg = pair.cfg
