@@ -47,7 +47,8 @@ import shlex
 import sys
 import time
 
-from experiments.generate import UsageError, left_pad, write_json_atomic
+from experiments.generate import UsageError, left_pad
+from kimi_jax.safe_io import write_json_atomic
 
 STAGES = ("baseline", "finetuned_vanilla", "after_surgery", "finetuned_recursive")
 RECURSIVE_STAGES = ("after_surgery", "finetuned_recursive")

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 DTYPES = ("float32", "bfloat16")
@@ -133,22 +132,6 @@ def check_output_path(path: str | None) -> str | None:
     if not os.access(parent, os.W_OK):
         raise UsageError(f"--output_json {path}: folder {parent} is not writable")
     return path
-
-
-def write_json_atomic(path: str, data) -> None:
-    """Temp file in the same folder, fsync, then os.replace: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def left_pad(rows: list[list[int]], length: int, pad: int):
@@ -285,6 +268,8 @@ def run(argv=None) -> int:
     print(f"generated {total} tokens in {seconds:.2f} s: {_fmt(tokens_per_sec)} tokens/s{compile_note}")
 
     if output_json is not None:
+        from kimi_jax.safe_io import write_json_atomic
+
         write_json_atomic(output_json, {
             "model_path": os.path.abspath(args.model_path),
             "recursive_config": rcfg.to_dict(),
@@ -300,7 +285,7 @@ def run(argv=None) -> int:
                          "eos_token_ids": eos, "pad_token_id": pad, "model_format": info.get("model_format"),
                          "recursive_config_source": info.get("recursive_config_source"),
                          "sidecar": info.get("sidecar")},
-        })
+        }, allow_nan=True)
         print(f"wrote {output_json}")
     return 0
 

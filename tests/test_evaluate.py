@@ -222,11 +222,10 @@ def test_results_are_written_atomically(runs, tmp_path, monkeypatch):
     path = str(tmp_path / "baseline_results.json")
     evaluate.write_json_atomic(path, {"old": True})
 
-    def broken_dump(obj, f, **kw):
-        f.write('{"half": ')
+    def broken_fsync(fd):  # the new content is half on its way to the disk when the disk fills up
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", broken_dump)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         evaluate.write_json_atomic(path, {"new": True})
     monkeypatch.undo()

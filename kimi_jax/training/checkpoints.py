@@ -40,12 +40,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from kimi_jax.safe_io import write_json_atomic, write_text_atomic
 
 FORMAT = "kimi_jax.train_state.v1"
 STEP_PREFIX = "step_"
@@ -215,36 +216,6 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ writing
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _file_mode()  # what open() would give: mkstemp's files are private (0600)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Temp file in the same folder, fsync, os.replace: readers see the old or the new content, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        os.chmod(tmp, _FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomic(path: str, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
-
-
 def read_model_files(folder: str) -> dict[str, bytes]:
     """{name: bytes} of the MODEL_FILES present in `folder` (read once, written into every checkpoint)."""
     out = {}
