@@ -273,3 +273,25 @@ def evaluation_runs(evaluation_folders):
     return results
 
 
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+SMALL_DISK_SCRIPT = 'mount -t tmpfs -o size="$DISK_SIZE" kimi_jax_test_disk "$DISK" || exit 97; {script}'
+
+
+def run_on_small_disk(script: str, *, size: str, mount_point, env=None, timeout: float = 600):
+    """Run the bash `script` with a fresh tmpfs of `size` (e.g. "2m") mounted at `mount_point` (exported as $DISK), in
+    a private user + mount namespace (`unshare -rm`: no privileges needed, nothing visible outside). The tmpfs and
+    everything on it vanish when the script ends, so the script must inspect what it needs (print `ls -A`, sizes,
+    ...) itself. Skips the test where the machine allows no such namespace. Returns the CompletedProcess."""
+    import subprocess
+
+    os.makedirs(mount_point, exist_ok=True)
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no unprivileged mount namespace here (unshare -rm: {probe.stderr.decode().strip()})")
+    full_env = dict(os.environ if env is None else env, DISK=str(mount_point), DISK_SIZE=size)
+    proc = subprocess.run(["unshare", "-rm", "bash", "-c", SMALL_DISK_SCRIPT.format(script=script)],
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode != 97, f"could not mount a tmpfs: {proc.stderr}"
+    return proc
