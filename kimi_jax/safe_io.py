@@ -30,8 +30,9 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname() or "host")[:40]
 # Errors of the storage rather than of the program: a full disk, a quota, a read-only or failing file system.
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
-_STORAGE_TEXT = re.compile(r"no space left on device|disk quota exceeded|read-only file system|file too large|"
-                           r"input/output error|resource_exhausted", re.IGNORECASE)
+# The operating system's words first: tensorstore wraps "No space left on device" in a RESOURCE_EXHAUSTED status.
+_STORAGE_PHRASES = ("no space left on device", "disk quota exceeded", "read-only file system", "file too large",
+                    "input/output error", "resource_exhausted")
 
 
 class OutputError(ValueError):
@@ -155,13 +156,35 @@ def remove_stale_temporaries(final: str, notice: Callable[[str], None] | None = 
 
 
 @contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM are recorded and raised (`KeyboardInterrupt` / `Terminated`) only when it
+    ends without an error of its own: steps that must not be cut in half (the renames that put a finished output in
+    place) run whole. A no-op outside the main thread, which alone receives signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if pending:
+        raise Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
 def atomic_folder(output: str, *, overwrite: bool, flag: str = "--output", error: type[Exception] = OutputError,
                   notice: Callable[[str], None] | None = None) -> Iterator[str]:
     """Yield a temporary sibling folder; when the block succeeds it replaces `output` in one rename, otherwise (an
     error, Ctrl-C, SIGTERM under `sigterm_as_interrupt`) it is removed and `output` is untouched.
 
-    An existing `output` is refused unless `overwrite`; it is deleted only after the new folder is in place. When
-    `output` is a symbolic link, the link is replaced and what it points to is left untouched."""
+    An existing `output` is refused (`error`) unless `overwrite`; it is moved aside just before the final rename (both
+    renames run with interrupts deferred, and it is moved back should the second fail) and deleted only once the new
+    folder is in place. When `output` is a symbolic link, the link is replaced and what it points to is left
+    untouched. Failures of the storage itself (a full disk) propagate as the OSError they are."""
     output = os.path.abspath(output)
     parent = os.path.dirname(output)
     exists = os.path.lexists(output)
@@ -172,31 +195,39 @@ def atomic_folder(output: str, *, overwrite: bool, flag: str = "--output", error
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
+        if storage_error(e):
+            raise
         raise error(f"{flag} {output}: cannot create its parent folder ({e.strerror})") from None
     if not os.access(parent, os.W_OK):
         raise error(f"{flag} {output}: parent folder {parent} is not writable")
     remove_stale_temporaries(output, notice)
     tmp = temporary_sibling(output, "tmp")
     remove_path(tmp)
-    try:
-        os.makedirs(tmp)
-    except OSError as e:
-        raise error(f"{flag} {output}: cannot create {tmp} ({describe_write_error(e, tmp)})") from None
+    os.makedirs(tmp)
+    old = None
     try:
         yield tmp
-        old = None
-        if os.path.lexists(output):
-            old = temporary_sibling(output, "old")
-            remove_path(old)
-            os.rename(output, old)
-        os.rename(tmp, output)
+        with deferred_interrupts():
+            if os.path.lexists(output):
+                old = temporary_sibling(output, "old")
+                remove_path(old)
+                os.rename(output, old)
+            try:
+                os.rename(tmp, output)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, output)
+                    old = None
+                raise
     except BaseException:
         remove_path(tmp)
         raise
-    if old is not None:
-        if os.path.islink(old) and notice is not None:
-            notice(f"replaced the symbolic link {output} (what it pointed to, {os.path.realpath(old)}, is untouched)")
-        remove_path(old)
+    finally:  # the replaced output goes once the new one is in place, also when an interrupt waited for the renames
+        if old is not None:  # (cut short here, it is a stale temporary that the next run removes)
+            if os.path.islink(old) and notice is not None:
+                notice(f"replaced the symbolic link {output} (what it pointed to, {os.path.realpath(old)}, is "
+                       f"untouched)")
+            remove_path(old)
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -231,6 +262,11 @@ def write_json_atomic(path: str, data, *, allow_nan: bool = False) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=allow_nan) + "\n")
 
 
+def _storage_phrase(text: str) -> str | None:
+    text = text.lower()
+    return next((phrase for phrase in _STORAGE_PHRASES if phrase in text), None)
+
+
 def storage_error(e: BaseException) -> bool:
     """Whether `e` (or what caused it) is a failure of the storage: full, over quota, read-only, failing."""
     seen = set()
@@ -238,7 +274,7 @@ def storage_error(e: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
             return True
-        if _STORAGE_TEXT.search(str(e)):
+        if _storage_phrase(str(e)):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -252,12 +288,54 @@ def describe_write_error(e: BaseException, path: str) -> str:
         seen.add(id(cur))
         if isinstance(cur, OSError) and cur.errno is not None:
             return f"{os.strerror(cur.errno).lower()} writing {path}"
-        match = _STORAGE_TEXT.search(str(cur))
-        if match:
-            return f"{match.group(0).lower()} writing {path}"
+        phrase = _storage_phrase(str(cur))
+        if phrase:
+            return f"{phrase} writing {path}"
         cur = cur.__cause__ or cur.__context__
     text = " ".join(f"{type(e).__name__}: {e}".split())
     return f"cannot write {path} ({text[:300]})"
+
+
+class Writes:
+    """What a run has put on disk, so that an interrupt or a failed write is reported truthfully: `done` (files and
+    folders complete) and the one being written (`begin` ... `finish`). An interrupt can land between a file's
+    atomic replace and `finish`, so `describe` asks the disk whether the file in progress was replaced."""
+
+    def __init__(self):
+        self.done: list[str] = []
+        self.current: tuple[str, str] | None = None  # (path, kind): kind "json" (atomic) or "tensorboard"
+        self._before: tuple[int, int] | None = None
+
+    def begin(self, path: str, kind: str) -> None:
+        self.current, self._before = (path, kind), _identity(path)
+
+    def finish(self) -> None:
+        if self.current is not None:
+            self.done.append(self.current[0])
+        self.current = self._before = None
+
+    def describe(self, nothing: str = "no output file was written") -> str:
+        done, parts = list(self.done), []
+        if self.current is not None:
+            path, kind = self.current
+            if kind == "json" and _identity(path) not in (None, self._before):  # the replace happened
+                done.append(path)
+            elif kind == "json":
+                parts.append(f"{path} was not written (an earlier file there is unchanged)")
+            else:
+                parts.append(f"TensorBoard scalars in {path} may be incomplete")
+        if done:
+            parts.insert(0, "wrote " + ", ".join(done))
+        return "; ".join(parts) if parts else nothing
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none: an atomic replace gives it a new inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 # ------------------------------------------------------------------------------------------------ locks
@@ -278,9 +356,33 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
+        os.makedirs(self.folder, exist_ok=True)
+        for _ in range(self.ATTEMPTS):
+            fd = self._lock_file()
+            if fd is not None:
+                break
+        else:
+            raise self.error(f"{self.flag} {self.folder}: {self.path} keeps being replaced while it is locked")
+        previous = _read_holder(fd)
+        if previous and self.notice is not None:
+            self.notice(f"{self.path} was left by {previous}, which no longer runs: taking it over")
+        try:  # who holds it, for the message of a run refused; the lock itself holds without it (a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            if not storage_error(e):
+                os.close(fd)
+                raise
+        self._fd = fd
+        return self
+
+    ATTEMPTS = 10
+
+    def _lock_file(self) -> int | None:
+        """Open and lock the lock file; None when it was unlinked or replaced between the open and the lock (a run
+        that removes the lock file of a folder it is abandoning unlinks it while holding it): try again."""
         import fcntl
 
-        os.makedirs(self.folder, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -291,13 +393,14 @@ class FolderLock:
                 raise self.error(f"{self.flag} {self.folder} is in use by another run ({holder or 'unknown process'}"
                                  f" holds {self.path}); wait for it to finish or choose another {self.flag}") from None
             raise self.error(f"{self.flag} {self.folder}: cannot lock {self.path} ({e.strerror})") from None
-        previous = _read_holder(fd)
-        if previous and self.notice is not None:
-            self.notice(f"{self.path} was left by {previous}, which no longer runs: taking it over")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        return fd
 
     def release(self) -> None:
         if self._fd is None:
@@ -321,7 +424,7 @@ def _read_holder(fd: int) -> str:
         return ""
 
 
-__all__ = ["EXIT_SIGINT", "EXIT_SIGTERM", "FolderLock", "OutputError", "Terminated", "atomic_folder",
+__all__ = ["EXIT_SIGINT", "EXIT_SIGTERM", "FolderLock", "OutputError", "Terminated", "atomic_folder", "deferred_interrupts", "Writes",
            "describe_write_error", "interrupt_exit_code", "interrupt_name", "pid_alive", "refuse_overlap",
            "remove_path", "remove_stale_temporaries", "sigterm_as_interrupt", "storage_error", "temporary_sibling",
            "write_json_atomic", "write_text_atomic"]

@@ -144,3 +144,45 @@ time.sleep(60)
     with safe_io.FolderLock(folder, notice=notes.append):  # a clean release leaves nothing to report
         pass
     assert notes == []
+
+
+def test_a_failed_final_rename_puts_the_old_output_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("keep")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(str(src)).startswith(".out.tmp-"):
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError):
+        with safe_io.atomic_folder(str(out), overwrite=True) as tmp:
+            open(os.path.join(tmp, "new"), "w").write("x")
+    assert os.listdir(tmp_path) == ["out"] and (out / "old").read_text() == "keep"
+
+
+def test_interrupts_during_the_final_renames_are_deferred(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real_rename = os.rename
+
+    def rename(src, dst):  # Ctrl-C arrives between the two renames
+        real_rename(src, dst)
+        if os.path.basename(str(dst)).startswith(".out.old-"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with safe_io.atomic_folder(str(out), overwrite=True) as tmp:
+            open(os.path.join(tmp, "new"), "w").write("x")
+    assert os.listdir(out) == ["new"]  # the new output is in place, the interrupt came after
+    assert os.listdir(tmp_path) == ["out"]  # and the replaced one is gone
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_describe_write_error_prefers_the_os_words():
+    e = ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device [OS error 28]")
+    assert safe_io.describe_write_error(e, "/d") == "no space left on device writing /d"
