@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -33,6 +32,7 @@ from orbax.checkpoint._src.serialization import type_handlers as orbax_serializa
 
 from kimi_jax.config import KimiLinearConfig, read_json_object
 from kimi_jax.model import KimiLinearForCausalLM
+from kimi_jax.orbax_failures import orbax_reading, read_array_metadata, storage_os_error
 
 FORMAT = "kimi_jax.params.v1"
 PARAMS_DIR = "params"
@@ -70,11 +70,22 @@ class SaveCancelled(Exception):
     pass
 
 
+_SAVING = threading.Event()  # set while save_params runs (and unwinds a failed save)
+
+
 class _DropCancelledWrites(logging.Filter):
-    """orbax's commit threads log the exception that stopped them; after a deliberate cancel that is just noise."""
+    """orbax's commit threads log the exception that stopped them, and save_params re-raises it to its caller. After
+    a deliberate cancel the record is just noise; so is one for a failed write of the storage during a save (a full
+    disk: tensorstore's message with its spec dump, twice, ~100 lines), which the caller reports in one line. Any
+    other failure is still logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], SaveCancelled):
+        from kimi_jax.safe_io import storage_error
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, SaveCancelled):
+            return False
+        if _SAVING.is_set() and exc is not None and storage_error(exc):
             return False
         return "checkpoint write cancelled" not in record.getMessage()
 
@@ -162,15 +173,18 @@ def save_params(directory: str, params: Mapping[str, np.ndarray | LazyParam]) ->
     """Write an orbax PyTree checkpoint of {key: array}; `directory` must not exist yet.
 
     If the save is interrupted (Ctrl-C) or fails, orbax's background writer is told to stop and waited for before
-    the exception propagates, so the caller can delete the partial folder without racing a live writer.
+    the exception propagates, so the caller can delete the partial folder without racing a live writer. A failed
+    write of the storage (a full disk, a quota) is raised as the OSError tensorstore reports, naming `directory`, and
+    orbax's log records of it are dropped (the caller reports it).
     """
     checkpointer = ocp.PyTreeCheckpointer()
     _CANCEL.clear()
     _IN_FLIGHT.clear()
+    _SAVING.set()
     threads_before = set(threading.enumerate())
     try:
         checkpointer.save(os.path.abspath(directory), dict(params))
-    except BaseException:
+    except BaseException as e:
         _CANCEL.set()
         for writer in _IN_FLIGHT:
             try:
@@ -187,15 +201,20 @@ def save_params(directory: str, params: Mapping[str, np.ndarray | LazyParam]) ->
                     thread.join(timeout=600)
                 except BaseException:  # orbax's threads re-raise their failure from join()
                     pass
+        failed_write = storage_os_error(e, directory)
+        if failed_write is not None:
+            raise failed_write from e
         raise
     finally:
         _CANCEL.clear()
         _IN_FLIGHT.clear()
+        _SAVING.clear()
 
 
 def write_meta(folder: str, **fields) -> None:
-    with open(os.path.join(folder, META_FILE), "w") as f:
-        json.dump({"format": FORMAT, **fields}, f, indent=2)
+    from kimi_jax.safe_io import write_json_atomic
+
+    write_json_atomic(os.path.join(folder, META_FILE), {"format": FORMAT, **fields})
 
 
 def model_param_arrays(model: KimiLinearForCausalLM) -> dict[str, jax.Array]:
@@ -211,9 +230,10 @@ def save_model(folder: str, model: KimiLinearForCausalLM, **meta) -> None:
     arrays = model_param_arrays(model)
     main = jax.process_index() == 0
     if main:
+        from kimi_jax.safe_io import write_json_atomic
+
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(model.config.to_hf_dict(), f, indent=2)
+        write_json_atomic(os.path.join(folder, "config.json"), model.config.to_hf_dict())
     save_params(os.path.join(folder, PARAMS_DIR), arrays)
     if main:
         write_meta(folder, dtype=str(model.dtype), num_params=int(sum(a.size for a in arrays.values())), **meta)
@@ -245,11 +265,11 @@ def restore_arrays(folder: str, targets: Mapping[str, jax.ShapeDtypeStruct]) -> 
         else:
             restore_args[key] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)
     item = {k: np.zeros((), t.dtype) if getattr(t, "sharding", None) is None else t for k, t in targets.items()}
-    try:
+    if not os.path.isdir(directory):
+        raise CheckpointFormatError(f"{folder}: not a kimi_jax checkpoint ({PARAMS_DIR}/ is missing)")
+    with orbax_reading(directory, CheckpointFormatError):
         out = ocp.PyTreeCheckpointer().restore(
             directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-    except FileNotFoundError as e:
-        raise CheckpointFormatError(f"{folder}: cannot read {PARAMS_DIR}/ ({e})") from None
     for key, t in targets.items():
         if tuple(out[key].shape) != tuple(t.shape):
             raise CheckpointFormatError(f"{folder}: parameter '{key}' has shape {tuple(out[key].shape)}, but "
@@ -262,13 +282,32 @@ def stored_arrays(folder: str) -> dict[str, jax.ShapeDtypeStruct]:
     directory = os.path.abspath(os.path.join(folder, PARAMS_DIR))
     if not os.path.isdir(directory):
         raise CheckpointFormatError(f"{folder}: not a kimi_jax checkpoint ({PARAMS_DIR}/ is missing)")
-    try:
-        meta = ocp.PyTreeCheckpointer().metadata(directory)
-    except (FileNotFoundError, ValueError) as e:
-        raise CheckpointFormatError(f"{directory}: unreadable orbax metadata ({e})") from None
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in dict(tree).items()}
+    return read_array_metadata(directory, CheckpointFormatError)
+
+
+def _match_stored(folder: str, expected: Mapping[str, tuple]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The stored arrays of `folder`, checked against `expected` ({key: shape}) from the metadata alone, so a
+    checkpoint that does not fit is refused before any array is read."""
+    stored = stored_arrays(folder)
+    missing = sorted(set(expected) - set(stored))
+    unknown = sorted(set(stored) - set(expected))
+    if missing or unknown:
+        raise CheckpointFormatError(f"{folder}: checkpoint does not match config.json: missing {missing[:3]}, "
+                                    f"unexpected {unknown[:3]}")
+    for key, shape in expected.items():
+        if tuple(stored[key].shape) != tuple(shape):
+            raise CheckpointFormatError(f"{folder}: parameter '{key}' has shape {tuple(stored[key].shape)}, but "
+                                        f"config.json implies {tuple(shape)}")
+    return stored
+
+
+def check_stored_params(folder: str, cfg: KimiLinearConfig | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Check a kimi_jax checkpoint folder against its config.json (or `cfg`) without reading any array: readable
+    metadata, every parameter present with its shape, nothing else. Returns the stored arrays' shapes and dtypes."""
+    cfg = cfg or KimiLinearConfig.from_pretrained(folder)
+    abstract = nnx.eval_shape(lambda: KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    expected = {param_key(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    return _match_stored(folder, expected)
 
 
 def _unwrap(x):
@@ -289,13 +328,7 @@ def load_model(folder: str, dtype=None, *, shardings: Mapping[str, jax.sharding.
     graphdef, abstract_state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(abstract_state))
     params = {path: v for path, v in flat.items() if isinstance(v, nnx.Param)}
-    stored = stored_arrays(folder)
-    wanted = {param_key(p) for p in params}
-    missing = sorted(wanted - set(stored))
-    unknown = sorted(set(stored) - wanted)
-    if missing or unknown:
-        raise CheckpointFormatError(f"{folder}: checkpoint does not match config.json: missing {missing[:3]}, "
-                                    f"unexpected {unknown[:3]}")
+    _match_stored(folder, {param_key(p): tuple(v.shape) for p, v in params.items()})
     if mesh is not None:
         from kimi_jax.sharding import state_shardings
 

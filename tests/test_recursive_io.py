@@ -178,6 +178,21 @@ def test_missing_or_damaged_files(tmp_path, saved):
     assert "\n" not in str(e.value)
 
 
+def test_a_truncated_sidecar_file_names_the_array(tmp_path, saved):
+    import shutil
+
+    from test_bad_model_folders import truncate_largest
+
+    folder = str(tmp_path / "copy")
+    shutil.copytree(saved[0], folder)
+    truncate_largest(os.path.join(folder, io.SIDECAR_DIR))
+    with pytest.raises(io.SidecarError) as e:
+        io.load_sidecar(folder, CFG, small_rcfg())
+    message = str(e.value)
+    assert message.startswith(f"{folder}/{io.SIDECAR_DIR}: cannot restore the sidecar: array '"), message
+    assert "truncated data" in message and "\n" not in message
+
+
 def test_training_output_folder_resolves_to_its_latest_step(tmp_path):
     """The plan evaluates `--model_path ./checkpoints/vanilla_finetune` (the output folder): its newest complete
     step folder is used; an incomplete one (no kimi_jax.json yet) is skipped."""

@@ -104,30 +104,11 @@ def _check_consistent(sidecar: Sidecar, rcfg: RecursiveConfig) -> None:
 
 def _stored_arrays(directory: str, label: str) -> dict[str, jax.ShapeDtypeStruct]:
     """{key: shape and dtype} of every array in an orbax PyTree checkpoint, from its metadata (no array is read)."""
-    import orbax.checkpoint as ocp
+    from kimi_jax.orbax_failures import read_array_metadata
 
     if not os.path.isdir(directory):
         raise SidecarError(f"{label}: no saved sidecar ({SIDECAR_DIR}/ is missing)")
-    try:
-        meta = ocp.PyTreeCheckpointer().metadata(directory)
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
-    except Exception as e:  # orbax/tensorstore raise many types for a damaged folder; all mean "unreadable"
-        raise SidecarError(f"{directory}: not a readable orbax sidecar checkpoint ({type(e).__name__}: "
-                           f"{_one_line(e)})") from None
-    if not isinstance(tree, Mapping) or not tree:
-        raise SidecarError(f"{directory}: not a readable orbax sidecar checkpoint (no array metadata: _METADATA or "
-                           f"the OCDBT manifest is missing or empty)")
-    try:
-        return {str(k): jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in tree.items()}
-    except Exception as e:  # orbax/tensorstore raise many types for a damaged folder; all mean "unreadable"
-        raise SidecarError(f"{directory}: not a readable orbax sidecar checkpoint ({type(e).__name__}: "
-                           f"{_one_line(e)})") from None
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    return read_array_metadata(directory, SidecarError, "not a readable orbax sidecar checkpoint")
 
 
 def _saved_config(folder: str) -> RecursiveConfig | None:
@@ -260,6 +241,8 @@ def load_sidecar(folder: str | os.PathLike, model_cfg: KimiLinearConfig,
     """
     import orbax.checkpoint as ocp
 
+    from kimi_jax.orbax_failures import orbax_reading
+
     folder = os.fspath(folder)
     if rcfg is None:
         path = os.path.join(folder, CONFIG_FILE)
@@ -276,11 +259,9 @@ def load_sidecar(folder: str | os.PathLike, model_cfg: KimiLinearConfig,
     directory = os.path.abspath(os.path.join(folder, SIDECAR_DIR))
     restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype) for k, t in targets.items()}
     item = {k: np.zeros((), t.dtype) for k, t in targets.items()}
-    try:
+    with orbax_reading(directory, SidecarError, "cannot restore the sidecar: "):
         arrays = ocp.PyTreeCheckpointer().restore(
             directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
-    except Exception as e:
-        raise SidecarError(f"{directory}: cannot restore the sidecar ({type(e).__name__}: {_one_line(e)})") from None
     filled = {}
     for path, var in flat.items():
         key = _param_key(path)
