@@ -204,9 +204,14 @@ class PlannedSafetensorsWriter:
         path, offset, shape, dtype = self.slots[name]
         if tuple(array.shape) != shape or array.dtype != dtype:
             raise ValueError(f"tensor '{name}' is {array.shape} {array.dtype}, planned {shape} {dtype}")
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            f.write(np.ascontiguousarray(array).tobytes())
+        try:
+            with open(path, "r+b") as f:
+                f.seek(offset)
+                f.write(np.ascontiguousarray(array).tobytes())
+        except OSError as e:  # a failed write() names no file: name the shard
+            if e.filename is None and e.errno is not None:
+                raise OSError(e.errno, e.strerror, path) from e
+            raise
         self.written.add(name)
 
     def close(self) -> dict[str, str]:

@@ -1,16 +1,19 @@
-"""The checkpoint converter commands: HF -> orbax -> HF round trips, bf16 storage, self-contained output folders, and
-one-line errors that leave nothing behind.
+"""The checkpoint converter commands: HF -> orbax -> HF round trips, storage dtypes (the source's by default),
+self-contained output folders, and one-line errors that leave nothing behind: bad input, an output overlapping its
+input, Ctrl-C, SIGTERM, SIGKILL (cleaned up by the next run), a full disk.
 
 Most runs go through `convert.cli.run_main(main, argv)` in-process (exit codes and stderr without a fresh interpreter
-per call); one test per command runs `python -m ...` as a subprocess for the real command-line path.
+per call); subprocesses only where the point is the real command line, a real signal or a small private file system.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -24,11 +27,13 @@ from safetensors.numpy import load_file, save_file
 import kimi_jax
 from convert import check_logits, hf_to_orbax, mapping, orbax_to_hf
 from convert.cli import run_main
-from convert.safetensors_io import PlannedSafetensorsWriter, SafetensorsReader, read_safetensors_header
+from convert.safetensors_io import (PlannedSafetensorsWriter, SafetensorsReader, read_safetensors_header,
+                                   write_safetensors)
 from kimi_jax import checkpoint
 from kimi_jax.config import tiny
+from kimi_jax.safe_io import Terminated
 
-from conftest import REFERENCE_CONFIGS, copy_checkpoint, max_abs_diff
+from conftest import REFERENCE_CONFIGS, copy_checkpoint, max_abs_diff, run_on_small_disk
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP32_TOL = 1e-4  # kimi_jax vs transformers, fp32
@@ -48,6 +53,14 @@ def small_f32(small, tmp_path_factory) -> str:
     """The `small` hub reference converted to a float32 orbax checkpoint (shared: do not modify)."""
     out = str(tmp_path_factory.mktemp("small-f32") / "ckpt")
     to_orbax(small.folder("hub"), out, "--dtype", "float32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_bf16(small, tmp_path_factory) -> str:
+    """The `small` native-layout reference (float32) stored --dtype bfloat16 (shared: do not modify)."""
+    out = str(tmp_path_factory.mktemp("small-bf16") / "ckpt")
+    to_orbax(small.folder("native"), out, "--dtype", "bfloat16")
     return out
 
 
@@ -153,8 +166,8 @@ def run_subprocess(module: str, *args, timeout=240) -> subprocess.CompletedProce
 ROUND_TRIPS = [
     ("irregular", "hub", 1, [("hub", "5GB"), ("native", "150KB")]),
     ("irregular", "native", 3, [("native", "5GB"), ("hub", "150KB")]),
-    ("dense2", "native", 1, [("hub", "5GB"), ("native", "100KB")]),
-    ("dense2", "hub", 2, [("native", "5GB"), ("hub", "100KB")]),
+    ("dense2", "native", 1, [("hub", "5GB"), ("native", "128KB")]),  # 128 KiB: exactly the largest tensor
+    ("dense2", "hub", 2, [("native", "5GB"), ("hub", "128KB")]),
 ]
 
 
@@ -196,10 +209,9 @@ def test_round_trip(reference_factory, tmp_path, name, layout, shards, exports):
             assert index["weight_map"] == {n: h["file"] for n, h in headers.items()}
             assert set(index["weight_map"].values()) == set(shard_files)
             limit = orbax_to_hf.parse_size(max_shard)
-            for f in shard_files:  # a shard holding one tensor may exceed the limit, none holding two does
-                names = [n for n, h in headers.items() if h["file"] == f]
+            for f in shard_files:  # no shard's data exceeds the limit (a limit below the largest tensor is refused)
                 data = sum(h["data_offsets"][1] - h["data_offsets"][0] for n, h in headers.items() if h["file"] == f)
-                assert len(names) == 1 or data <= limit, (f, data, limit)
+                assert data <= limit, (f, data, limit)
         with open(hf / "config.json") as f:
             assert json.load(f)["dtype"] == "float32"
 
@@ -222,9 +234,8 @@ def test_round_trip(reference_factory, tmp_path, name, layout, shards, exports):
 
 
 # ---------------------------------------------------------------------------------------------------- bf16
-def test_bfloat16_storage_and_export(small, small_f32, tmp_path):
-    ckpt = tmp_path / "bf16"
-    to_orbax(small.folder("native"), ckpt, "--dtype", "bfloat16")
+def test_bfloat16_storage_and_export(small, small_f32, small_bf16, tmp_path):
+    ckpt = small_bf16
     assert checkpoint.read_meta(str(ckpt))["dtype"] == "bfloat16"
     stored, arrays = all_arrays(ckpt)
     _, arrays_f32 = all_arrays(small_f32)
@@ -280,6 +291,60 @@ def test_bfloat16_storage_and_export(small, small_f32, tmp_path):
     assert {up.entries[n][1] for n in up.names()} == {"F32"}
     for name in up.names():
         assert np.array_equal(up.get(name), exported.get(name).astype(np.float32)), name
+
+
+# ---------------------------------------------------------------------------------------------------- default dtype
+def _rewrite_source(src_folder, dst, change) -> str:
+    """A copy of the one-file HF folder `src_folder` with every tensor replaced by `change(name, array)`."""
+    dst = copy_checkpoint(src_folder, dst)
+    reader = SafetensorsReader(dst)
+    tensors = {name: change(name, reader.get(name)) for name in reader.names()}
+    write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
+    return dst
+
+
+def test_default_dtype_is_the_sources(small, small_f32, small_bf16, tmp_path, capsys):
+    """Without --dtype the checkpoint stores what the source holds: float32 bit for bit, bfloat16 as bfloat16."""
+    out = tmp_path / "from-f32"
+    rc, stdout, err = cli(hf_to_orbax.main, ["--hf_path", small.folder("hub"), "--output", out, "--quiet"], capsys)
+    assert rc == 0 and err == "" and "stored in float32" in stdout
+    assert checkpoint.read_meta(str(out))["dtype"] == "float32"
+    assert_same_arrays(out, small_f32)
+
+    # Every tensor bfloat16 (the float32-kept ones too, which are widened exactly: no notice for those).
+    src = _rewrite_source(small.folder("hub"), tmp_path / "bf16-src", lambda n, a: a.astype(ml_dtypes.bfloat16))
+    out = tmp_path / "from-bf16"
+    rc, stdout, err = cli(hf_to_orbax.main, ["--hf_path", src, "--output", out, "--quiet"], capsys)
+    assert rc == 0 and err == "" and "stored in bfloat16" in stdout
+    assert checkpoint.read_meta(str(out))["dtype"] == "bfloat16"
+    stored, arrays = all_arrays(out)
+    _, want = all_arrays(small_bf16)  # the same float32 weights rounded to bfloat16 by --dtype bfloat16
+    for key, s in stored.items():
+        if key.endswith(KEEP_FP32_KEYS):
+            assert s.dtype == np.float32 and np.array_equal(arrays[key], want[key].astype(ml_dtypes.bfloat16)), key
+        else:
+            assert s.dtype == ml_dtypes.bfloat16 and np.array_equal(arrays[key], want[key]), key
+
+
+def test_mixed_source_dtypes_are_stored_losslessly_and_named(small, small_f32, tmp_path, capsys):
+    """A float32 checkpoint with a float16 and a float64 tensor: stored as float32, one notice per cast."""
+    f16, f64 = "model.norm.weight", "lm_head.weight"
+    widen = {f16: np.float16, f64: np.float64}
+    src = _rewrite_source(small.folder("hub"), tmp_path / "src", lambda n, a: a.astype(widen.get(n, a.dtype)))
+    out = tmp_path / "ckpt"
+    rc, stdout, err = cli(hf_to_orbax.main, ["--hf_path", src, "--output", out, "--quiet"], capsys)
+    assert rc == 0 and "stored in float32" in stdout
+    assert sorted(err.strip().splitlines()) == [
+        f"notice: 1 tensor(s) are float16 in the source and stored as float32, which holds them exactly: {f16}",
+        f"notice: 1 tensor(s) are float64 in the source and rounded to float32 (up to 6e-08 relative): {f64}"]
+    stored, arrays = all_arrays(out)
+    assert {np.dtype(s.dtype) for s in stored.values()} == {np.dtype(np.float32)}
+    _, want = all_arrays(small_f32)
+    keys = {n: checkpoint.param_key(spec.path) for spec in mapping.plan(small.cfg, mapping.HUB)
+            for group in spec.hf_names for n in group}
+    for key in stored:
+        expected = want[key].astype(np.float16).astype(np.float32) if key == keys[f16] else want[key]
+        assert np.array_equal(arrays[key], expected), key
 
 
 # ---------------------------------------------------------------------------------------------------- self-contained
@@ -455,7 +520,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(small, tmp_path, capsys, kind)
     rc, stdout, err = cli(hf_to_orbax.main, ["--hf_path", src, "--output", out, "--dtype", "float32", "--quiet"],
                           capsys)
     line = assert_one_line_error(err)
-    assert rc == 1, (rc, line)
+    assert rc == 2, (rc, line)
     for part in expected:
         assert part in line, (part, line)
     if tensors is not None:  # the truncated file: the message names one of the tensors that were cut off
@@ -467,14 +532,14 @@ def test_bad_input_is_one_line_and_leaves_nothing(small, tmp_path, capsys, kind)
 
 @pytest.mark.parametrize("kind", ["missing-shard", "inconsistent-offsets"])
 def test_subprocess_error_exit_code(small, tmp_path, kind):
-    """The real command line: exit 1 and exactly one stderr line. In-process runs cannot see what orbax's writer
-    threads log through absl (pytest captures logging), so an error raised mid-write shows up only here."""
+    """The real command line: exit 2 (bad input) and exactly one stderr line. In-process runs cannot see what orbax's
+    writer threads log through absl (pytest captures logging), so an error raised mid-write shows up only here."""
     shards, damage = BAD_INPUTS[kind]
     src = copy_checkpoint(small.folder("hub", shards), tmp_path / "src")
     expected, _ = damage(src)
     out = tmp_path / "out"
     proc = run_subprocess("convert.hf_to_orbax", "--hf_path", src, "--output", out, "--quiet")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     line = assert_one_line_error(proc.stderr)
     for part in expected:
         assert part in line, (part, line)
@@ -532,15 +597,71 @@ def test_output_parent_is_a_file(small, tmp_path, capsys):
     assert blocker.read_text() == "not a folder" and sorted(os.listdir(tmp_path)) == ["afile"]
 
 
-def _interrupt_after(monkeypatch, owner, attr, calls: int):
-    """Make `owner.attr` raise KeyboardInterrupt on its `calls`-th call (the earlier calls go through)."""
+def _options_help(text: str) -> dict[str, tuple[bool, bool, str]]:
+    """{--flag: (takes a value, required, its help joined on one line)} from argparse's --help output."""
+    usage, options = text.split("options:", 1)
+    usage = " ".join(usage.split())
+    out = {}
+    for block in re.split(r"\n  (?=-)", "\n" + options):
+        words = block.split()
+        if not words or not words[0].startswith("--"):
+            continue
+        flag = words[0]
+        takes_value = len(words) > 1 and (words[1].isupper() or words[1][0] in "{[")
+        required = re.search(r"(?<!\[)" + re.escape(flag) + r"\b", usage) is not None
+        out[flag] = (takes_value, required, " ".join(words))
+    return out
+
+
+@pytest.mark.parametrize("module", [hf_to_orbax, orbax_to_hf, check_logits], ids=lambda m: m.__name__)
+def test_help_shows_every_default(module, capsys):
+    with pytest.raises(SystemExit) as info:
+        module.parse_args(["--help"])
+    assert info.value.code == 0
+    options = _options_help(capsys.readouterr().out)
+    assert "--output" in options or "--tolerance" in options  # the help was parsed
+    for flag, (takes_value, required, text) in options.items():
+        if takes_value and not required:
+            assert "default" in text, (flag, text)
+        assert len(text.split()) > 2, f"{flag} has no help"
+
+
+@pytest.mark.parametrize("module, argv, expected", [
+    (hf_to_orbax, ["--output", "x"], "the following arguments are required: --hf_path"),
+    (orbax_to_hf, ["--ckpt", "x", "--output", "y", "--layout", "bogus"], "argument --layout: invalid choice: 'bogus'"),
+    (check_logits, ["--hf_path", "x", "--ckpt", "y", "--seed", "one"], "argument --seed: invalid int value: 'one'"),
+], ids=["missing-flag", "bad-choice", "bad-int"])
+def test_bad_flags_are_one_line(module, argv, expected, capsys):
+    rc, stdout, err = cli(module.main, argv, capsys)
+    line = assert_one_line_error(err)
+    assert rc == 2 and line.startswith(f"error: {expected}") and line.endswith(f"(see python -m {module.__name__} "
+                                                                              "--help)") and not stdout, line
+
+
+@pytest.mark.parametrize("size, expected", [
+    ("0", "--max_shard_size '0': must be at least one byte"),
+    ("0.5B", "--max_shard_size '0.5B': must be at least one byte"),
+    ("-1", "--max_shard_size '-1': expected a size"),
+    ("64KB", "--max_shard_size 64.0 KiB is smaller than the largest tensor"),  # small's largest: 128 KiB
+], ids=["zero", "half-a-byte", "negative", "below-largest-tensor"])
+def test_too_small_max_shard_size_is_refused(small_f32, tmp_path, capsys, size, expected):
+    out = tmp_path / "hf"
+    rc, stdout, err = cli(orbax_to_hf.main, ["--ckpt", small_f32, "--output", out, "--quiet", "--max_shard_size",
+                                             size], capsys)
+    line = assert_one_line_error(err)
+    assert rc == 2 and line.startswith(f"error: {expected}") and not stdout, line
+    assert leftovers(out) == []
+
+
+def _interrupt_after(monkeypatch, owner, attr, calls: int, exc: BaseException | None = None):
+    """Make `owner.attr` raise `exc` (KeyboardInterrupt) on its `calls`-th call (the earlier calls go through)."""
     original = getattr(owner, attr)
     seen = []
 
     def wrapper(*args, **kwargs):
         seen.append(1)
         if len(seen) == calls:
-            raise KeyboardInterrupt
+            raise exc or KeyboardInterrupt()
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, attr, wrapper)
@@ -569,7 +690,7 @@ def test_interrupted_run_leaves_nothing(small, small_f32, tmp_path, capsys, monk
     else:
         seen = _interrupt_after(monkeypatch, PlannedSafetensorsWriter, "write", 10)
     if where == "export-write":
-        argv = ["--ckpt", small_f32, "--output", out, "--quiet", "--max_shard_size", "100KB"]
+        argv = ["--ckpt", small_f32, "--output", out, "--quiet", "--max_shard_size", "128KB"]
         main = orbax_to_hf.main
     else:
         argv = ["--hf_path", small.folder("hub"), "--output", out, "--dtype", "float32", "--quiet"]
@@ -587,24 +708,25 @@ def test_interrupted_run_leaves_nothing(small, small_f32, tmp_path, capsys, monk
         assert leftovers(out) == []
 
 
-SIGINT_SCRIPT = r"""
+SIGNAL_SCRIPT = r"""
 import os, signal, sys, threading, time
 from convert import hf_to_orbax
 from convert.cli import run_main
 from convert.safetensors_io import SafetensorsReader
 
+signum = getattr(signal, sys.argv[1])
 read = SafetensorsReader.get
 calls = []
 
-def slow_get(self, name):  # a slow disk: Ctrl-C arrives while the converter is half way through writing
+def slow_get(self, name):  # a slow disk: the signal arrives while the converter is half way through writing
     calls.append(name)
     if len(calls) == 10:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
     time.sleep(0.02)
     return read(self, name)
 
 SafetensorsReader.get = slow_get
-rc = run_main(hf_to_orbax.main, sys.argv[1:])
+rc = run_main(hf_to_orbax.main, sys.argv[2:])
 for thread in threading.enumerate():  # let any writer thread still running finish before the folder is checked
     if thread is not threading.main_thread() and not thread.daemon and thread.is_alive():
         try:
@@ -616,33 +738,191 @@ sys.exit(rc)
 """
 
 
-@pytest.fixture(scope="module")
-def sigint_run(small, tmp_path_factory):
-    """hf_to_orbax in a subprocess that receives a real SIGINT mid-conversion (and an --output that exists)."""
-    out = tmp_path_factory.mktemp("sigint") / "ckpt"
+def run_signalled(small, out, signame: str) -> subprocess.CompletedProcess:
+    """hf_to_orbax in a subprocess that sends itself `signame` at the 10th tensor read, mid-conversion."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT, signame, "--hf_path", small.folder("hub"),
+                             "--output", out, "--dtype", "float32", "--quiet", "--overwrite"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=240)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    done.pid = proc.pid  # names the temporary a killed run leaves
+    return done
+
+
+INTERRUPTS = {"SIGINT": (130, "interrupted"), "SIGTERM": (143, "terminated (SIGTERM)")}
+
+
+@pytest.fixture(scope="module", params=list(INTERRUPTS))
+def signal_run(small, tmp_path_factory, request):
+    """A real SIGINT or SIGTERM mid-conversion, with an --output that exists."""
+    out = tmp_path_factory.mktemp(request.param) / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", SIGINT_SCRIPT, "--hf_path", small.folder("hub"), "--output", out,
-                           "--dtype", "float32", "--quiet", "--overwrite"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=240)
-    return proc, out
+    return request.param, run_signalled(small, out, request.param), out
 
 
-def test_sigint_exit_code_and_nothing_left(small, sigint_run):
-    proc, out = sigint_run
+def test_signal_exit_code_and_nothing_left(small, signal_run):
+    signame, proc, out = signal_run
     calls = re.search(r"calls=(\d+)", proc.stdout)
     assert calls, proc.stdout + proc.stderr
     # Interrupted at the 10th tensor read; orbax's writer thread may read a few more before it fails, never all.
     assert 10 <= int(calls.group(1)) < len(SafetensorsReader(small.folder("hub")).names())
-    assert proc.returncode == 130, proc.stderr
-    assert "error: interrupted; no output was left behind" in proc.stderr.splitlines()
+    assert proc.returncode == INTERRUPTS[signame][0], proc.stderr
     assert leftovers(out) == ["ckpt"] and os.listdir(out) == ["keep.txt"]  # the old folder survives, no tmp left
 
 
-def test_sigint_error_is_one_line(sigint_run):
-    proc, _ = sigint_run
-    assert assert_one_line_error(proc.stderr) == "error: interrupted; no output was left behind"
+def test_signal_error_is_one_line(signal_run):
+    signame, proc, out = signal_run
+    assert assert_one_line_error(proc.stderr) == (f"error: {INTERRUPTS[signame][1]}; no output was left behind (the "
+                                                  f"existing --output {out} is untouched)")
+
+
+def test_a_killed_run_is_cleaned_up_by_the_next(small, small_f32, tmp_path, capsys):
+    """SIGKILL leaves the hidden temporary folder behind (nothing can run); the next run into the same output removes
+    it, says so, and leaves nothing but its output."""
+    out = tmp_path / "ckpt"
+    proc = run_signalled(small, out, "SIGKILL")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    left = [f for f in leftovers(out) if f.startswith(".ckpt.tmp-")]
+    assert len(left) == 1 and left[0].endswith(f"-{proc.pid}") and os.listdir(tmp_path / left[0]), leftovers(out)
+
+    rc, _, err = cli(hf_to_orbax.main, ["--hf_path", small.folder("hub"), "--output", out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert err.strip().splitlines() == [f"notice: removed {tmp_path / left[0]}, a temporary left by process "
+                                        f"{proc.pid}, which no longer runs"]
+    assert leftovers(out) == ["ckpt"]
+    assert_same_arrays(out, small_f32)
+
+
+def test_overwrite_onto_a_symlink_replaces_the_link_only(small, small_f32, tmp_path, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("not ours")
+    out = tmp_path / "out"
+    os.symlink(target, out)
+    rc, _, err = cli(hf_to_orbax.main, ["--hf_path", small.folder("hub"), "--output", out, "--quiet", "--overwrite"],
+                     capsys)
+    assert rc == 0, err
+    assert err.strip().splitlines() == [f"notice: replaced the symbolic link {out} (what it pointed to, {target}, is "
+                                        "untouched)"]
+    assert not os.path.islink(out) and checkpoint.is_checkpoint(str(out))
+    assert os.listdir(target) == ["keep.txt"] and (target / "keep.txt").read_text() == "not ours"
+    assert leftovers(out) == ["out"]  # no .out.old-* link left behind
+    assert_same_arrays(out, small_f32)
+
+
+def test_interrupt_messages_say_what_is_on_disk(small, small_f32, tmp_path, capsys, monkeypatch):
+    # SIGTERM (as kimi_jax.safe_io raises it) mid-export: exit 143, nothing left.
+    out = tmp_path / "hf"
+    with monkeypatch.context() as m:
+        seen = _interrupt_after(m, PlannedSafetensorsWriter, "write", 10, Terminated())
+        rc, _, err = cli(orbax_to_hf.main, ["--ckpt", small_f32, "--output", out, "--quiet"], capsys)
+    assert seen and rc == 143
+    assert assert_one_line_error(err) == "error: terminated (SIGTERM); no output was left behind"
+    assert leftovers(out) == []
+    # Ctrl-C after the output is complete (while the summary is printed): the message says it was written.
+    out = tmp_path / "ckpt"
+    with monkeypatch.context() as m:
+        seen = _interrupt_after(m, hf_to_orbax, "human_bytes", 1)
+        rc, stdout, err = cli(hf_to_orbax.main, ["--hf_path", small.folder("hub"), "--output", out, "--quiet"],
+                              capsys)
+    assert seen and rc == 130
+    assert assert_one_line_error(err) == f"error: interrupted; --output {out} had already been written completely"
+    assert leftovers(out) == ["ckpt"]
+    assert_same_arrays(out, small_f32)
+
+
+def test_ctrl_c_between_the_final_renames_waits_for_them(small_f32, tmp_path, capsys, monkeypatch):
+    """--overwrite moves the old output aside, then renames the new one into place. Ctrl-C between the two would
+    leave neither in place: it is held until both are done, then reported with what is on disk."""
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    rename = os.rename
+    moved_aside = []
+
+    def rename_then_ctrl_c(src, dst):
+        rename(src, dst)
+        if os.path.abspath(src) == str(out) and not moved_aside:  # the old output just moved aside
+            moved_aside.append(dst)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "rename", rename_then_ctrl_c)
+    rc, _, err = cli(orbax_to_hf.main, ["--ckpt", small_f32, "--output", out, "--quiet", "--overwrite"], capsys)
+    monkeypatch.undo()
+    assert moved_aside and rc == 130
+    assert assert_one_line_error(err) == f"error: interrupted; --output {out} had already been written completely"
+    assert leftovers(out) == ["hf"] and "model.safetensors" in os.listdir(out)
+
+
+def test_failed_final_rename_puts_the_old_output_back(small_f32, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    rename = os.rename
+
+    def failing_rename(src, dst):
+        if os.path.basename(src).startswith(".hf.tmp-"):  # the new folder into place, after the old moved aside
+            raise OSError(errno.EIO, os.strerror(errno.EIO), dst)
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    rc, _, err = cli(orbax_to_hf.main, ["--ckpt", small_f32, "--output", out, "--quiet", "--overwrite"], capsys)
+    monkeypatch.undo()
+    assert rc == 1
+    assert assert_one_line_error(err) == (f"error: input/output error writing {out}; nothing was written; the existing "
+                                          f"--output {out} is untouched")
+    assert leftovers(out) == ["hf"] and os.listdir(out) == ["keep.txt"]
+
+
+OVERLAPS = {"is": lambda src: src, "lies inside": lambda src: os.path.join(src, "sub"),
+            "contains": lambda src: os.path.dirname(src)}
+
+
+@pytest.mark.parametrize("command", ["hf_to_orbax", "orbax_to_hf"])
+@pytest.mark.parametrize("how", list(OVERLAPS))
+def test_output_overlapping_the_input_is_refused(small, small_f32, tmp_path, capsys, command, how):
+    """--output is, lies inside or contains the input: refused even with --overwrite, and the input is untouched."""
+    if command == "hf_to_orbax":
+        main, flag, src = hf_to_orbax.main, "--hf_path", copy_checkpoint(small.folder("hub"), tmp_path / "in" / "src")
+    else:
+        main, flag, src = orbax_to_hf.main, "--ckpt", copy_checkpoint(small_f32, tmp_path / "in" / "src")
+    out = OVERLAPS[how](src)
+    before = snapshot(tmp_path / "in")
+    rc, stdout, err = cli(main, [flag, src, "--output", out, "--quiet", "--overwrite"], capsys)
+    line = assert_one_line_error(err)
+    assert rc == 2 and not stdout
+    assert line == (f"error: --output {out} {how} the input {flag} {src}; choose an output outside the inputs "
+                    "(nothing was written)")
+    assert snapshot(tmp_path / "in") == before and sorted(os.listdir(tmp_path)) == ["in"]
+
+
+FULL_DISK_SCRIPT = r"""
+mkdir "$DISK/out" && echo old > "$DISK/out/keep.txt" || exit 98
+cd "$REPO" && "$PYTHON" -m convert.$COMMAND $ARGS --output "$DISK/out" --quiet --overwrite 2> "$STDERR_FILE"
+echo "rc=$?"
+echo "disk: $(ls -A "$DISK")"
+echo "out: $(ls -A "$DISK/out")"
+echo "keep: $(cat "$DISK/out/keep.txt")"
+"""
+
+
+@pytest.mark.parametrize("command", ["hf_to_orbax", "orbax_to_hf"])
+def test_full_disk_is_one_line_and_keeps_the_old_output(small, small_f32, tmp_path, command):
+    """--output on a 512 KiB file system (the float32 output needs ~1 MB, so the write fails part way): one error
+    line naming the path, exit 1, no partial files, the existing output (replaced with --overwrite) intact."""
+    args = f"--hf_path {small.folder('hub')}" if command == "hf_to_orbax" else f"--ckpt {small_f32}"
+    stderr_file = tmp_path / "stderr.txt"
+    disk = tmp_path / "disk"
+    env = dict(os.environ, REPO=REPO, PYTHON=sys.executable, COMMAND=command, ARGS=args, STDERR_FILE=str(stderr_file),
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = run_on_small_disk(FULL_DISK_SCRIPT, size="512k", mount_point=disk, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["rc=1", "disk: out", "out: keep.txt", "keep: old"], proc.stdout
+    line = assert_one_line_error(stderr_file.read_text())
+    assert re.fullmatch(rf"error: no space left on device writing {re.escape(str(disk))}/\.out\.tmp-[^ ]+; nothing "
+                        rf"was written; the existing --output {re.escape(str(disk))}/out is untouched", line), line
 
 
 def test_missing_folders_and_not_a_checkpoint(small, small_f32, tmp_path, capsys):
@@ -662,7 +942,7 @@ def test_missing_folders_and_not_a_checkpoint(small, small_f32, tmp_path, capsys
     # An HF folder is not a kimi_jax checkpoint.
     rc, _, err = cli(orbax_to_hf.main, ["--ckpt", small.folder("hub"), "--output", out], capsys)
     line = assert_one_line_error(err)
-    assert rc == 1 and small.folder("hub") in line and checkpoint.META_FILE in line
+    assert rc == 2 and small.folder("hub") in line and checkpoint.META_FILE in line
     assert leftovers(out) == []
     # kimi_jax.json without params/, and a foreign kimi_jax.json format.
     fake = tmp_path / "fake"
@@ -670,11 +950,11 @@ def test_missing_folders_and_not_a_checkpoint(small, small_f32, tmp_path, capsys
     shutil.copy(os.path.join(small_f32, checkpoint.META_FILE), fake)
     rc, _, err = cli(orbax_to_hf.main, ["--ckpt", fake, "--output", out], capsys)
     line = assert_one_line_error(err)
-    assert rc == 1 and str(fake) in line and "params/" in line
+    assert rc == 2 and str(fake) in line and "params/" in line
     (fake / checkpoint.META_FILE).write_text(json.dumps({"format": "something.else"}))
     rc, _, err = cli(orbax_to_hf.main, ["--ckpt", fake, "--output", out], capsys)
     line = assert_one_line_error(err)
-    assert rc == 1 and str(fake / checkpoint.META_FILE) in line and "something.else" in line
+    assert rc == 2 and str(fake / checkpoint.META_FILE) in line and "something.else" in line
     assert leftovers(out) == []
 
 
@@ -686,7 +966,7 @@ def test_export_of_mismatched_checkpoint(small_f32, tmp_path, capsys):
     out = tmp_path / "out"
     rc, _, err = cli(orbax_to_hf.main, ["--ckpt", ckpt, "--output", out], capsys)
     line = assert_one_line_error(err)
-    assert rc == 1 and ckpt in line and "segments" in line
+    assert rc == 2 and ckpt in line and "segments" in line
     assert leftovers(out) == []
 
 
@@ -713,6 +993,7 @@ def test_check_logits_exit_codes(small, small_f32, tmp_path, capsys):
     for ckpt in (small_f32, small.folder("native")):
         rc, out, _ = cli(check_logits.main, ["--hf_path", small.folder("hub"), "--ckpt", ckpt, *argv], capsys)
         assert rc == 0 and "PASSED" in out, out
+        assert "note:" not in out  # float32 against float32: nothing rounded
         assert _max_diff(out) <= FP32_TOL
     # A reference whose final norm was perturbed by 1%: far outside the tolerance, exit 1.
     perturbed = copy_checkpoint(small.folder("hub"), tmp_path / "perturbed")
@@ -729,3 +1010,16 @@ def test_check_logits_exit_codes(small, small_f32, tmp_path, capsys):
     rc, out, _ = cli(check_logits.main, ["--hf_path", perturbed, "--ckpt", small_f32, "--tolerance", 0, *argv],
                      capsys)
     assert rc == 1
+
+
+def test_check_logits_notes_a_lossy_checkpoint(small, small_bf16, capsys):
+    """A bfloat16 checkpoint of a float32 source fails a 1e-4 tolerance by rounding alone: still FAILED (exit 1), and
+    a note says the storage rounds the source."""
+    rc, out, _ = cli(check_logits.main, ["--hf_path", small.folder("hub"), "--ckpt", small_bf16, "--num_tokens", 16,
+                                         "--seed", 3], capsys)
+    assert rc == 1 and "FAILED" in out, out
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1, out
+    assert notes[0].startswith("note: --ckpt stores bfloat16 where the source has float32 (")
+    assert "rounding each weight by up to 4e-03 relative" in notes[0] and "not a conversion error" in notes[0]
+    assert not any(k in notes[0] for k in KEEP_FP32_KEYS)  # those stay float32: not rounded
