@@ -34,8 +34,11 @@ vanilla rate / the sidecar group's rate.
 
 Data. --data (default demo: the built-in Shakespeare corpus, downloaded once, Python's own docs prose offline; local
 .txt/.jsonl/.json/.parquet files, folders and globs; HF dataset names) is packed into rows of --seq_len tokens
-(`kimi_jax.data`). --eval_data (default: the validation split of --data; a file counts as held-out data by its
-name, a `validation`/`val`/`dev`/`eval`/`test` word, else a fixed 5% of the records is held out) is evaluated every
+(`kimi_jax.data`). --eval_data (default: the validation split of --data) is held-out data. A local file is validation
+data when its name has a `validation`/`val`/`dev`/`eval`/`test` word; without such files a fixed 5% of the records (a
+.txt file is one record, a .jsonl line one record) is held out, chosen by a hash of their index (at least one record,
+never all), and a single text (e.g. `--data corpus.txt`) is split instead: its last 5% of characters, from a line
+(else word) boundary, is validation. Train and validation never overlap. Held-out data is evaluated every
 --eval_interval steps, at step 0 and at the end (0 = never): `evaluation/perplexity` (token-weighted exp of the mean
 NLL over every held-out row, or the first --max_eval_batches batches; for the recursive stage the clean path, i.e.
 the base with the phase-C blocks merged in) and `evaluation/token_accuracy`; for the recursive stage also
@@ -50,14 +53,22 @@ plus the training state (train_state/: optimizer state, trainable tree, RNG key;
 iterator position, run settings); `{output_dir}/latest` names the newest. While the base is unchanged (recursive
 phases a, b) params/ is hard-linked from the orbax model folder or the previous checkpoint instead of rewritten.
 --max_to_keep keeps the newest N (0 = all, the default). --output_dir defaults to ./checkpoints/<basename of
---log_dir>, else ./checkpoints/<stage>_finetune (the evaluation plan's layout).
+--log_dir>, else ./checkpoints/<stage>_finetune (the evaluation plan's layout); neither it nor --log_dir may be or lie
+inside --model_path (a model folder inside --output_dir, e.g. one of its checkpoints, is fine).
 
 Resume. By default a run whose --output_dir holds a checkpoint continues from the newest one exactly (same data
 order, RNG, optimizer state: the losses equal an uninterrupted run's); settings that change the trajectory must be
 the same (an error names the first that differs; --num_steps may change, with a notice; the mesh and the number of
 processes may change too). --no-resume starts from --model_path and, once the model is built, deletes the output
-folder's checkpoints and metrics.jsonl; --resume requires a checkpoint. A killed run's logs past its last
-checkpoint are dropped (metrics.jsonl) or hidden (TensorBoard purge_step), so the logs read as one run.
+folder's checkpoints (step_N, latest) and metrics.jsonl; --resume requires a checkpoint. Nothing else deletes them:
+an --output_dir holding an earlier run's outputs but no complete checkpoint (metrics.jsonl, TensorBoard files, a
+step_N that is not a complete checkpoint) is an error without --no-resume, and a checkpoint is never replaced. A
+killed run's logs past its last checkpoint are dropped (metrics.jsonl) or hidden (TensorBoard purge_step), so the
+logs read as one run; its half-written `.step_N.tmp` folder is removed (with a notice).
+
+One run per output folder: process 0 holds an exclusive lock on --output_dir ({output_dir}/.lock, "host H pid P")
+from before it looks for a checkpoint until it exits; a second run with the same --output_dir is refused and names
+the holder. A lock left by a process that no longer runs (a crash, SIGKILL) is reported and taken over.
 
 Logs (process 0). A tqdm bar (step, loss, tokens/s, ETA); `{output_dir}/metrics.jsonl`, one JSON object per train
 step (every metric of the step, lr, tokens/s = batch_size x seq_len / step time, memory) and per evaluation;
@@ -71,18 +82,22 @@ Multi-host: run the same command on every host (`kimi_jax.distributed`); each pr
 batch, orbax writes each process's shards, process 0 writes the logs and JSON files. Set JAX_COMPILATION_CACHE_DIR
 to reuse compiled programs across runs.
 
-Exit status: 0 done; 1 a checkpoint could not be written; 2 bad flags, paths, configs, data or a checkpoint that
-does not fit (one `error:` line); 3 a non-finite loss or gradient norm (the step is named; nothing is saved for it,
-the previous checkpoints stay intact); 130 / 143 after Ctrl-C / SIGTERM, once a checkpoint of the last finished
-step is written (a second Ctrl-C aborts at once).
+Exit status: 0 done; 1 a checkpoint or log could not be written (a full disk: one `error:` line naming the path;
+the earlier checkpoints and `latest` stay intact and nothing partial is left); 2 bad flags, paths, configs, data,
+damaged model or checkpoint files, a checkpoint that does not fit or an output folder in use (one `error:` line);
+3 a non-finite loss or gradient norm (the step is named; nothing is saved for it, the previous checkpoints stay
+intact); 130 / 143 after Ctrl-C / SIGTERM, once a checkpoint of the last finished step is written (a second Ctrl-C
+aborts at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -117,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="\n\n".join(__doc__.split("\n\n")[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and stage")
     g.add_argument("--model_path",
-                   help="HF folder (config.json + safetensors) or kimi_jax orbax folder, with its tokenizer")
+                   help="HF folder (config.json + safetensors) or kimi_jax orbax folder, with its tokenizer "
+                        "(required)")
     g.add_argument("--model_name", help="the same as --model_path (the evaluation plan's name)")
     g.add_argument("--stage", choices=STAGES, help="vanilla (default) or recursive")
     g.add_argument("--use_recursive", action="store_true", help="the same as --stage recursive")
@@ -125,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recursive_config", metavar="PRESET_OR_JSON",
                    help="recursive config: a preset (phase_a, phase_b, phase_c, ...) or JSON file; "
                         "default the preset phase_{--phase}")
-    g.add_argument("--chunk_width", type=int, metavar="W", help="recursive window width (a multiple of 64)")
-    g.add_argument("--max_inner_steps", type=int, metavar="K", help="recursive inner steps")
+    g.add_argument("--chunk_width", type=int, metavar="W",
+                   help="recursive window width, a multiple of 64 (default: the recursive config's)")
+    g.add_argument("--max_inner_steps", type=int, metavar="K",
+                   help="recursive inner steps (default: the recursive config's)")
     g.add_argument("--train_groups", metavar="G1,G2",
                    help="vanilla: train only these parameter groups (embeddings, lm_head, mixers, ffn, routers, "
                         "norms); default all")
@@ -139,31 +157,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mesh", help="mesh spec, e.g. data=2,fsdp=-1 (default: fsdp over every device)")
     g.add_argument("--trust_remote_code", action="store_true", help="accepted and ignored")
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="demo", help="training data (default demo)")
-    d.add_argument("--eval_data", help="held-out data (default: the validation split of --data)")
+    d.add_argument("--data", default="demo",
+                   help="training data: demo, a .txt/.jsonl/.json/.parquet file, folder or glob, or an HF dataset "
+                        "name; its train split (see Data. below; default demo)")
+    d.add_argument("--eval_data",
+                   help="held-out data, a spec like --data; its validation split: validation-named files, else 5%% "
+                        "of the records, or the last 5%% of a single text (default: the validation split of --data)")
     d.add_argument("--chat", action="store_true", help="render prompt/response records with the chat template")
     d.add_argument("--seq_len", type=int, default=2048, metavar="T", help="tokens per row (default 2048)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch_size", type=int, default=4, metavar="B", help="global batch in rows (default 4)")
     o.add_argument("--grad_accum", type=int, default=1, metavar="G",
-                   help="micro-batches per step (vanilla; B must divide by G x processes)")
+                   help="micro-batches per step (vanilla; B must divide by G x processes; default 1)")
     o.add_argument("--num_steps", type=int, default=1000, metavar="N", help="optimizer steps (default 1000)")
     o.add_argument("--lr", type=float, metavar="LR",
-                   help=f"peak learning rate (vanilla default {DEFAULT_VANILLA_LR:g}; recursive: see above)")
-    o.add_argument("--warmup_steps", type=int, metavar="S", help="linear warmup (default min(100, num_steps // 10))")
+                   help=f"peak learning rate (vanilla default {DEFAULT_VANILLA_LR:g}; recursive: the sidecar "
+                        f"group's, the other groups keep the config's ratios; default the config's lr_sidecar; see "
+                        f"Learning rates below)")
+    o.add_argument("--warmup_steps", type=int, metavar="S",
+                   help="linear warmup (default min(100, num_steps // 10); on resume the checkpoint's)")
     o.add_argument("--schedule", choices=SCHEDULES, help="decay after warmup (default cosine)")
-    o.add_argument("--weight_decay", type=float, metavar="WD", help="AdamW weight decay (vanilla default 0)")
+    o.add_argument("--weight_decay", type=float, metavar="WD",
+                   help="AdamW weight decay (vanilla default 0; recursive default the config's weight_decay)")
     o.add_argument("--clip_norm", type=float, default=1.0, metavar="C", help="global-norm clip (default 1)")
     o.add_argument("--seed", type=int, default=0, help="data order and recursive RNG (default 0)")
     r = p.add_argument_group("outputs")
-    r.add_argument("--output_dir", help="checkpoints and metrics.jsonl (default: see above)")
+    r.add_argument("--output_dir",
+                   help="checkpoints and metrics.jsonl (default ./checkpoints/<basename of --log_dir>, else "
+                        "./checkpoints/<stage>_finetune)")
     r.add_argument("--log_dir", help="TensorBoard logs (default {output_dir}/logs)")
     r.add_argument("--eval_interval", type=int, default=1000, metavar="N",
                    help="evaluate every N steps, at step 0 and at the end (0 = never; default 1000)")
     r.add_argument("--max_eval_batches", type=int, metavar="N", help="evaluate at most N batches (default all)")
     r.add_argument("--save_interval", type=int, default=5000, metavar="N",
                    help="checkpoint every N steps and at the end (0 = only at the end; default 5000)")
-    r.add_argument("--max_to_keep", type=int, default=0, metavar="N", help="keep the newest N checkpoints (0 = all)")
+    r.add_argument("--max_to_keep", type=int, default=0, metavar="N",
+                   help="keep the newest N checkpoints (0 = all; default 0)")
     r.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue from --output_dir's newest checkpoint (default: when there is one)")
     r.add_argument("--quiet", action="store_true", help="no progress bars or start/end summaries")
@@ -245,6 +274,7 @@ def resolve_settings(args) -> Settings:
         notices.append(f"--output_dir defaults to {output_dir}")
     log_dir = os.path.abspath(args.log_dir) if args.log_dir else os.path.join(output_dir, "logs")
     for flag, folder in (("--output_dir", output_dir), ("--log_dir", log_dir)):
+        refuse_inside_model(flag, folder, model_path)
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise UsageError(f"{flag} {folder} exists and is not a folder")
         parent = folder
@@ -255,6 +285,17 @@ def resolve_settings(args) -> Settings:
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, args.num_steps // 10)
     return Settings(args=args, stage=stage, model_path=os.path.abspath(model_path), output_dir=output_dir,
                     log_dir=log_dir, warmup_steps=warmup, schedule=args.schedule or "cosine", notices=notices)
+
+
+def refuse_inside_model(flag: str, folder: str, model_path: str) -> None:
+    """An output that is or lies inside the model folder would write into the user's model (and --no-resume delete
+    from it): refused. The reverse, the model inside the output folder (--model_path one of the run's own
+    checkpoints), is how runs continue, and stays allowed."""
+    from kimi_jax.safe_io import refuse_overlap
+
+    out, model = os.path.realpath(folder), os.path.realpath(model_path)
+    if not model.startswith(out.rstrip(os.sep) + os.sep):
+        refuse_overlap(folder, flag, {"--model_path": model_path}, error=UsageError)
 
 
 # -------------------------------------------------------------------------------------------------- the run
@@ -293,10 +334,51 @@ class Run:
         self.micro_batch = args.batch_size // args.grad_accum
         self._load_config_and_tokenizer()
         self._build_data()
-        self._decide_resume()
-        self._build_model_and_trainer()
-        self._build_eval()
-        return self._train()
+        self._lock_output_dir()
+        try:
+            self._decide_resume()
+            self._build_model_and_trainer()
+            self._build_eval()
+            return self._train()
+        finally:
+            self._unlock_output_dir()
+
+    def _lock_output_dir(self) -> None:
+        """Process 0 locks --output_dir before anything in it is read for the resume decision or changed, for the
+        rest of the run (one run per output folder; see the module docstring). Every process stops when it fails."""
+        from kimi_jax.safe_io import FolderLock, describe_write_error
+        from kimi_jax.training import checkpoints as ck
+
+        out = self.s.output_dir
+        self.lock, failure = None, None
+        if self.main:
+            self.created_output_dir = not os.path.exists(out)
+            try:
+                self.lock = FolderLock(out, flag="--output_dir", error=UsageError, notice=self.notice).acquire()
+            except UsageError as e:
+                failure = e
+            except OSError as e:  # creating the folder or the lock file: a full disk, permissions
+                failure = ck.TrainWriteError(f"--output_dir {out}: cannot lock it "
+                                             f"({describe_write_error(e, os.path.join(out, FolderLock.NAME))})")
+        if not ck.broadcast_from_main(int(failure is None)):
+            raise failure or UsageError(f"--output_dir {out}: process 0 could not lock it")
+
+    def _unlock_output_dir(self) -> None:
+        """Release the lock; a folder this run created and left empty (it failed before writing anything) is
+        removed again. The lock file is unlinked while still held, so no other run can take it in between."""
+        if self.lock is None:
+            return
+        out, lock = self.s.output_dir, self.lock
+        self.lock = None
+        try:
+            if self.created_output_dir and os.listdir(out) == [os.path.basename(lock.path)]:
+                os.unlink(lock.path)
+                lock.release()
+                os.rmdir(out)
+        except OSError:
+            pass
+        finally:
+            lock.release()
 
     def _load_config_and_tokenizer(self) -> None:
         s, args = self.s, self.args
@@ -307,6 +389,7 @@ class Run:
 
         self.format = io.model_format(s.model_path)
         self.cfg = KimiLinearConfig.from_pretrained(s.model_path)
+        self._check_model_files()
         self.tok = tokenizer_mod.load(s.model_path)
         if self.tok.vocab_size > self.cfg.vocab_size:
             raise UsageError(f"--model_path {s.model_path}: the tokenizer has {self.tok.vocab_size} tokens but "
@@ -332,6 +415,22 @@ class Run:
             if names != ["all"]:
                 self.train_groups = tuple(dict.fromkeys(names))
         self.model_files = None  # read lazily on process 0
+
+    def _check_model_files(self) -> None:
+        """Damaged or mismatched weights are refused before the data is loaded, from headers and metadata alone:
+        an HF folder's safetensors (every tensor's name, shape, dtype and extent against config.json, every shard
+        present), an orbax folder's array metadata (readable, every parameter with its shape). What only reading
+        the arrays shows (a truncated or corrupt orbax data file) is caught where they are read."""
+        path = self.s.model_path
+        if self.format == "hf":
+            from convert.safetensors_io import SafetensorsReader
+            from kimi_jax.loading import validate_checkpoint
+
+            validate_checkpoint(self.cfg, SafetensorsReader(path), path)
+        else:
+            from kimi_jax.checkpoint import check_stored_params
+
+            check_stored_params(path, self.cfg)
 
     def _resolve_recursive_config(self) -> None:
         args = self.args
@@ -430,10 +529,16 @@ class Run:
         latest = ck.latest_checkpoint(s.output_dir)
         resume = args.resume if args.resume is not None else latest is not None
         self.resume_from = None
+        outputs, events = ck.run_outputs(s.output_dir, extra_files=(METRICS_FILE,)), self._event_files()
+        if args.resume is None and latest is None and (outputs or events):  # deleted only when --no-resume asks
+            what = [f"it deletes {_listing(outputs)}"] if outputs else []
+            what += ["TensorBoard hides the earlier events"] if events else []
+            raise UsageError(f"--output_dir {s.output_dir} holds an earlier run's outputs "
+                             f"({_listing(outputs + events)}) but no complete checkpoint to resume from; pass "
+                             f"--no-resume to start over ({'; '.join(what)}) or choose another --output_dir")
         # --no-resume over an earlier run: its checkpoints and metrics are deleted once the model is built (so a
         # run that fails to start leaves them alone).
-        self.clear_outputs = not resume and (latest is not None or os.path.isfile(os.path.join(s.output_dir,
-                                                                                                  METRICS_FILE)))
+        self.clear_outputs = not resume and bool(outputs)
         if args.resume and latest is None:
             raise UsageError(f"--resume: {s.output_dir} holds no complete checkpoint")
         inside = os.path.realpath(s.model_path).startswith(os.path.realpath(s.output_dir) + os.sep)
@@ -443,7 +548,9 @@ class Run:
         if not resume:
             return
         step, folder = latest
-        state = ck.read_train_state(folder)
+        self._refuse_later_step_folders(step)
+        with self._reading_resume_checkpoint(folder):
+            state = ck.read_train_state(folder)
         saved = state["run"]
         if args.warmup_steps is None and isinstance(saved.get("warmup_steps"), int):
             # The default warmup depends on --num_steps: keep the saved run's when --num_steps is extended.
@@ -467,6 +574,43 @@ class Run:
         self.iterator.restore(state["data_state"])
         self.resume_from = (step, folder, state)
 
+    def _event_files(self) -> list[str]:
+        """TensorBoard files an earlier run left in --log_dir (as paths relative to --output_dir where inside)."""
+        import glob
+
+        s = self.s
+        found = sorted(glob.glob(os.path.join(s.log_dir, "events.out.tfevents.*")))
+        return [os.path.relpath(p, s.output_dir) if p.startswith(s.output_dir + os.sep) else p for p in found]
+
+    def _refuse_later_step_folders(self, step: int) -> None:
+        """A `step_M` after the checkpoint this run resumes from is not a complete checkpoint (or it would be the
+        newest); this run would have to write step_M again, and a checkpoint is never replaced: refused now rather
+        than when step M is saved (e.g. a model folder kept from a checkpoint whose train_state was deleted)."""
+        from kimi_jax.training import checkpoints as ck
+
+        later = []
+        for name in os.listdir(self.s.output_dir):
+            match = re.fullmatch(ck.STEP_PREFIX + r"(\d+)", name)
+            if match and step < int(match.group(1)) <= self.args.num_steps:
+                later.append((int(match.group(1)), name))
+        if later:
+            name = min(later)[1]
+            raise UsageError(f"--output_dir {self.s.output_dir} holds {name}, which is not a complete checkpoint, "
+                             f"after step_{step}, the checkpoint this run resumes from; training would write {name} "
+                             f"again: move it away, or pass --no-resume to start over")
+
+    @contextlib.contextmanager
+    def _reading_resume_checkpoint(self, folder: str):
+        """A damaged checkpoint to resume from: one line naming the file or array, and what the user can do."""
+        from kimi_jax.checkpoint import CheckpointFormatError
+        from kimi_jax.training.checkpoints import TrainCheckpointError
+
+        try:
+            yield
+        except (CheckpointFormatError, TrainCheckpointError) as e:
+            raise TrainCheckpointError(f"cannot resume from {folder}: {e}; move it out of --output_dir to resume from "
+                                       f"the checkpoint before it, or pass --no-resume to start over") from None
+
     # ----------------------------------------------------------------------------------------- model
     def _build_model_and_trainer(self) -> None:
         s, args = self.s, self.args
@@ -485,8 +629,9 @@ class Run:
         if self.resume_from is not None:
             folder = self.resume_from[1]
             targets = {"rng": jax.ShapeDtypeStruct(self.root_key.shape, self.root_key.dtype)}
-            self.root_key = np.asarray(ck.restore_arrays(os.path.join(folder, ck.TRAIN_STATE_DIR), targets)["rng"],
-                                       np.uint32)
+            with self._reading_resume_checkpoint(folder):
+                stored = ck.restore_arrays(os.path.join(folder, ck.TRAIN_STATE_DIR), targets)
+            self.root_key = np.asarray(stored["rng"], np.uint32)
         train_key, eval_key = jax.random.split(jnp.asarray(self.root_key))
         self.train_key, self.eval_key = np.asarray(train_key), np.asarray(eval_key)
         if s.stage == "vanilla":
@@ -525,10 +670,11 @@ class Run:
         cfg, dtype = self.cfg, self.dtype
         abstract = nnx.eval_shape(lambda: KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
         self.trainer, _, abstract_opt = build_trainer(abstract, tx, self.mesh, args.batch_size, **kwargs)
-        model = self._load_model(folder, "orbax")
-        self.params = jax.device_put(nnx.split(model)[1], self.trainer.param_shardings)
-        del model
-        flat = ck.restore_arrays(os.path.join(folder, ck.TRAIN_STATE_DIR), ck.flatten(abstract_opt, "opt."))
+        with self._reading_resume_checkpoint(folder):
+            model = self._load_model(folder, "orbax")
+            self.params = jax.device_put(nnx.split(model)[1], self.trainer.param_shardings)
+            del model
+            flat = ck.restore_arrays(os.path.join(folder, ck.TRAIN_STATE_DIR), ck.flatten(abstract_opt, "opt."))
         self.opt_state = ck.unflatten(abstract_opt, flat, "opt.")
 
     def _build_recursive(self) -> None:
@@ -548,8 +694,9 @@ class Run:
             _, folder, _ = self.resume_from
             targets_tr, targets_opt = ck.abstract_of(self.trainable), ck.abstract_of(self.opt_state)
             del self.trainable, self.opt_state
-            flat = ck.restore_arrays(os.path.join(folder, ck.TRAIN_STATE_DIR),
-                                     {**ck.flatten(targets_tr, "trainable."), **ck.flatten(targets_opt, "opt.")})
+            with self._reading_resume_checkpoint(folder):
+                flat = ck.restore_arrays(os.path.join(folder, ck.TRAIN_STATE_DIR),
+                                         {**ck.flatten(targets_tr, "trainable."), **ck.flatten(targets_opt, "opt.")})
             self.trainable = ck.unflatten(targets_tr, flat, "trainable.")
             self.opt_state = ck.unflatten(targets_opt, flat, "opt.")
         # params/ is hard-linked instead of rewritten while the base is untouched (phases a and b): from the source
@@ -742,28 +889,18 @@ class Run:
         import jax
 
         from kimi_jax.training import checkpoints as ck
-        from kimi_jax.training.logging import METRICS_FILE, MetricsLog, truncate_jsonl
+        from kimi_jax.training.logging import MetricsLog
 
         start = 0 if self.resume_from is None else self.resume_from[0]
         if self.main:
-            if self.clear_outputs:
-                removed = ck.remove_run_outputs(s.output_dir, extra_files=(METRICS_FILE,))
-                if removed:
-                    self.notice(f"--no-resume: deleted {', '.join(removed)} in {s.output_dir}")
-            os.makedirs(s.output_dir, exist_ok=True)
-            ck.remove_stale(s.output_dir)
-            if start:
-                dropped = truncate_jsonl(os.path.join(s.output_dir, METRICS_FILE), start)
-                if dropped:
-                    self.notice(f"dropped {dropped} records after step {start} from {METRICS_FILE} (the interrupted "
-                                f"run went past its last checkpoint)")
+            self._prepare_output_dir(start)
             self.model_files = ck.read_model_files(s.model_path)
         _sync("kimi_jax_train_outputs_ready")
-        self.log = MetricsLog(s.output_dir, s.log_dir, enabled=self.main, purge_step=start + 1 if start else 0)
         self.writer = ck.CheckpointWriter(s.output_dir, max_to_keep=args.max_to_keep,
                                           model_files=self.model_files or {}, protect=(s.model_path,))
         if self.resume_from is not None and s.stage == "recursive" and self.base_unchanged:
             self.writer.last_params_folder = self.resume_from[1]  # same base: its params/ may be linked
+        self.log = None
         self.saved_step = start
         self.last_eval = None
         B, T = args.batch_size, args.seq_len
@@ -778,28 +915,66 @@ class Run:
                  f"{start} -> {args.num_steps}; output {s.output_dir}")
         if self.resume_from is not None:
             self.notice(f"resuming from {self.resume_from[1]} (step {start} of {args.num_steps})")
-        status = 0
         self._install_signal_handlers()
         try:
-            status = self._loop(start)
-        except NonFiniteError as e:
-            from kimi_jax.training.checkpoints import CheckpointSaveError
-
             try:
-                self.writer.wait()  # a save in flight holds an earlier, good state: finish it
-            except CheckpointSaveError as save_error:
-                print(f"error: {save_error}", file=sys.stderr, flush=True)
-            last = self.writer.last_saved or (self.resume_from[:2] if self.resume_from else None)
-            where = f"the last good checkpoint is {last[1]}" if last else "no checkpoint was written yet"
-            print(f"error: {e}; stopped without saving this state; {where}", file=sys.stderr, flush=True)
-            status = EXIT_NONFINITE
-        finally:
-            self._restore_signal_handlers()
-            try:
-                self.writer.close()
+                self.log = MetricsLog(s.output_dir, s.log_dir, enabled=self.main,
+                                      purge_step=start + 1 if start else 0)
+                status = self._loop(start)
             finally:
-                self.log.close()
+                self._restore_signal_handlers()
+        except NonFiniteError as e:
+            self._close_outputs(quiet=True)  # a save in flight holds an earlier, good state: it is finished first
+            print(f"error: {e}; stopped without saving this state; {self._last_good()}", file=sys.stderr, flush=True)
+            return EXIT_NONFINITE
+        except ck.TrainWriteError as e:  # a full disk: one line, and what is still on disk
+            self._close_outputs(quiet=True)
+            raise type(e)(f"{e}; {self._last_good()}") from None
+        except BaseException:
+            self._close_outputs(quiet=True)
+            raise
+        self._close_outputs(quiet=False)
         return status
+
+    def _prepare_output_dir(self, start: int) -> None:
+        """Process 0, holding the lock: --no-resume's deletions, a killed run's half-written leftovers, and the
+        metrics of steps past the checkpoint this run resumes from."""
+        from kimi_jax.training import checkpoints as ck
+        from kimi_jax.training.logging import METRICS_FILE, truncate_jsonl
+
+        s = self.s
+        if self.clear_outputs:
+            removed = ck.remove_run_outputs(s.output_dir, extra_files=(METRICS_FILE,))
+            if removed:
+                self.notice(f"--no-resume: deleted {', '.join(removed)} in {s.output_dir}")
+        stale = ck.remove_stale(s.output_dir)
+        if stale:
+            self.notice(f"removed {', '.join(stale)} in {s.output_dir}: half-written by an earlier run that was "
+                        f"stopped before it finished")
+        if start:
+            dropped = truncate_jsonl(os.path.join(s.output_dir, METRICS_FILE), start)
+            if dropped:
+                self.notice(f"dropped {dropped} records after step {start} from {METRICS_FILE} (the interrupted "
+                            f"run went past its last checkpoint)")
+
+    def _close_outputs(self, quiet: bool) -> None:
+        """Finish the checkpoint in flight, then close the logs. `quiet`: the run is already failing, and its own
+        error is the one to report (a full disk fails every write after the first)."""
+        from kimi_jax.training.checkpoints import TrainWriteError
+
+        errors = []
+        for output in (self.writer, self.log):
+            try:
+                if output is not None:
+                    output.close()
+            except TrainWriteError as e:
+                errors.append(e)
+        if errors and not quiet:
+            raise errors[0]
+
+    def _last_good(self) -> str:
+        last = self.writer.last_saved or (self.resume_from[:2] if self.resume_from else None)
+        return f"the last good checkpoint is {last[1]}" if last else "no checkpoint was written"
 
     def _loop(self, start: int) -> int:
         s, args = self.s, self.args
@@ -944,6 +1119,10 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _listing(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _short(value, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -960,6 +1139,7 @@ def main(argv=None) -> int:
     expected: tuple[type[BaseException], ...] = (UsageError,)
     runtime: tuple[type[BaseException], ...] = ()
     try:
+        from convert.safetensors_io import CheckpointError
         from kimi_jax.checkpoint import CheckpointFormatError
         from kimi_jax.config import ConfigError
         from kimi_jax.data import DataError
@@ -967,16 +1147,16 @@ def main(argv=None) -> int:
         from kimi_jax.recursive.io import LoadError
         from kimi_jax.sharding import ShardingError
         from kimi_jax.tokenizer import TokenizerError
-        from kimi_jax.training.checkpoints import CheckpointSaveError, TrainCheckpointError
+        from kimi_jax.training.checkpoints import TrainCheckpointError, TrainWriteError
 
-        runtime: tuple[type[BaseException], ...] = (CheckpointSaveError,)
-        expected += (CheckpointFormatError, ConfigError, DataError, RecursiveConfigError, LoadError, ShardingError,
-                     TokenizerError, TrainCheckpointError)
+        runtime: tuple[type[BaseException], ...] = (TrainWriteError,)
+        expected += (CheckpointError, CheckpointFormatError, ConfigError, DataError, RecursiveConfigError, LoadError,
+                     ShardingError, TokenizerError, TrainCheckpointError)
         return run(argv)
     except expected as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    except runtime as e:  # a failed checkpoint write (disk full, permissions): not the user's flags
+    except runtime as e:  # a failed checkpoint or log write (a full disk, permissions): not the user's flags
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -274,7 +274,9 @@ def test_vanilla_checkpoints_are_complete_model_folders(runs, work):
     folder = ck.step_folder(out, 30)
     assert {"config.json", "kimi_jax.json", "params", "tiktoken.model", "tokenizer_config.json",
             "special_tokens_map.json", "train_state", "train_state.json"} <= set(os.listdir(folder))
-    assert not any(name.startswith(".") for name in os.listdir(out))
+    assert [name for name in os.listdir(out) if name.startswith(".")] == [".lock"]  # no temporaries left
+    with open(os.path.join(out, ".lock")) as f:
+        assert f.read() == ""  # released
     state = ck.read_train_state(folder)
     assert state["step"] == 30 and state["data_state"]["position"] == 30 and state["run"]["stage"] == "vanilla"
     assert state["metrics"]["step"] == 30
@@ -519,6 +521,10 @@ ERROR_CASES = {
                                    "--output_dir", "{empty}"], "holds no complete checkpoint"),
     "bad mesh": (["--model_path", "{hf}", "--data", "{data}", "--mesh", "fsdp=3", "--quiet", "--seq_len", 128,
                   "--output_dir", "{empty}"], "--mesh"),
+    "output inside the model": (["--model_path", "{hf}", "--data", "/nonexistent", "--output_dir", "{hf}/run"],
+                                "--output_dir {hf}/run lies inside the input --model_path {hf}"),
+    "log_dir is the model": (["--model_path", "{hf}", "--data", "/nonexistent", "--log_dir", "{hf}"],
+                             "--log_dir {hf} is the input --model_path {hf}"),
 }
 
 
@@ -529,11 +535,13 @@ def test_bad_flags_are_one_error_line(name, work, tmp_path):
     args = [a.format(**fill) if isinstance(a, str) else a for a in args]
     if "--output_dir" not in args and args[:1] == ["--model_path"]:
         args += ["--output_dir", str(tmp_path / "o")]  # never the default ./checkpoints/... inside the repo
+    message = message.format(**fill)
     rc, out, err = cli(*args)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
     assert message in lines[0], lines[0]
-    assert not os.path.exists(tmp_path / "o" / "metrics.jsonl")
+    assert not os.path.exists(tmp_path / "o")  # a run that cannot start leaves no folder (nor its lock file)
+    assert not os.path.exists(os.path.join(work["hf"], "run"))
 
 
 def test_resuming_with_other_settings_is_refused(runs, work):
@@ -584,3 +592,170 @@ def test_no_resume_deletes_nothing_when_the_run_cannot_start(runs, work, tmp_pat
     assert rc == 2 and "--mesh" in err.strip().splitlines()[-1]
     assert [s for s, _ in ck.list_checkpoints(out)] == [10, 20, 30]
     assert os.path.isfile(os.path.join(out, "metrics.jsonl"))
+
+
+def test_every_flag_shows_its_default():
+    from experiments.train import build_parser
+
+    for action in build_parser()._actions:
+        if not action.option_strings or action.nargs == 0 or action.dest == "help":  # flags without a value
+            continue
+        text = action.help or ""
+        assert "see above" not in text, action.dest  # the explanations are in the epilog, below the flags
+        assert "default" in text or "required" in text or action.dest == "model_name", (action.dest, text)
+
+
+# ------------------------------------------------------------------------------------------- one run per folder
+def outputs(out) -> dict:
+    """{path: size} of every file of a run's output folder but its lock file (whose holder line comes and goes)."""
+    return {os.path.relpath(os.path.join(root, name), out): os.path.getsize(os.path.join(root, name))
+            for root, _, names in os.walk(out) for name in names if name != ".lock"}
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_and_deletes_nothing(runs, work, tmp_path):
+    """Run A holds --output_dir (stopped after its first step, before any checkpoint); B with the same --output_dir is
+    refused, naming A. After A is killed, C reports A's stale lock and refuses to delete A's outputs without
+    --no-resume. Nothing of A's is touched."""
+    from kimi_jax.training.logging import read_jsonl
+
+    finished(runs, "vanilla")  # its programs are in the compile cache
+    out = str(tmp_path / "shared")
+    args = vanilla_args(work, out, "--eval_interval", 0, "--save_interval", 30)
+    log = str(tmp_path / "a.log")
+    with open(log, "w") as f:
+        first = subprocess.Popen(command(*args), cwd=REPO, env=env_for(work, 1), stdout=f, stderr=f)
+    try:
+        metrics = os.path.join(out, "metrics.jsonl")
+        wait_for(lambda: any(r.get("type") == "train" for r in read_jsonl(metrics)), first, log,
+                 what="the first run's first step")
+        first.send_signal(signal.SIGSTOP)  # alive and holding the lock, but writing nothing more
+        before = outputs(out)
+        with open(metrics, "rb") as f:
+            records = f.read()
+        rc, _, err = cli(*args, "--num_steps", 2)
+        errors = [line for line in err.strip().splitlines() if not line.startswith("notice:")]
+        assert rc == 2 and len(errors) == 1, err
+        assert f"--output_dir {out} is in use by another run" in errors[0] and f"pid {first.pid}" in errors[0]
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    rc, _, err = cli(*args, "--num_steps", 2)
+    notices = [line for line in err.strip().splitlines() if line.startswith("notice:")]
+    errors = [line for line in err.strip().splitlines() if not line.startswith("notice:")]
+    assert rc == 2 and len(errors) == 1, err
+    assert any(f"pid {first.pid}, which no longer runs" in line for line in notices), err
+    assert "holds an earlier run's outputs" in errors[0] and "metrics.jsonl" in errors[0]
+    assert "pass --no-resume to start over" in errors[0]
+    assert outputs(out) == before
+    with open(metrics, "rb") as f:
+        assert f.read() == records
+
+
+def copy_of_vanilla_run(work, tmp_path, name="vanilla") -> str:
+    import shutil
+
+    out = str(tmp_path / name)
+    shutil.copytree(str(work["root"] / "vanilla"), out)
+    return out
+
+
+def test_resuming_never_rewrites_a_later_step_folder(runs, work, tmp_path):
+    """step_30 without its training state (kept as a model folder) is not a checkpoint to resume from; resuming from
+    step_20 would have to write step_30 again: refused before anything changes."""
+    import shutil
+
+    from kimi_jax.training import checkpoints as ck
+
+    finished(runs, "vanilla")
+    out = copy_of_vanilla_run(work, tmp_path)
+    shutil.rmtree(os.path.join(out, "step_30", ck.TRAIN_STATE_DIR))
+    before = sorted(os.listdir(os.path.join(out, "step_30")))
+    rc, _, err = cli(*vanilla_args(work, out))
+    errors = [line for line in err.strip().splitlines() if not line.startswith("notice:")]
+    assert rc == 2 and len(errors) == 1, err
+    assert "holds step_30, which is not a complete checkpoint, after step_20" in errors[0]
+    assert sorted(os.listdir(os.path.join(out, "step_30"))) == before
+    assert len(train_records(out)) == 30  # nothing truncated either
+
+
+# ------------------------------------------------------------------------------------------ damaged checkpoints
+def _damage_checkpoint(folder: str, how: str) -> str:
+    from test_bad_model_folders import empty_folder, truncate_largest, zero_header_of_largest
+
+    target, damage = {"truncated params file": ("params", truncate_largest),
+                      "empty params folder": ("params", empty_folder),
+                      "zeroed train_state file": ("train_state", zero_header_of_largest)}[how]
+    damage(os.path.join(folder, target))
+    return os.path.join(folder, target)
+
+
+@pytest.mark.parametrize("how", ["empty params folder", "zeroed train_state file"])
+def test_resuming_from_a_damaged_checkpoint_is_one_error_line(runs, work, tmp_path, how):
+    finished(runs, "vanilla")
+    out = copy_of_vanilla_run(work, tmp_path)
+    damaged = _damage_checkpoint(os.path.join(out, "step_30"), how)
+    rc, _, err = cli(*vanilla_args(work, out))
+    errors = [line for line in err.strip().splitlines() if not line.startswith("notice:")]
+    assert rc == 2 and len(errors) == 1, err
+    assert errors[0].startswith(f"error: cannot resume from {out}/step_30: {damaged}"), errors[0]
+    assert "pass --no-resume to start over" in errors[0]
+    assert len(train_records(out)) == 30  # the logs are untouched
+
+
+def test_resuming_from_a_truncated_checkpoint_prints_no_traceback(runs, work, tmp_path):
+    """A truncated data file fails one read of many that orbax runs at once; the others must not echo (as a
+    subprocess: the echoes came from background threads, also after the error line)."""
+    finished(runs, "vanilla")
+    out = copy_of_vanilla_run(work, tmp_path)
+    damaged = _damage_checkpoint(os.path.join(out, "step_30"), "truncated params file")
+    result = run_cli(work, vanilla_args(work, out))
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if not line.startswith("notice:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f"error: cannot resume from {out}/step_30: {damaged}: array '"), errors[0]
+    assert "truncated data" in errors[0]
+
+
+# ------------------------------------------------------------------------------------------------- a full disk
+FULL_DISK_SCRIPT = """
+out="$DISK/out"
+cp -r {vanilla} "$out" && rm -rf "$out/step_20" "$out/step_30" && echo step_10 > "$out/latest"
+sums() {{ (cd "$out/step_10" && find . -type f | sort | xargs md5sum | md5sum); }}
+echo "BEFORE $(sums)"
+avail=$(df -k --output=avail "$DISK" | tail -1)
+head -c $(( (avail - 256) * 1024 )) /dev/zero > "$DISK/filler" 2>/dev/null
+{train} 2> {err} > /dev/null
+echo "RC $?"
+echo "AFTER $(sums)"
+echo "LATEST $(cat "$out/latest")"
+echo "LS $(ls -A "$out" | tr '\\n' ' ')"
+echo "TMP $(find "$out" -name '.*tmp*' | tr '\\n' ' ')"
+"""
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_nothing_partial(runs, work, tmp_path):
+    """The vanilla run, resumed from step_10 on a nearly full disk: saving step_20 fails. One error line naming the
+    checkpoint, exit 1, step_10 and `latest` untouched, no `.step_20.tmp` or temporary files left."""
+    import shlex
+
+    from conftest import run_on_small_disk
+
+    finished(runs, "vanilla")
+    disk = tmp_path / "disk"
+    out = str(disk / "out")
+    err = tmp_path / "stderr.txt"
+    train = " ".join(shlex.quote(a) for a in command(*vanilla_args(work, out)))
+    script = FULL_DISK_SCRIPT.format(vanilla=shlex.quote(str(work["root"] / "vanilla")), train=train,
+                                     err=shlex.quote(str(err)))
+    proc = run_on_small_disk(script, size="16m", mount_point=disk, env=env_for(work, 1), timeout=RUN_TIMEOUT)
+    report = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    stderr = err.read_text()
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if not line.startswith("notice:")]
+    assert report["RC"] == "1" and len(errors) == 1, (proc.stdout, proc.stderr, stderr[-3000:])  # notices, one error
+    assert errors[0].startswith(f"error: cannot write checkpoint step 20: no space left on device writing "
+                                f"{out}/step_20"), errors[0]
+    assert errors[0].endswith(f"the last good checkpoint is {out}/step_10")
+    assert report["AFTER"] == report["BEFORE"] and report["LATEST"] == "step_10"
+    assert report["LS"].split() == [".lock", "latest", "logs", "metrics.jsonl", "step_10"], report["LS"]
+    assert report.get("TMP", "").strip() == ""

@@ -117,11 +117,28 @@ def test_a_failed_save_leaves_earlier_checkpoints_and_no_partial_folder(tmp_path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(writer._state, "save", broken)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ck.CheckpointSaveError) as info:
         save_step(writer, 2, model_param_arrays(model), opt)
     writer.close()
+    assert str(info.value) == (f"cannot write checkpoint step 2: no space left on device writing "
+                               f"{ck.step_folder(out, 2)} (nothing of it was left on disk)")
     assert sorted(os.listdir(out)) == ["latest", "step_1"]
     assert ck.latest_checkpoint(out)[0] == 1
+
+
+def test_an_existing_step_folder_is_never_replaced(tmp_path):
+    from kimi_jax.checkpoint import model_param_arrays
+
+    model = KimiLinearForCausalLM(CFG, rngs=nnx.Rngs(3))
+    opt = optax.sgd(1.0).init(nnx.split(model)[1])
+    out = tmp_path / "run"
+    (out / "step_1").mkdir(parents=True)
+    (out / "step_1" / "notes.txt").write_text("the user's")
+    writer = ck.CheckpointWriter(str(out))
+    with pytest.raises(ck.CheckpointSaveError, match=f"{out}/step_1 already exists; this run does not replace it"):
+        save_step(writer, 1, model_param_arrays(model), opt)
+    writer.close()
+    assert sorted(os.listdir(out)) == ["step_1"] and os.listdir(out / "step_1") == ["notes.txt"]
 
 
 def test_discovery_ignores_incomplete_and_stale_folders(tmp_path):
@@ -133,7 +150,7 @@ def test_discovery_ignores_incomplete_and_stale_folders(tmp_path):
     assert ck.list_checkpoints(out) == [] and ck.latest_checkpoint(out) is None
     with pytest.raises(ck.TrainCheckpointError, match="neither a model folder"):
         ck.resolve_model_folder(out)
-    ck.remove_stale(str(out))
+    assert ck.remove_stale(str(out)) == [".latest.abc.tmp", ".step_9.tmp"]  # named, for the run's notice
     assert sorted(os.listdir(out)) == ["notes.txt", "step_7"]
     removed = ck.remove_run_outputs(str(out), extra_files=("metrics.jsonl",))
     assert removed == ["step_7"] and sorted(os.listdir(out)) == ["notes.txt"]
@@ -154,6 +171,40 @@ def test_jsonl_truncation_skips_torn_lines_and_later_steps(tmp_path):
     assert [r["step"] for r in tlog.read_jsonl(path)] == [0, 1, 2, 3]
     assert tlog.to_python({"a": np.float32("nan"), "b": np.arange(3), "c": jnp.float32(2.5)}) == {
         "a": None, "b": [0, 1, 2], "c": 2.5}
+
+
+def test_jsonl_truncation_cuts_a_tail_in_place_and_leaves_a_clean_file_alone(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"type": "train", "step": s}) + "\n" for s in range(1, 6)))
+    before = os.stat(path)
+    assert tlog.truncate_jsonl(str(path), 5) == 0
+    assert os.stat(path).st_mtime_ns == before.st_mtime_ns  # not rewritten: a full disk cannot fail a resume here
+    with open(path, "a") as f:
+        f.write('{"type": "train", "step": 6}\n{"type": "tr')  # a killed run's record past step 5, torn line
+    assert tlog.truncate_jsonl(str(path), 5) == 1
+    assert os.stat(path).st_ino == before.st_ino and os.path.getsize(path) == before.st_size  # cut, not copied
+    with open(path, "r+") as f:  # a torn line between good records: the file is rewritten without it
+        lines = f.readlines()
+        f.seek(0)
+        f.writelines(lines[:2] + ['{"ty\n'] + lines[2:])
+    assert tlog.truncate_jsonl(str(path), 5) == 0
+    assert [r["step"] for r in tlog.read_jsonl(str(path))] == [1, 2, 3, 4, 5]
+    assert os.path.getsize(path) == before.st_size
+
+
+def test_a_failed_log_write_is_one_error_naming_the_file_and_leaves_no_torn_record(tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    out, logs = tmp_path / "out", str(tmp_path / "logs")
+    out.mkdir()
+    os.symlink("/dev/full", out / tlog.METRICS_FILE)  # every write: "No space left on device"
+    log = tlog.MetricsLog(str(out), logs)
+    with pytest.raises(tlog.LogWriteError) as info:
+        log.record({"type": "train", "step": 1, "loss": 1.0})
+    assert str(info.value) == (f"cannot write the training log: no space left on device writing "
+                               f"{out / tlog.METRICS_FILE}")
+    assert isinstance(info.value, ck.TrainWriteError)  # exit status 1 in experiments.train
+    log.close()
 
 
 def test_metrics_log_and_event_reader_honour_purge_steps(tmp_path):

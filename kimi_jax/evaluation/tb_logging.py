@@ -1,34 +1,15 @@
-"""TensorBoard scalars of an evaluation (tensorboardX), and a reader for the event files (tests, comparisons)."""
+"""TensorBoard scalars of an evaluation (written by kimi_jax.tb_events), and a reader for the event files (tests,
+comparisons)."""
 
 from __future__ import annotations
 
 import glob
 import os
 import struct
-import uuid
-from typing import Mapping
+
+from kimi_jax.tb_events import write_scalars
 
 __all__ = ["read_scalars", "write_scalars"]
-
-
-def write_scalars(logdir: str, scalars: Mapping[str, float], step: int) -> str:
-    """Write every finite scalar at global step ``step`` into a new event file under ``logdir``; returns logdir."""
-    import math
-
-    from tensorboardX import SummaryWriter
-
-    os.makedirs(logdir, exist_ok=True)
-    # tensorboardX names event files by second and host only: a unique suffix keeps two evaluations that start
-    # within the same second (or on the same host) from overwriting each other's file.
-    writer = SummaryWriter(logdir=logdir, filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        for tag, value in scalars.items():
-            if value is not None and math.isfinite(float(value)):
-                writer.add_scalar(tag, float(value), global_step=int(step))
-        writer.flush()
-    finally:
-        writer.close()
-    return logdir
 
 
 def _records(path: str):

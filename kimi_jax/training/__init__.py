@@ -8,8 +8,8 @@
 """
 
 from kimi_jax.training.checkpoints import (CheckpointSaveError, CheckpointWriter, TrainCheckpointError,
-                                           latest_checkpoint, list_checkpoints, resolve_model_folder)
-from kimi_jax.training.logging import MetricsLog, read_scalars
+                                           TrainWriteError, latest_checkpoint, list_checkpoints, resolve_model_folder)
+from kimi_jax.training.logging import LogWriteError, MetricsLog, read_scalars
 
-__all__ = ["CheckpointSaveError", "CheckpointWriter", "MetricsLog", "TrainCheckpointError", "latest_checkpoint",
-           "list_checkpoints", "read_scalars", "resolve_model_folder"]
+__all__ = ["CheckpointSaveError", "CheckpointWriter", "LogWriteError", "MetricsLog", "TrainCheckpointError",
+           "TrainWriteError", "latest_checkpoint", "list_checkpoints", "read_scalars", "resolve_model_folder"]

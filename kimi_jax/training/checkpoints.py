@@ -18,10 +18,14 @@ Layout of one checkpoint (everything a model folder has, then the training state
 
 `step_N` only ever appears complete: it is built as the hidden sibling `.step_N.tmp` and renamed into place once
 every array is on disk, so a crash (SIGKILL included) leaves either the previous checkpoints or a stale `.tmp`
-folder, which the next save removes. Arrays are written asynchronously: `CheckpointWriter.save` returns once orbax
-has copied them to host memory (so the train step may donate its buffers right after), and a background thread
-finishes the writes, renames the folder, updates `latest` and prunes old checkpoints (`max_to_keep`). At most one
-save is in flight; the next `save` (or `wait`) waits for it and re-raises its failure.
+folder, which the next run removes (`remove_stale`; the run holds the output folder's lock, so no other run is
+writing it). Arrays are written asynchronously: `CheckpointWriter.save` returns once orbax has copied them to host
+memory (so the train step may donate its buffers right after), and a background thread finishes the writes, renames
+the folder, updates `latest` and prunes old checkpoints (`max_to_keep`). At most one save is in flight; the next
+`save` (or `wait`) waits for it and re-raises its failure as one CheckpointSaveError line (a full disk: "no space
+left on device writing .../step_N"), after removing `.step_N.tmp`: the earlier checkpoints and `latest` stay as they
+were. An existing `step_N` is never replaced, and only --max_to_keep (pruning) and --no-resume (`remove_run_outputs`)
+delete checkpoints.
 
 When the model's parameters equal those of an existing orbax folder on the same file system (recursive phases A/B,
 whose base never changes, started from an orbax folder with the same dtype; or the run's own previous checkpoint),
@@ -46,7 +50,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from kimi_jax.safe_io import write_json_atomic, write_text_atomic
+from kimi_jax.safe_io import (describe_write_error, remove_path, storage_error, write_json_atomic,
+                              write_text_atomic)
 
 FORMAT = "kimi_jax.train_state.v1"
 STEP_PREFIX = "step_"
@@ -66,8 +71,12 @@ class TrainCheckpointError(ValueError):
     """A training checkpoint (or output folder) that cannot be read or resumed from."""
 
 
-class CheckpointSaveError(RuntimeError):
-    """Writing a checkpoint failed (disk full, permissions, ...); the previous checkpoints are untouched."""
+class TrainWriteError(RuntimeError):
+    """Writing a run's outputs failed (a full disk, a quota, permissions): not the user's flags (exit status 1)."""
+
+
+class CheckpointSaveError(TrainWriteError):
+    """Writing a checkpoint failed; the previous checkpoints are untouched and nothing of the new one is left."""
 
 
 # ---------------------------------------------------------------------------------------------------- discovery
@@ -178,14 +187,11 @@ def restore_arrays(directory: str, targets: Mapping[str, Any]) -> dict[str, Any]
     placed by each target's sharding, or numpy where a target has none. Checks shapes; casts to the target dtypes."""
     import orbax.checkpoint as ocp
 
+    from kimi_jax.orbax_failures import orbax_reading, read_array_metadata
+
     if not os.path.isdir(directory):
         raise TrainCheckpointError(f"{directory}: missing (the checkpoint is incomplete)")
-    try:
-        meta = ocp.PyTreeCheckpointer().metadata(directory)
-        tree = getattr(meta, "item_metadata", meta)
-        stored = dict(getattr(tree, "tree", tree))
-    except Exception as e:  # orbax/tensorstore raise many types for a damaged folder
-        raise TrainCheckpointError(f"{directory}: unreadable orbax metadata ({_one_line(e)})") from None
+    stored = read_array_metadata(directory, TrainCheckpointError)
     missing = sorted(set(targets) - set(stored))
     if missing:
         raise TrainCheckpointError(f"{directory}: '{missing[0]}' is missing ({len(missing)} of {len(targets)} "
@@ -203,16 +209,9 @@ def restore_arrays(directory: str, targets: Mapping[str, Any]) -> dict[str, Any]
         else:
             restore_args[key] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)
             item[key] = np.zeros((), t.dtype)
-    try:
+    with orbax_reading(directory, TrainCheckpointError):
         return ocp.PyTreeCheckpointer().restore(
             directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-    except Exception as e:
-        raise TrainCheckpointError(f"{directory}: cannot restore ({_one_line(e)})") from None
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -252,13 +251,16 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _all_agree(flag: bool) -> bool:
-    """Process 0's `flag` on every process."""
+def broadcast_from_main(value: int) -> int:
+    """Process 0's `value` on every process."""
     if jax.process_count() == 1:
-        return flag
+        return value
     from jax.experimental import multihost_utils
 
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+_PREPARED, _LINKED, _FAILED = 0, 1, 2  # process 0's outcome of preparing a checkpoint folder, sent to every process
 
 
 class CheckpointWriter:
@@ -267,11 +269,18 @@ class CheckpointWriter:
     `model_files` ({name: bytes}) are written into every checkpoint (the tokenizer); `max_to_keep` (0 = all) prunes
     the oldest complete checkpoints after each save, never a folder in `protect` (the model the run started from,
     should it be one of them).
+
+    A failed save (a full disk, a quota, permissions) raises CheckpointSaveError, one line naming the
+    checkpoint, from `save` or the next `save`/`wait`; by then its `.step_N.tmp` folder is removed and the earlier
+    checkpoints and `latest` are as they were. orbax's own log lines about the failure are dropped (the error says
+    it); those of a successful save are let through when it finishes. An existing `step_N` is never replaced.
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, max_to_keep: int = 0,
                  model_files: Mapping[str, bytes] | None = None, protect: tuple[str, ...] = ()):
         import orbax.checkpoint as ocp
+
+        from kimi_jax.orbax_failures import drop_orbax_failure_echoes
 
         self.output_dir = os.path.abspath(os.fspath(output_dir))
         self.max_to_keep = int(max_to_keep or 0)
@@ -282,13 +291,19 @@ class CheckpointWriter:
         # barrier at the end of a write (the 48B's parameters and AdamW moments are several hundred GB).
         self._params = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(), timeout_secs=ASYNC_TIMEOUT_S)
         self._state = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(), timeout_secs=ASYNC_TIMEOUT_S)
+        drop_orbax_failure_echoes()  # a failing background write echoes before the main thread learns of it
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._renamed = False  # the save in flight reached its final name (only `latest` or pruning can still fail)
         self._pending: tuple[int, str] | None = None
+        self._held_logs = None
         self.last_saved: tuple[int, str] | None = None  # (step, folder) of the newest finished save
         self.last_params_folder: str | None = None  # a finished checkpoint whose params/ this run may link from
         if self.main:
             os.makedirs(self.output_dir, exist_ok=True)
+
+    def _tmp_folder(self, step: int) -> str:
+        return os.path.join(self.output_dir, f".{STEP_PREFIX}{int(step)}.tmp")
 
     # -------------------------------------------------------------------------------------------- save
     def save(self, step: int, *, config: dict, meta: dict, params: Mapping[str, Any] | None,
@@ -299,50 +314,75 @@ class CheckpointWriter:
         `params` ({key: array}, kimi_jax.checkpoint's keys) may be None when `link_params_from` names a folder whose
         `params/` holds exactly this model; with both, the link is tried first and `params` written if it fails.
         """
-        from kimi_jax.checkpoint import FORMAT as MODEL_FORMAT
+        from kimi_jax.orbax_failures import HeldLogRecords
 
         self.wait()
-        final = step_folder(self.output_dir, step)
-        tmp = os.path.join(self.output_dir, f".{STEP_PREFIX}{int(step)}.tmp")
-        linked = False
-        if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(config, f, indent=2)
-            with open(os.path.join(tmp, MODEL_META_FILE), "w") as f:
-                json.dump({"format": MODEL_FORMAT, **meta}, f, indent=2)
-            for name, data in self.model_files.items():
-                with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(data)
-            with open(os.path.join(tmp, TRAIN_STATE_FILE), "w") as f:
-                json.dump({"format": FORMAT, "step": int(step), **state_json}, f, indent=2, allow_nan=False)
-            if link_params_from is not None:
-                linked = link_tree(os.path.join(link_params_from, PARAMS_DIR), os.path.join(tmp, PARAMS_DIR))
-        linked = _all_agree(linked)
-        if not linked and params is None:
-            raise CheckpointSaveError(f"checkpoint step {step}: params/ could not be linked from "
-                                       f"{link_params_from} and no parameters were given")
-        _sync(f"kimi_jax_train_ckpt_{step}_folder")
-        import orbax.checkpoint as ocp
-
+        final, tmp = step_folder(self.output_dir, step), self._tmp_folder(step)
+        self._held_logs = HeldLogRecords()
         try:
-            if sidecar is not None:
-                from kimi_jax.recursive.io import save_sidecar
-
-                save_sidecar(tmp, sidecar, rcfg)
-            if not linked:
-                self._params.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(dict(params)))
-            self._state.save(os.path.join(tmp, TRAIN_STATE_DIR), args=ocp.args.PyTreeSave(dict(state_arrays)))
-        except BaseException:
-            self._drain()
-            if self.main:
-                shutil.rmtree(tmp, ignore_errors=True)
+            self._start(int(step), final, tmp, config=config, meta=meta, params=params, state_arrays=state_arrays,
+                        state_json=state_json, sidecar=sidecar, rcfg=rcfg, link_params_from=link_params_from)
+        except BaseException as e:
+            self._abandon(tmp, failed=isinstance(e, Exception))
+            if isinstance(e, Exception):
+                raise self._save_error(int(step), final, e) from e
             raise
         self._pending = (int(step), final)
         self._thread = threading.Thread(target=self._finish, args=(int(step), tmp, final), daemon=True,
                                         name=f"kimi_jax-checkpoint-{step}")
         self._thread.start()
+
+    def _start(self, step: int, final: str, tmp: str, *, config, meta, params, state_arrays, state_json, sidecar,
+               rcfg, link_params_from) -> None:
+        """Build `tmp` (process 0: the JSON and tokenizer files, params/ linked where possible) and hand the arrays
+        to orbax's background writes."""
+        import orbax.checkpoint as ocp
+
+        outcome, failure = _PREPARED, None
+        if self.main:
+            try:
+                outcome = self._prepare(step, final, tmp, config, meta, state_json, link_params_from)
+            except Exception as e:
+                outcome, failure = _FAILED, e
+        outcome = broadcast_from_main(outcome)  # every process stops when process 0 could not prepare the folder
+        if outcome == _FAILED:
+            raise failure if failure is not None else CheckpointSaveError(
+                f"process 0 could not prepare checkpoint {final}")
+        linked = outcome == _LINKED
+        if not linked and params is None:
+            raise CheckpointSaveError(f"checkpoint step {step}: params/ could not be linked from "
+                                      f"{link_params_from} and no parameters were given")
+        _sync(f"kimi_jax_train_ckpt_{step}_folder")
+        if sidecar is not None:
+            from kimi_jax.recursive.io import save_sidecar
+
+            save_sidecar(tmp, sidecar, rcfg)
+        if not linked:
+            self._params.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(dict(params)))
+        self._state.save(os.path.join(tmp, TRAIN_STATE_DIR), args=ocp.args.PyTreeSave(dict(state_arrays)))
+
+    def _prepare(self, step: int, final: str, tmp: str, config: dict, meta: dict, state_json: dict,
+                 link_params_from: str | None) -> int:
+        from kimi_jax.checkpoint import FORMAT as MODEL_FORMAT
+
+        if os.path.lexists(final):  # not this run's (it saves each step once): never replaced
+            raise CheckpointSaveError(f"{final} already exists; this run does not replace it (move it away, or "
+                                      f"resume from it)")
+        remove_path(tmp)  # a killed save's leftovers (the output folder is locked by this run)
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        with open(os.path.join(tmp, MODEL_META_FILE), "w") as f:
+            json.dump({"format": MODEL_FORMAT, **meta}, f, indent=2)
+        for name, data in self.model_files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        with open(os.path.join(tmp, TRAIN_STATE_FILE), "w") as f:
+            json.dump({"format": FORMAT, "step": int(step), **state_json}, f, indent=2, allow_nan=False)
+        if link_params_from is not None and link_tree(os.path.join(link_params_from, PARAMS_DIR),
+                                                      os.path.join(tmp, PARAMS_DIR)):
+            return _LINKED
+        return _PREPARED
 
     def _drain(self) -> None:
         for ckptr in (self._params, self._state):
@@ -351,23 +391,34 @@ class CheckpointWriter:
             except BaseException:
                 pass
 
+    def _abandon(self, tmp: str, failed: bool) -> None:
+        """After a failed or interrupted save: let orbax's writers stop, then remove the partial folder."""
+        from kimi_jax.orbax_failures import quiet_abandoned_orbax_io
+
+        self._drain()
+        if self.main:
+            remove_path(tmp)
+        if self._held_logs is not None:
+            self._held_logs.release(emit=not failed)
+            self._held_logs = None
+        if failed:
+            quiet_abandoned_orbax_io()
+
     def _finish(self, step: int, tmp: str, final: str) -> None:
         try:
             self._params.wait_until_finished()
             self._state.wait_until_finished()
             if self.main:
-                old = None
-                if os.path.lexists(final):  # a previous run's checkpoint at the same step: replace it
-                    old = os.path.join(self.output_dir, f".{STEP_PREFIX}{step}.old")
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.rename(final, old)
-                os.rename(tmp, final)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+                os.rename(tmp, final)  # save() refused an existing step_N; rename never replaces a non-empty one
+                self._renamed = True
                 write_text_atomic(os.path.join(self.output_dir, LATEST_FILE), f"{STEP_PREFIX}{step}\n")
                 self._prune(keep=final)
         except BaseException as e:  # re-raised by the next save()/wait() on the main thread
             self._error = e
+            if not self._renamed:
+                self._drain()  # the other item may still be writing into tmp
+                if self.main:
+                    remove_path(tmp)
 
     def _prune(self, keep: str) -> None:
         if self.max_to_keep <= 0:
@@ -379,6 +430,21 @@ class CheckpointWriter:
                 if self.last_params_folder and os.path.abspath(folder) == os.path.abspath(self.last_params_folder):
                     self.last_params_folder = None
 
+    def _save_error(self, step: int, final: str, error: BaseException, renamed: bool = False) -> CheckpointSaveError:
+        if isinstance(error, CheckpointSaveError):
+            return error
+        if renamed:  # the checkpoint is complete; only the `latest` pointer (or pruning) failed
+            latest = os.path.join(self.output_dir, LATEST_FILE)
+            return CheckpointSaveError(f"checkpoint {final} was written, but {latest} could not be updated "
+                                       f"({describe_write_error(error, latest)})")
+        if isinstance(error, OSError) or storage_error(error):
+            why = describe_write_error(error, final)
+        else:
+            from kimi_jax.orbax_failures import describe_orbax_failure
+
+            why = describe_orbax_failure(error)
+        return CheckpointSaveError(f"cannot write checkpoint step {step}: {why} (nothing of it was left on disk)")
+
     # -------------------------------------------------------------------------------------------- wait
     def wait(self) -> tuple[int, str] | None:
         """Finish the save in flight (if any); re-raise its failure. Returns the newest finished (step, folder)."""
@@ -386,12 +452,20 @@ class CheckpointWriter:
             self._thread.join()
             self._thread = None
             pending, self._pending = self._pending, None
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise CheckpointSaveError(f"checkpoint step {pending[0]} failed: {_one_line(error)}") from error
+            error, self._error = self._error, None
+            renamed, self._renamed = self._renamed, False
+            if self._held_logs is not None:
+                self._held_logs.release(emit=error is None)
+                self._held_logs = None
+            if renamed:
+                self.last_saved = pending
+                self.last_params_folder = pending[1]
+            if error is not None:
+                from kimi_jax.orbax_failures import quiet_abandoned_orbax_io
+
+                quiet_abandoned_orbax_io()
+                raise self._save_error(pending[0], pending[1], error, renamed) from error
             _sync(f"kimi_jax_train_ckpt_{pending[0]}_done")
-            self.last_saved = pending
-            self.last_params_folder = pending[1]
         return self.last_saved
 
     def close(self) -> None:
@@ -405,39 +479,60 @@ class CheckpointWriter:
                     pass
 
 
-def remove_run_outputs(output_dir: str, extra_files: tuple[str, ...] = ()) -> list[str]:
-    """Delete a run's checkpoints (`step_N`, stale `.step_N.tmp`/`.old`), `latest` and `extra_files` in
-    `output_dir` (for --no-resume). Returns what was removed."""
-    removed = []
+_STALE_RE = re.compile(r"^\.step_\d+\.(tmp|old)$")  # a killed save's folder (.old: written by earlier versions)
+_STALE_FILE_RE = re.compile(r"^\.(latest|metrics\.jsonl)\..+\.tmp$")  # write_text_atomic's temporaries
+
+
+def run_outputs(output_dir: str, extra_files: tuple[str, ...] = ()) -> list[str]:
+    """The names of what a training run leaves in `output_dir` (what --no-resume deletes): `step_N` folders
+    (complete or not), stale `.step_N.tmp`/`.old` folders, `latest` and `extra_files`."""
     if not os.path.isdir(output_dir):
-        return removed
+        return []
+    found = []
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        stale = re.match(r"^\.step_\d+\.(tmp|old)$", name)
-        if (_STEP_RE.match(name) and os.path.isdir(path)) or (stale and os.path.isdir(path)):
-            shutil.rmtree(path)
-            removed.append(name)
-        elif name == LATEST_FILE or name in extra_files:
-            os.remove(path)
+        if (_STEP_RE.match(name) or _STALE_RE.match(name)) and os.path.isdir(path):
+            found.append(name)
+        elif (name == LATEST_FILE or name in extra_files) and os.path.isfile(path):
+            found.append(name)
+    return found
+
+
+def remove_run_outputs(output_dir: str, extra_files: tuple[str, ...] = ()) -> list[str]:
+    """Delete `run_outputs(output_dir, extra_files)` (for --no-resume, which asks for it). Returns the names; a
+    failure is a TrainWriteError naming the path."""
+    removed = []
+    for name in run_outputs(output_dir, extra_files):
+        path = os.path.join(output_dir, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError as e:
+            raise TrainWriteError(f"--no-resume: cannot delete {path} ({e.strerror or e})") from None
+        removed.append(name)
+    return removed
+
+
+def remove_stale(output_dir: str) -> list[str]:
+    """Delete what a killed run can leave half-written: `.step_N.tmp` / `.step_N.old` folders and the temporary
+    files of atomic writes (`.latest.*.tmp`, `.metrics.jsonl.*.tmp`). Only safe while this run holds the output
+    folder's lock (no other run is writing them). Returns the names removed."""
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if (_STALE_RE.match(name) and os.path.isdir(path)) or (_STALE_FILE_RE.match(name) and os.path.isfile(path)):
+            remove_path(path)
             removed.append(name)
     return removed
 
 
-def remove_stale(output_dir: str) -> None:
-    """Delete what a killed run can leave half-written: `.step_N.tmp` / `.step_N.old` folders and the temporary
-    files of atomic writes (`.latest.*.tmp`, `.metrics.jsonl.*.tmp`)."""
-    if not os.path.isdir(output_dir):
-        return
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if re.match(r"^\.step_\d+\.(tmp|old)$", name):
-            shutil.rmtree(path, ignore_errors=True)
-        elif re.match(r"^\.(latest|metrics\.jsonl)\..+\.tmp$", name) and os.path.isfile(path):
-            os.remove(path)
-
-
 __all__ = ["CheckpointSaveError", "CheckpointWriter", "FORMAT", "LATEST_FILE", "MODEL_FILES", "TRAIN_STATE_DIR",
-           "TRAIN_STATE_FILE", "TrainCheckpointError", "abstract_of", "flatten", "is_complete", "latest_checkpoint",
-           "link_tree", "list_checkpoints", "path_key", "read_model_files", "read_train_state", "remove_run_outputs",
-           "remove_stale", "resolve_model_folder", "restore_arrays", "step_folder", "unflatten", "write_json_atomic",
+           "TRAIN_STATE_FILE", "TrainCheckpointError", "TrainWriteError", "abstract_of", "broadcast_from_main",
+           "flatten", "is_complete", "latest_checkpoint", "link_tree", "list_checkpoints", "path_key",
+           "read_model_files", "read_train_state", "remove_run_outputs", "remove_stale", "resolve_model_folder",
+           "restore_arrays", "run_outputs", "step_folder", "unflatten", "write_json_atomic",
            "write_text_atomic"]

@@ -4,8 +4,10 @@
   `{"type": "train", "step", "loss", <every metric of the step>, "lr", "tokens_per_sec", "steps_per_sec",
   "memory_mb", "step_time_s", "time"}` and evaluation records `{"type": "eval", "step", ...}`. Non-finite values are
   written as null (JSON has no NaN). On resume `truncate_jsonl` drops the records after the checkpoint's step, so
-  the file reads as one uninterrupted run. Scalars go to TensorBoard through tensorboardX, with `purge_step` on
-  resume so TensorBoard hides the killed run's events after the checkpoint.
+  the file reads as one uninterrupted run. Scalars go to a TensorBoard event file (tensorboardX's format), with a
+  purge marker on resume so TensorBoard hides the killed run's events after the checkpoint. Both files are written
+  from the training loop's thread in whole records: a failed write (a full disk) is one LogWriteError naming the
+  file, and leaves no torn record behind.
 * `read_scalars(log_dir)` reads every scalar back from the event files ({tag: [(step, value)]}), with the protobufs
   tensorboardX ships (no TensorFlow or tensorboard needed).
 * `memory_mb()`: the peak device memory (`memory_stats()["peak_bytes_in_use"]`, the largest over local devices) where
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -23,6 +26,9 @@ import time
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from kimi_jax.tb_events import AppendOnlyFile, EventFile
+from kimi_jax.training.checkpoints import TrainWriteError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -131,41 +137,101 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def truncate_jsonl(path: str, last_step: int) -> int:
-    """Keep only the records with step <= last_step (atomically rewritten). Returns how many were dropped."""
+    """Keep only the records with step <= last_step. Returns how many were dropped.
+
+    A killed run's records after its last checkpoint (and a torn last line) are the file's tail: the file is cut
+    there in place, which needs no free space. Anything else (a torn line between good ones) rewrites the file
+    atomically. A file with nothing to drop is left untouched."""
     from kimi_jax.training.checkpoints import write_text_atomic
 
     if not os.path.isfile(path):
         return 0
-    records = read_jsonl(path)
-    kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= last_step]
-    write_text_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
-    return len(records) - len(kept)
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept, dropped, cut, offset = [], 0, None, 0  # cut: the offset of the first line not kept
+    for line in lines:
+        record = _parse_line(line)
+        keep = record is not None and isinstance(record.get("step"), int) and record["step"] <= last_step
+        if keep and line.endswith(b"\n"):
+            kept.append(line)
+            if cut is not None:
+                cut = -1  # a kept line after a dropped one: not a tail
+        else:
+            dropped += record is not None
+            if cut is None:
+                cut = offset
+        offset += len(line)
+    if cut is None:
+        return 0
+    try:
+        if cut >= 0:
+            os.truncate(path, cut)
+        else:
+            write_text_atomic(path, b"".join(kept).decode("utf-8"))
+    except OSError as e:
+        raise LogWriteError(_write_failure(e, path)) from None
+    return dropped
+
+
+def _parse_line(line: bytes) -> dict | None:
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class LogWriteError(TrainWriteError):
+    """metrics.jsonl or a TensorBoard event file could not be written (a full disk, a quota, permissions)."""
+
+
+def _write_failure(e: OSError, path: str) -> str:
+    from kimi_jax.safe_io import describe_write_error
+
+    return f"cannot write the training log: {describe_write_error(e, path)}"
+
+
+@contextlib.contextmanager
+def _log_writes(path: str):
+    """A failed write of a log file becomes one LogWriteError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise LogWriteError(_write_failure(e, e.filename or path)) from None
 
 
 class MetricsLog:
-    """JSONL + TensorBoard writer for one run; every method is a no-op where `enabled` is False (processes > 0)."""
+    """JSONL + TensorBoard writer for one run; every method is a no-op where `enabled` is False (processes > 0).
 
-    def __init__(self, output_dir: str, log_dir: str, *, enabled: bool = True, purge_step: int | None = None):
+    Both files are appended from the training loop's thread, whole records only: a failed write (a full disk) is a
+    LogWriteError naming the file, with nothing of the failed record left in it."""
+
+    def __init__(self, output_dir: str, log_dir: str, *, enabled: bool = True, purge_step: int | None = None,
+                 flush_secs: float = 10):
         self.enabled = enabled
         self.path = os.path.join(output_dir, METRICS_FILE)
         self.log_dir = log_dir
         self._file = None
-        self._writer = None
+        self._events = None
         if not enabled:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        os.makedirs(log_dir, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
-        from tensorboardX import SummaryWriter
-
-        self._writer = SummaryWriter(log_dir, purge_step=purge_step, flush_secs=10)
+        with _log_writes(output_dir):
+            for folder in (output_dir, log_dir):
+                os.makedirs(folder, exist_ok=True)
+            self._file = AppendOnlyFile(self.path)
+            try:
+                self._events = EventFile(log_dir, flush_secs)
+                if purge_step is not None:
+                    self._events.purge_from(purge_step)
+            except BaseException:
+                self._file.close()
+                raise
 
     def record(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        line = json.dumps(to_python(dict(record)), allow_nan=False)
-        self._file.write(line + "\n")
-        self._file.flush()
+        with _log_writes(self.path):
+            self._file.append((json.dumps(to_python(dict(record)), allow_nan=False) + "\n").encode())
 
     def scalars(self, values: Mapping[str, Any], step: int) -> None:
         """TensorBoard scalars {tag: value}; None and non-finite values are skipped."""
@@ -176,23 +242,26 @@ class MetricsLog:
                 continue
             value = float(value)
             if math.isfinite(value):
-                self._writer.add_scalar(tag, value, step)
+                with _log_writes(self.log_dir):
+                    self._events.scalar(tag, value, step)
 
     def flush(self) -> None:
         if self.enabled:
-            self._file.flush()
-            self._writer.flush()
+            with _log_writes(self.log_dir):
+                self._events.flush()
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
+        """Write what is pending and close both files (`flush=False`: after a failure, only close them)."""
         if not self.enabled:
             return
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
-            self._writer.close()
-            self.enabled = False
+        self.enabled = False
+        with _log_writes(self.log_dir):
+            try:
+                if flush:
+                    self._file.sync()
+            finally:
+                self._file.close()
+                self._events.close(flush)
 
 
 # --------------------------------------------------------------------------------------------- event reader
@@ -240,5 +309,5 @@ def now() -> float:
     return time.time()
 
 
-__all__ = ["METRICS_FILE", "MetricsLog", "host_rss_bytes", "iter_records", "memory_mb", "read_jsonl",
+__all__ = ["METRICS_FILE", "LogWriteError", "MetricsLog", "host_rss_bytes", "iter_records", "memory_mb", "read_jsonl",
            "read_scalars", "recursive_lr", "to_python", "truncate_jsonl", "vanilla_lr"]
