@@ -26,25 +26,52 @@ PEAK_TFLOPS = {"v5p": 459.0, "v5e": 197.0, "v6e": 918.0, "v4": 275.0, "h100": 98
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="preset name (kimi-linear-48b-a3b, tiny) or a config.json path")
+    from kimi_jax.config import PRESETS
+
+    p = argparse.ArgumentParser(prog="python -m experiments.plan", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True,
+                   help=f"a preset ({', '.join(sorted(PRESETS))}), a config.json file or a model folder")
     p.add_argument("--mesh", default=None, help="mesh spec, e.g. data=2,fsdp=-1 (default: fsdp over all devices)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--devices", type=int, help="compile for this many fake CPU devices")
     where.add_argument("--topology", help="compile for a TPU topology, e.g. v5p:4x4x4 (needs libtpu)")
     p.add_argument("--batch_size", type=int, required=True, help="global batch (sequences)")
-    p.add_argument("--seq_len", type=int, required=True)
-    p.add_argument("--stage", choices=("vanilla", "recursive"), default="vanilla")
-    p.add_argument("--phase", choices=("a", "b", "c"), default="a", help="recursive training phase")
+    p.add_argument("--seq_len", type=int, required=True, help="tokens per sequence")
+    p.add_argument("--stage", choices=("vanilla", "recursive"), default="vanilla",
+                   help="which train step: vanilla (the causal-LM step, default) or recursive (the sidecar's)")
+    p.add_argument("--phase", choices=("a", "b", "c"), default="a", help="recursive training phase (default a)")
     p.add_argument("--recursive_config", default=None,
                    help="recursive stage: a preset or JSON file (default: the preset phase_{phase})")
-    p.add_argument("--chunk_width", type=int, default=None, help="recursive stage: window width W (default: config)")
-    p.add_argument("--max_inner_steps", type=int, default=None, help="recursive stage: inner steps K")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="parameter dtype")
-    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True, help="remat each layer cycle")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the implied step time")
-    p.add_argument("--chip", default=None, help=f"peak-FLOPs key for the step time: {sorted(PEAK_TFLOPS)}")
+    p.add_argument("--chunk_width", type=int, default=None,
+                   help="recursive stage: window width W (default: the recursive config's)")
+    p.add_argument("--max_inner_steps", type=int, default=None,
+                   help="recursive stage: inner steps K (default: the recursive config's)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="parameter dtype (default bfloat16)")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
+                   help="remat each layer cycle (default on)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="model FLOPs utilisation for the implied step time (default 0.4)")
+    p.add_argument("--chip", default=None,
+                   help=f"peak-FLOPs key for the step time: {sorted(PEAK_TFLOPS)} (default: the --topology's chip; "
+                        f"none with --devices)")
     return p.parse_args(argv)
+
+
+def load_config(spec: str):
+    """The model config of --config: a preset name, else a config.json file or a model folder holding one."""
+    from kimi_jax.config import PRESETS, ConfigError, KimiLinearConfig, get_preset
+
+    if spec in PRESETS:
+        return get_preset(spec)
+    if os.path.exists(spec):
+        return KimiLinearConfig.from_pretrained(spec)
+    if os.sep in spec or "/" in spec or spec.lower().endswith(".json"):
+        raise ConfigError(f"--config {spec}: no such file or folder")
+    raise ConfigError(f"--config {spec}: neither a preset ({', '.join(sorted(PRESETS))}) nor an existing "
+                      f"config.json file or model folder")
 
 
 def analytic_flops_per_token(cfg, seq_len: int) -> dict:
@@ -106,6 +133,13 @@ def sharded_bytes(tree) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from kimi_jax.config import ConfigError
+
+    try:
+        cfg = load_config(args.config)  # checked before JAX and its devices are set up
+    except ConfigError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     rcfg = None
     if args.stage == "recursive":
         from kimi_jax.recursive.config import RecursiveConfigError, resolve
@@ -157,15 +191,12 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from kimi_jax import sharding
-    from kimi_jax.config import ConfigError, KimiLinearConfig, get_preset
     from kimi_jax.model import KimiLinearForCausalLM, RunOptions
     from kimi_jax.train_step import build_trainer, make_optimizer
 
     try:
-        cfg = (KimiLinearConfig.from_pretrained(args.config) if os.path.exists(args.config)
-               else get_preset(args.config))
         mesh = sharding.make_mesh(args.mesh, devices)
-    except (ConfigError, sharding.ShardingError) as e:
+    except sharding.ShardingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = len(devices)

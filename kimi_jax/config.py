@@ -14,8 +14,12 @@ missing; that pattern is wrong for Kimi-Linear-48B, so a config without a schedu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
+import types
+import typing
 from typing import Any, Literal
 
 KDA = "kda"
@@ -33,11 +37,22 @@ class ConfigError(ValueError):
 
 def read_json_object(path: str, error: type[Exception] = ConfigError, missing: str | None = None) -> dict:
     """Read a JSON object from `path`, turning every failure into one `error` line naming the file."""
+    if os.path.isdir(path):
+        raise error(f"{path}: is a folder, not a JSON file")
     try:
-        with open(path) as f:
-            d = json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise error(missing or f"{path}: file not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at line {line})") from None
+    try:
+        d = json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(d, dict):
@@ -176,20 +191,25 @@ class KimiLinearConfig:
     # ------------------------------------------------------------------ HF config.json
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides) -> "KimiLinearConfig":
-        """Build from an HF config dict of either dialect; `source` names the file in error messages."""
+        """Build from an HF config dict of either dialect; `source` names the file in error messages.
+
+        Every key that is read is type-checked first (`check_hf_types`); null counts as absent."""
 
         def fail(msg: str):
             raise ConfigError(f"{source}: {msg}")
 
+        check_hf_types(d, source)
+
         def get(*names, default=None, required=False):
             for name in names:
-                if name in d and d[name] is not None:
-                    return d[name]
+                value = _lookup(d, name)
+                if value is not None:
+                    return value
             if required:
                 fail(f"missing required field '{names[0]}'")
             return default
 
-        model_type = d.get("model_type")
+        model_type = get("model_type")
         if model_type not in (None, "kimi_linear"):
             fail(f"model_type is {model_type!r}, expected 'kimi_linear'")
         if get("attention_bias", default=False):
@@ -205,10 +225,8 @@ class KimiLinearConfig:
         if get("num_nextn_predict_layers", default=0):
             fail("num_nextn_predict_layers > 0 (an MTP head) is not supported")
 
-        n_layers = int(get("num_hidden_layers", required=True))
-        linear = d.get("linear_attn_config") or {}
-        if not isinstance(linear, dict):
-            fail("linear_attn_config must be an object")
+        n_layers = get("num_hidden_layers", required=True)
+        linear = get("linear_attn_config", default={})
 
         # --- attention schedule
         from_lists = None
@@ -218,7 +236,7 @@ class KimiLinearConfig:
             kinds: list[str | None] = [None] * n_layers
             for field_name, layers, kind in (("kda_layers", kda_layers, KDA), ("full_attn_layers", full_layers, MLA)):
                 for one_based in layers:
-                    if not isinstance(one_based, int) or not 1 <= one_based <= n_layers:
+                    if not 1 <= one_based <= n_layers:
                         fail(f"linear_attn_config.{field_name} entry {one_based!r} is not a layer in 1..{n_layers} "
                              "(the hub lists are 1-indexed)")
                     if kinds[one_based - 1] is not None:
@@ -230,15 +248,15 @@ class KimiLinearConfig:
                 fail(f"linear_attn_config: layers {missing} (1-indexed) are in neither kda_layers nor full_attn_layers")
             from_lists = tuple(kinds)
         from_types = None
-        if d.get("layer_types") is not None:
+        listed = get("layer_types")
+        if listed is not None:
             names = {"linear_attention": KDA, "full_attention": MLA, "kda": KDA, "mla": MLA}
-            types = d["layer_types"]
-            if len(types) != n_layers:
-                fail(f"layer_types has {len(types)} entries but num_hidden_layers is {n_layers}")
-            unknown = sorted({t for t in types if t not in names})
+            if len(listed) != n_layers:
+                fail(f"layer_types has {len(listed)} entries but num_hidden_layers is {n_layers}")
+            unknown = sorted({t for t in listed if t not in names})
             if unknown:
                 fail(f"layer_types has unknown entries {unknown}; expected 'linear_attention' or 'full_attention'")
-            from_types = tuple(names[t] for t in types)
+            from_types = tuple(names[t] for t in listed)
         if from_lists is not None and from_types is not None and from_lists != from_types:
             fail("layer_types disagrees with linear_attn_config.kda_layers/full_attn_layers")
         mixer_types = from_types or from_lists
@@ -247,68 +265,40 @@ class KimiLinearConfig:
                  "(the 'MLA every 4th layer' fallback is wrong for Kimi-Linear and is not applied)")
 
         # --- FFN schedule
-        num_experts = get("num_experts", "num_local_experts", default=0)
-        if d.get("mlp_layer_types") is not None:
+        num_experts = get(*HF_FIELD_KEYS["num_experts"], default=0)
+        listed = get("mlp_layer_types")
+        if listed is not None:
             names = {"dense": DENSE, "sparse": MOE, "moe": MOE}
-            types = d["mlp_layer_types"]
-            if len(types) != n_layers:
-                fail(f"mlp_layer_types has {len(types)} entries but num_hidden_layers is {n_layers}")
-            unknown = sorted({t for t in types if t not in names})
+            if len(listed) != n_layers:
+                fail(f"mlp_layer_types has {len(listed)} entries but num_hidden_layers is {n_layers}")
+            unknown = sorted({t for t in listed if t not in names})
             if unknown:
                 fail(f"mlp_layer_types has unknown entries {unknown}; expected 'dense' or 'sparse'")
-            ffn_types = tuple(names[t] for t in types)
+            ffn_types = tuple(names[t] for t in listed)
         else:
-            first_dense = int(get("first_k_dense_replace", default=0))
-            freq = int(get("moe_layer_freq", default=1))
+            first_dense = get("first_k_dense_replace", default=0)
+            freq = get("moe_layer_freq", default=1)
             if freq <= 0:
                 fail(f"moe_layer_freq must be positive, got {freq}")
             ffn_types = tuple(
                 MOE if num_experts and i >= first_dense and i % freq == 0 else DENSE for i in range(n_layers)
             )
 
-        q_lora = get("q_lora_rank")
-        n_heads = int(get("num_attention_heads", required=True))
+        n_heads = get("num_attention_heads", required=True)
         n_kv = get("num_key_value_heads", default=n_heads)
         if n_kv != n_heads:
             fail(f"num_key_value_heads={n_kv} differs from num_attention_heads={n_heads}; MLA expands one latent "
                  "into every head, so they must be equal")
-        eos = d.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = tuple(eos)
 
-        def as_int_or_none(x):
-            return None if x is None else int(x)
-
-        kwargs = dict(
-            vocab_size=int(get("vocab_size", required=True)),
-            hidden_size=int(get("hidden_size", required=True)),
-            num_hidden_layers=n_layers,
-            intermediate_size=int(get("intermediate_size", default=0)),
-            num_attention_heads=n_heads,
-            kv_lora_rank=int(get("kv_lora_rank", required=True)),
-            qk_nope_head_dim=int(get("qk_nope_head_dim", required=True)),
-            qk_rope_head_dim=int(get("qk_rope_head_dim", required=True)),
-            v_head_dim=int(get("v_head_dim", required=True)),
-            q_lora_rank=as_int_or_none(q_lora),
-            kda_num_heads=int(linear.get("num_heads", get("linear_num_heads", default=32))),
-            kda_head_dim=int(linear.get("head_dim", get("linear_head_dim", default=128))),
-            conv_kernel_size=int(linear.get("short_conv_kernel_size", get("linear_conv_kernel_dim", default=4))),
-            mixer_types=mixer_types,
-            ffn_types=ffn_types,
-            num_experts=int(num_experts or 0),
-            num_experts_per_token=int(get("num_experts_per_token", "num_experts_per_tok", default=0)),
-            num_shared_experts=int(get("num_shared_experts", "n_shared_experts", default=0)),
-            moe_intermediate_size=int(get("moe_intermediate_size", default=0)),
-            routed_scaling_factor=float(get("routed_scaling_factor", default=1.0)),
-            moe_renormalize=bool(get("moe_renormalize", "norm_topk_prob", default=True)),
-            num_expert_group=int(get("num_expert_group", "n_group", default=1)),
-            topk_group=int(get("topk_group", default=1)),
-            rms_norm_eps=float(get("rms_norm_eps", default=1e-5)),
-            tie_word_embeddings=bool(get("tie_word_embeddings", default=False)),
-            bos_token_id=as_int_or_none(d.get("bos_token_id")),
-            eos_token_id=eos,
-            pad_token_id=as_int_or_none(d.get("pad_token_id")),
-        )
+        kwargs: dict[str, Any] = dict(mixer_types=mixer_types, ffn_types=ffn_types)
+        for field_name, keys in HF_FIELD_KEYS.items():
+            required = field_name in HF_REQUIRED_FIELDS
+            value = get(*keys, default=HF_DEFAULTS.get(field_name), required=required)
+            if isinstance(value, list):  # JSON lists are the config's tuples
+                value = tuple(value)
+            elif _hf_key_types()[keys[0]] is float and value is not None:
+                value = float(value)  # a JSON integer is a valid number; the config holds floats
+            kwargs[field_name] = value
         if get("use_grouped_topk", default=True) is False:
             kwargs["num_expert_group"], kwargs["topk_group"] = 1, 1
         kwargs.update(overrides)
@@ -380,6 +370,156 @@ class KimiLinearConfig:
 
     def replace(self, **changes) -> "KimiLinearConfig":
         return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------- config.json keys and their JSON types
+# The config.json keys that set each KimiLinearConfig field, in order of precedence (the two dialects' names for the
+# same field; a dotted key lies inside linear_attn_config). Each key's JSON type is its field's annotation.
+HF_FIELD_KEYS: dict[str, tuple[str, ...]] = {
+    "vocab_size": ("vocab_size",),
+    "hidden_size": ("hidden_size",),
+    "num_hidden_layers": ("num_hidden_layers",),
+    "intermediate_size": ("intermediate_size",),
+    "num_attention_heads": ("num_attention_heads",),
+    "kv_lora_rank": ("kv_lora_rank",),
+    "qk_nope_head_dim": ("qk_nope_head_dim",),
+    "qk_rope_head_dim": ("qk_rope_head_dim",),
+    "v_head_dim": ("v_head_dim",),
+    "q_lora_rank": ("q_lora_rank",),
+    "kda_num_heads": ("linear_attn_config.num_heads", "linear_num_heads"),
+    "kda_head_dim": ("linear_attn_config.head_dim", "linear_head_dim"),
+    "conv_kernel_size": ("linear_attn_config.short_conv_kernel_size", "linear_conv_kernel_dim"),
+    "num_experts": ("num_experts", "num_local_experts"),
+    "num_experts_per_token": ("num_experts_per_token", "num_experts_per_tok"),
+    "num_shared_experts": ("num_shared_experts", "n_shared_experts"),
+    "moe_intermediate_size": ("moe_intermediate_size",),
+    "routed_scaling_factor": ("routed_scaling_factor",),
+    "moe_renormalize": ("moe_renormalize", "norm_topk_prob"),
+    "num_expert_group": ("num_expert_group", "n_group"),
+    "topk_group": ("topk_group",),
+    "rms_norm_eps": ("rms_norm_eps",),
+    "tie_word_embeddings": ("tie_word_embeddings",),
+    "bos_token_id": ("bos_token_id",),
+    "eos_token_id": ("eos_token_id",),
+    "pad_token_id": ("pad_token_id",),
+}
+HF_REQUIRED_FIELDS = frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"})
+# What an absent (or null) key means; the fields not listed here default to None.
+HF_DEFAULTS: dict[str, Any] = {
+    "intermediate_size": 0, "kda_num_heads": 32, "kda_head_dim": 128, "conv_kernel_size": 4, "num_experts": 0,
+    "num_experts_per_token": 0, "num_shared_experts": 0, "moe_intermediate_size": 0, "routed_scaling_factor": 1.0,
+    "moe_renormalize": True, "num_expert_group": 1, "topk_group": 1, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+# Keys that set no field directly: the layer schedules, and switches that must hold the one supported value.
+HF_OTHER_KEYS: dict[str, Any] = {
+    "model_type": str, "hidden_act": str, "moe_router_activation_func": str, "attention_bias": bool,
+    "mla_use_nope": bool, "use_grouped_topk": bool, "num_nextn_predict_layers": int, "num_key_value_heads": int,
+    "first_k_dense_replace": int, "moe_layer_freq": int, "layer_types": list[str], "mlp_layer_types": list[str],
+    "linear_attn_config": dict, "linear_attn_config.kda_layers": list[int],
+    "linear_attn_config.full_attn_layers": list[int],
+}
+_JSON_NAMES = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers"),
+               bool: ("true or false", "true/false values"), str: ("a string", "strings"),
+               dict: ("an object", "objects")}
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_key_types() -> dict[str, Any]:
+    """{config.json key: the Python type its parsed JSON value must have} for every key `from_hf_dict` reads."""
+    hints = typing.get_type_hints(KimiLinearConfig)
+    key_types = {key: hints[field] for field, keys in HF_FIELD_KEYS.items() for key in keys}
+    key_types.update(HF_OTHER_KEYS)
+    return key_types
+
+
+def _lookup(d: dict, key: str):
+    """`d[key]`, or for a dotted key the entry inside the nested object; None when absent."""
+    head, _, rest = key.partition(".")
+    value = d.get(head)
+    if not rest:
+        return value
+    return _lookup(value, rest) if isinstance(value, dict) else None
+
+
+def _has_type(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args if a is not type(None))
+    if origin in (list, tuple):  # a JSON list; tuple[X, ...] is how the config holds one
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, tp)
+
+
+def _describe(tp, plural: bool = False) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a, plural) for a in args if a is not type(None)] + (["null"] if type(None) in args else [])
+        return ", ".join(parts[:-1]) + " or " + parts[-1]
+    if origin in (list, tuple):
+        return "lists" if plural else f"a list of {_describe(args[0], plural=True)}"
+    return _JSON_NAMES[tp][plural]
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number with a fraction" if math.isfinite(value) and not value.is_integer() else (
+            "a decimal number" if math.isfinite(value) else "not a finite number")
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def _shown(value, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _list_entry_type(tp):
+    """The entry type of the list that `tp` allows (`list[X]`, `tuple[X, ...]`, or one inside a union), else None."""
+    if typing.get_origin(tp) in (list, tuple):
+        return typing.get_args(tp)[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((e for e in map(_list_entry_type, typing.get_args(tp)) if e is not None), None)
+    return None
+
+
+def hf_type_problem(key: str, value, tp) -> str | None:
+    """Why `value` (parsed JSON, not null) cannot be config.json's `key` of type `tp`, or None when it can."""
+    if _has_type(value, tp):
+        return None
+    why = _json_kind(value)
+    entry_type = _list_entry_type(tp)
+    if isinstance(value, list) and entry_type is not None:
+        bad = next(i for i, v in enumerate(value) if not _has_type(v, entry_type))
+        why = f"entry {bad} is {_json_kind(value[bad])}"
+    return f"field '{key}' must be {_describe(tp)}, got {_shown(value)} ({why})"
+
+
+def check_hf_types(d: dict, source: str = "config.json") -> None:
+    """Raise ConfigError naming `source` and the key when a config.json key that kimi_jax reads has the wrong JSON
+    type: integers must be JSON integers (not booleans, decimals or strings), numbers finite JSON numbers, switches
+    true/false, lists lists of the right entries. Null means absent; keys kimi_jax does not read are not checked."""
+    for key, tp in _hf_key_types().items():
+        value = _lookup(d, key)
+        if value is None:
+            continue
+        problem = hf_type_problem(key, value, tp)
+        if problem is not None:
+            raise ConfigError(f"{source}: {problem}")
 
 
 # ---------------------------------------------------------------------- presets

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -308,3 +309,149 @@ def test_transformers_reads_the_hub_dialect_1_indexed_like_we_do():
     ours = KimiLinearConfig.from_hf_dict(HUB_48B)
     assert [i for i, t in enumerate(hf.layer_types) if t == "full_attention"] == sorted(indices(ours.mixer_types, MLA))
     assert hf.mlp_layer_types == ["dense"] + ["sparse"] * 26
+
+
+# ------------------------------------------------------------------------------------------------ field types
+def _set(d: dict, key: str, value) -> None:
+    head, _, rest = key.partition(".")
+    if rest:
+        _set(d[head], rest, value)
+    else:
+        d[head] = value
+
+
+TYPE_ERRORS = [
+    # (key, value, the message after "field 'KEY' must be ")
+    ("hidden_size", [64], "an integer, got [64] (a list)"),
+    ("hidden_size", "abc", 'an integer, got "abc" (a string)'),
+    ("hidden_size", "64", 'an integer, got "64" (a string)'),  # was silently int("64")
+    ("hidden_size", 64.7, "an integer, got 64.7 (a number with a fraction)"),  # was silently truncated to 64
+    ("hidden_size", 64.0, "an integer, got 64.0 (a decimal number)"),
+    ("hidden_size", True, "an integer, got true (a boolean)"),
+    ("rms_norm_eps", "abc", 'a finite number, got "abc" (a string)'),
+    ("rms_norm_eps", float("nan"), "a finite number, got NaN (not a finite number)"),
+    ("routed_scaling_factor", [2.4], "a finite number, got [2.4] (a list)"),
+    ("moe_renormalize", 1, "true or false, got 1 (an integer)"),
+    ("tie_word_embeddings", "false", 'true or false, got "false" (a string)'),
+    ("eos_token_id", [163586, "2"], 'an integer, a list of integers or null, got [163586, "2"] (entry 1 is a string)'),
+    ("q_lora_rank", "none", 'an integer or null, got "none" (a string)'),
+    ("model_type", 5, "a string, got 5 (an integer)"),
+    ("layer_types", "linear_attention", 'a list of strings, got "linear_attention" (a string)'),
+    ("linear_attn_config", [], "an object, got [] (a list)"),
+    ("linear_attn_config.num_heads", "32", 'an integer, got "32" (a string)'),
+    ("linear_attn_config.full_attn_layers", [4, 8.0], "a list of integers, got [4, 8.0] (entry 1 is a decimal number)"),
+    ("num_experts_per_tok", "8", 'an integer, got "8" (a string)'),  # an alias is checked like its field
+]
+
+
+@pytest.mark.parametrize("key, value, expected", TYPE_ERRORS, ids=[f"{k}={v!r}" for k, v, _ in TYPE_ERRORS])
+def test_every_field_read_from_config_json_is_type_checked(tmp_path, key, value, expected):
+    d = copy.deepcopy(HUB_48B)
+    _set(d, key, value)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError) as info:
+        KimiLinearConfig.from_pretrained(tmp_path)
+    assert str(info.value) == f"{path}: field '{key}' must be {expected}"
+
+
+def test_valid_json_types_are_accepted_and_null_means_absent():
+    d = dict(copy.deepcopy(HUB_48B), routed_scaling_factor=2, rms_norm_eps=None, q_lora_rank=None)
+    d["linear_attn_config"]["num_heads"] = None  # falls back to the native key, then the default 32
+    cfg = KimiLinearConfig.from_hf_dict(d)
+    assert cfg.routed_scaling_factor == 2.0 and isinstance(cfg.routed_scaling_factor, float)
+    assert cfg.rms_norm_eps == 1e-5 and cfg.kda_num_heads == 32
+    assert KimiLinearConfig.from_hf_dict(dict(d, unknown_field=[object.__name__])) == cfg  # unread keys: unchecked
+
+
+def test_the_type_table_covers_every_key_from_hf_dict_reads():
+    """A key read without a declared type would escape the checks: record every key the reader touches."""
+    from kimi_jax.config import _hf_key_types
+
+    touched = set()
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            touched.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            touched.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            touched.add(key)
+            return super().__contains__(key)
+
+    for source in (HUB_48B, TINY_NATIVE):
+        d = Recording(copy.deepcopy(source))
+        d["linear_attn_config"] = Recording(d.get("linear_attn_config") or {})
+        touched.clear()
+        KimiLinearConfig.from_hf_dict(d)
+        declared = {key.split(".")[-1] for key in _hf_key_types()}
+        assert touched <= declared, sorted(touched - declared)
+
+
+def test_a_folder_named_config_json_is_one_clear_error(tmp_path):
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError) as info:
+        KimiLinearConfig.from_pretrained(tmp_path)
+    assert str(info.value) == f"{tmp_path / 'config.json'}: is a folder, not a JSON file"
+    (tmp_path / "bad.json").write_bytes(b'{"hidden_size": "caf\xe9"}')
+    with pytest.raises(ConfigError, match=r"bad\.json: not UTF-8 text \(byte 0xe9 at line 1\)"):
+        KimiLinearConfig.from_json_file(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP))
+def test_config_json_round_trips_through_transformers(name, tmp_path):
+    """What kimi_jax writes (to_hf_dict, which convert.orbax_to_hf copies) loads with AutoConfig, and what
+    transformers writes back passes every type check and describes the same model."""
+    transformers = pytest.importorskip("transformers")
+    cfg = ROUND_TRIP[name]()
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    (ours / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    hf = transformers.AutoConfig.from_pretrained(ours)
+    assert type(hf).__name__ == "KimiLinearConfig" and hf.hidden_size == cfg.hidden_size
+    hf.save_pretrained(theirs)
+    assert KimiLinearConfig.from_pretrained(theirs) == cfg
+
+
+# ------------------------------------------------------------------------------------------------ CLIs
+def _orbax_folder_with(tmp_path, **changes) -> str:
+    """A folder that every CLI takes for a kimi_jax checkpoint, with a config.json that has `changes`; config.json
+    is read before anything else in it."""
+    folder = tmp_path / "model"
+    (folder / "params").mkdir(parents=True)
+    (folder / "kimi_jax.json").write_text(json.dumps({"format": "kimi_jax"}))
+    d = tiny().to_hf_dict()
+    d.update(changes)
+    (folder / "config.json").write_text(json.dumps(d))
+    return str(folder)
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_train_cli_names_the_bad_config_field(tmp_path, capsys):
+    from experiments import train
+
+    folder = _orbax_folder_with(tmp_path, hidden_size="64")
+    assert train.main(["--model_path", folder, "--output_dir", str(tmp_path / "out"), "--quiet"]) == 2
+    assert _one_error_line(capsys) == (f"error: {folder}/config.json: field 'hidden_size' must be an integer, got "
+                                       f"\"64\" (a string)")
+
+
+def test_hf_to_orbax_names_the_bad_config_field_and_writes_nothing(tmp_path, capsys):
+    from convert import hf_to_orbax
+    from convert.cli import run_main
+
+    folder = _orbax_folder_with(tmp_path, rms_norm_eps="abc")
+    out = tmp_path / "orbax"
+    assert run_main(hf_to_orbax.main, ["--hf_path", folder, "--output", str(out), "--quiet"]) == 2
+    assert _one_error_line(capsys) == (f"error: {folder}/config.json: field 'rms_norm_eps' must be a finite number, "
+                                       f"got \"abc\" (a string)")
+    assert sorted(os.listdir(tmp_path)) == ["model"]

@@ -54,3 +54,32 @@ def test_analytic_flops_of_the_48b():
     assert 3.0e9 < flops["matmul_weights"] < 3.11e9
     assert flops["train"] == pytest.approx(3 * flops["forward"])
     assert flops["forward"] > 2 * flops["matmul_weights"]
+
+
+def test_bad_config_files_are_one_error_line(tmp_path, capsys):
+    """A missing config.json is named as missing (not as an unknown preset); a bad field names the file and field.
+    Both are refused before JAX sets up any device."""
+    argv = ["--devices", "8", "--batch_size", "8", "--seq_len", "64"]
+    missing = tmp_path / "missing.json"
+    assert plan.main(["--config", str(missing), *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: --config {missing}: no such file or folder"]
+    assert plan.main(["--config", "tinyy", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --config tinyy: neither a preset (kimi-linear-48b-a3b, tiny)") and "\n" not in err
+    d = tiny().to_hf_dict()
+    d["linear_attn_config"]["num_heads"] = 4.5
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(d))
+    assert plan.main(["--config", str(tmp_path), *argv]) == 2  # the folder holding it
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {config}: field 'linear_attn_config.num_heads' must be an integer, got 4.5 (a number with a "
+        f"fraction)"]
+
+
+def test_help_describes_every_flag_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        plan.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("--seq_len SEQ_LEN tokens per sequence", "recursive (the sidecar's)", "(default bfloat16)",
+                     "(default 0.4)", "(default a)", "(default on)"):
+        assert expected in text, expected
