@@ -1,12 +1,14 @@
-"""Compare evaluation stages: a terminal table, PNG plots, a Markdown report and a verdict on the plan's questions.
+r"""Compare evaluation stages: a terminal table, PNG plots, a Markdown report and a verdict on the plan's questions.
 
     python -m experiments.compare baseline after_surgery finetuned_vanilla finetuned_recursive \
         [--eval_dir ./eval_results] [--output report.md] [--plots_dir DIR] [--ppl_tolerance 1e-4]
 
 Reads `{eval_dir}/{stage}_results.json` (written by `python -m experiments.evaluate`). Stages whose file is missing
-are reported and skipped; a file that is not valid JSON or not an evaluation result (wrong schema, another stage's
-file) is a one-line error with exit status 2. The four questions of EVALUATION_PLAN.md are answered explicitly,
-with the numbers and tolerances used:
+are reported and skipped; a file that is not UTF-8 JSON or not an evaluation result (wrong schema, another stage's
+file) is a one-line error with exit status 2, and so is an --output or --plots_dir that cannot be written or an
+--output that is one of the results files (checked before anything is read). The report and the plots are written
+atomically (the old file or the new one, never a part); a write that fails (a full disk) is one line, exit status 1.
+The four questions of EVALUATION_PLAN.md are answered explicitly, with the numbers and tolerances used:
   1. Does surgery preserve the baseline? after_surgery vs baseline: perplexity within --ppl_tolerance (relative)
      and identical greedy generations / GSM8K completions (the zero-init sidecar with verified commits).
   2. Does fine-tuning help? finetuned_vanilla vs baseline: perplexity and reasoning accuracy.
@@ -19,6 +21,7 @@ with the numbers and tolerances used:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -51,10 +54,26 @@ METRICS = [
 SCALE = {"performance.peak_memory_bytes": 1 / 2 ** 20}
 CHUNK_ACC = "recursive.chunk_accuracy_at_k.token_accuracy_at_k.-1"
 GREEDY_CHUNK_ACC = "greedy_chunk_accuracy.token_accuracy"  # every stage scores its own greedy continuation
+PLOT_DPI = 110
 
 
 class CompareError(Exception):
-    """A results file that cannot be compared: reported as one `error:` line, exit status 2."""
+    """A results file that cannot be compared, or an output that cannot be written there: one `error:` line, exit
+    status 2."""
+
+
+class WriteFailed(Exception):
+    """The report or a plot could not be written (a full disk, a read-only folder): one `error:` line, exit 1."""
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    from kimi_jax.safe_io import describe_write_error
+
+    try:
+        yield
+    except OSError as e:
+        raise WriteFailed(describe_write_error(e, path)) from None
 
 
 def get(d: dict, path: str):
@@ -71,17 +90,35 @@ def get(d: dict, path: str):
     return value * SCALE.get(path, 1)
 
 
-def load_stage(eval_dir: str, stage: str) -> dict | None:
-    path = os.path.join(eval_dir, f"{stage}_results.json")
-    if not os.path.exists(path):
-        return None
+def stage_path(eval_dir: str, stage: str) -> str:
+    return os.path.join(eval_dir, f"{stage}_results.json")
+
+
+def _read_json(path: str):
+    """The parsed JSON of `path`; an unreadable file, bytes that are not UTF-8 or text that is not JSON are one
+    CompareError naming the file."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CompareError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise CompareError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at line {line}); not a results file "
+                           f"written by experiments.evaluate") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise CompareError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise CompareError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def load_stage(eval_dir: str, stage: str) -> dict | None:
+    path = stage_path(eval_dir, stage)
+    if not os.path.exists(path):
+        return None
+    data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict) or "core" not in data:
         raise CompareError(f"{path}: not an experiments.evaluate results file (no metadata/core sections)")
     try:
@@ -234,7 +271,8 @@ def plot(rows, stages, plots_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(plots_dir, exist_ok=True)
+    with _writing(plots_dir):
+        os.makedirs(plots_dir, exist_ok=True)
     groups = {"quality": ("perplexity", "bits per byte", "token accuracy", "GSM8K strict", "GSM8K flexible"),
               "generation": ("distinct-2", "4-gram repetition", "mean gen length"),
               "performance": ("prefill tok/s", "decode tok/s", "recursive decode tok/s", "peak memory MiB"),
@@ -254,55 +292,123 @@ def plot(rows, stages, plots_dir: str) -> list[str]:
             ax.set_title(label, fontsize=9)
         fig.tight_layout()
         path = os.path.join(plots_dir, f"{name}.png")
-        fig.savefig(path + ".tmp.png", dpi=110)
-        plt.close(fig)
-        os.replace(path + ".tmp.png", path)
+        try:
+            with _writing(path):
+                _save_figure_atomic(fig, path)
+        finally:
+            plt.close(fig)
         written.append(path)
     return written
 
 
-def write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".compare-", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _save_figure_atomic(fig, path: str) -> None:
+    """A PNG written to a temporary sibling and renamed over `path`: the old plot or the new one, never a part; the
+    temporary file is removed on every exit path."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=PLOT_DPI)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_output_file(path: str, flag: str, inputs: dict[str, str]) -> str:
+    """`path` made absolute after checking, before any work, that it is not a folder, can be created and written,
+    and is none of the input files ({label: path})."""
+    from kimi_jax.safe_io import refuse_overlap
+
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise CompareError(f"{flag} {path}: is a folder, not a file")
+    refuse_overlap(path, flag, inputs, error=CompareError)
+    _check_writable_folder(os.path.dirname(path), flag, path)
+    return path
+
+
+def check_output_folder(path: str, flag: str) -> str:
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CompareError(f"{flag} {path}: exists and is not a folder")
+    _check_writable_folder(path, flag, path)
+    return path
+
+
+def _check_writable_folder(folder: str, flag: str, shown: str) -> None:
+    """`folder`, or the nearest folder above it that exists (it is created when written), must be writable."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CompareError(f"{flag} {shown}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CompareError(f"{flag} {shown}: {existing} is not writable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stages", nargs="+", help=f"stages to compare, in order (any of {', '.join(STAGES)})")
+    p.add_argument("--eval_dir", default="./eval_results",
+                   help="folder of the {stage}_results.json files (default ./eval_results)")
+    p.add_argument("--output", default=None,
+                   help="Markdown report (default: {eval_dir}/comparison.md); never one of the results files")
+    p.add_argument("--plots_dir", default=None, help="PNG plots (default: the report's folder)")
+    p.add_argument("--ppl_tolerance", type=float, default=1e-4,
+                   help="relative perplexity tolerance for 'surgery preserves the baseline' (default 1e-4)")
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("stages", nargs="+", help=f"stages to compare, in order (any of {', '.join(STAGES)})")
-    p.add_argument("--eval_dir", default="./eval_results")
-    p.add_argument("--output", default=None, help="Markdown report (default: {eval_dir}/comparison.md)")
-    p.add_argument("--plots_dir", default=None, help="PNG plots (default: next to the report)")
-    p.add_argument("--ppl_tolerance", type=float, default=1e-4,
-                   help="relative perplexity tolerance for 'surgery preserves the baseline' (default 1e-4)")
-    args = p.parse_args(argv)
+    """Bad input is one `error:` line and exit status 2; a failed write of the report or plots one line, exit 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except CompareError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except WriteFailed as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from kimi_jax.safe_io import write_text_atomic
+
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
-        print(f"error: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}", file=sys.stderr)
-        return 2
-    try:
-        results = {s: r for s in args.stages if (r := load_stage(args.eval_dir, s)) is not None}
-    except CompareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CompareError(f"unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
+    inputs = {f"{s} results": stage_path(args.eval_dir, s) for s in args.stages}
+    output = check_output_file(args.output or os.path.join(args.eval_dir, "comparison.md"), "--output", inputs)
+    plots_dir = check_output_folder(args.plots_dir or os.path.dirname(output), "--plots_dir")
+    results = {s: r for s in args.stages if (r := load_stage(args.eval_dir, s)) is not None}
     missing = [s for s in args.stages if s not in results]
     for s in missing:
-        print(f"missing: {os.path.join(args.eval_dir, s + '_results.json')} (stage {s} skipped)")
+        print(f"missing: {stage_path(args.eval_dir, s)} (stage {s} skipped)")
     if not results:
-        print(f"error: none of the stages has a results file in {args.eval_dir}", file=sys.stderr)
-        return 2
+        raise CompareError(f"none of the stages has a results file in {args.eval_dir}")
     stages = [s for s in args.stages if s in results]
     rows = table_rows(results, stages)
     print_table(rows, stages)
     answers = verdicts(results, args.ppl_tolerance)
     for q, a in answers:
         print(f"{q} {a}")
-    output = args.output or os.path.join(args.eval_dir, "comparison.md")
-    plots = plot(rows, stages, args.plots_dir or os.path.dirname(os.path.abspath(output)))
-    write_atomic(output, markdown(rows, stages, answers, missing, plots))
+    plots = plot(rows, stages, plots_dir)
+    with _writing(output):
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        write_text_atomic(output, markdown(rows, stages, answers, missing, plots))
     print(f"report: {output}; plots: {', '.join(plots)}")
     return 0
 

@@ -33,12 +33,19 @@ layout is kimi_jax/evaluation/schema.json, every file is validated against it be
   recursive   (recursive stages) the generator's metrics in diagnostic mode over the generation and GSM8K runs, and
               the leak-free chunk accuracy@k against the baseline's greedy continuation on the same chunks
 TensorBoard scalars `evaluation/{stage}/...` go to `{log_dir}/evaluation/{stage}` at global step N (0 without a
-step). Bad input is one `error:` line on stderr and exit status 2; Ctrl-C exits with 130 and writes nothing.
+step); --log_dir defaults to ./logs in the current folder (the plan's `tensorboard --logdir=./logs` layout), and
+--no_tensorboard writes none. Every input (flags, model folder, config.json, recursive config, output folders) is
+checked before anything is loaded, and --output_dir is created only when the results are written; an output folder
+never is, contains or lies inside --model_path. Bad input is one `error:` line on stderr and exit status 2; a write
+that fails (a full disk) is one line naming the file, exit status 1. Ctrl-C exits with 130, SIGTERM with 143, and
+either says which files were written before it (the results files are replaced atomically: each holds the old or
+the new result, never a part).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -46,9 +53,10 @@ import re
 import shlex
 import sys
 import time
+from typing import Any
 
 from experiments.generate import UsageError, left_pad
-from kimi_jax.safe_io import write_json_atomic
+from kimi_jax.safe_io import Writes, write_json_atomic
 
 STAGES = ("baseline", "finetuned_vanilla", "after_surgery", "finetuned_recursive")
 RECURSIVE_STAGES = ("after_surgery", "finetuned_recursive")
@@ -62,6 +70,7 @@ PROMPT_ALIGN = 64  # generation prompts are left-padded to a multiple of this (o
 SCHEMA_VERSION = 1
 TIMING_REPEATS = 2  # timed runs after the warm-up; the fastest counts
 STEP_RE = re.compile(r"^step_(\d+)$")
+NOTHING_WRITTEN = "no results file was written"
 _STEP_SUFFIX_RE = re.compile(r"_step_\d+_results\.json$")
 
 
@@ -72,7 +81,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True,
                    help="model folder (HF or orbax, e.g. .../step_N) or a training output folder (newest step_N)")
     p.add_argument("--stage", required=True, choices=STAGES, help="which stage of the plan this evaluates")
@@ -84,34 +93,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk_width", type=int, metavar="W",
                    help="window width (a positive multiple of 64); without recursion: the chunk width of the greedy "
                         "chunk accuracy (default 128, the after_surgery preset's)")
-    p.add_argument("--max_inner_steps", type=int, metavar="K", help="refinement step cap per chunk")
-    p.add_argument("--commit_mode", choices=COMMIT_MODES, help="how many window tokens a chunk commits")
-    p.add_argument("--draft_seed", choices=SEED_MODES, help="draft seed mode (the recursive config field `seed`)")
-    p.add_argument("--output_dir", default="./eval_results", help="where {stage}_results.json goes")
-    p.add_argument("--log_dir", default="./logs", help="TensorBoard root: scalars go to LOG_DIR/evaluation/STAGE")
+    p.add_argument("--max_inner_steps", type=int, metavar="K",
+                   help="refinement step cap per chunk (default: the recursive config's)")
+    p.add_argument("--commit_mode", choices=COMMIT_MODES,
+                   help="how many window tokens a chunk commits (default: the recursive config's)")
+    p.add_argument("--draft_seed", choices=SEED_MODES,
+                   help="draft seed mode (the recursive config field `seed`; default: the recursive config's)")
+    p.add_argument("--output_dir", default="./eval_results",
+                   help="where {stage}_results.json goes; created when the results are written, never inside "
+                        "--model_path (default ./eval_results)")
+    p.add_argument("--log_dir", default="./logs",
+                   help="TensorBoard root: scalars go to LOG_DIR/evaluation/STAGE (default ./logs, in the current "
+                        "folder; --no_tensorboard turns them off)")
     p.add_argument("--no_tensorboard", action="store_true", help="write no TensorBoard scalars")
     p.add_argument("--eval_data", default="demo",
-                   help="'demo' (held-out Shakespeare plays) or a file / folder / glob (its validation split)")
+                   help="'demo' (held-out Shakespeare plays) or a .txt/.jsonl/.json/.parquet file, folder or glob, "
+                        "whose validation split is scored: validation-named files (a validation/val/dev/eval/test "
+                        "word), else 5%% of the records chosen by a hash of their index, or for a single text (one "
+                        ".txt file) its last 5%% of characters from a line or word boundary (default demo)")
     p.add_argument("--max_samples", type=int, metavar="N",
                    help="at most N GSM8K problems, generation prompts and chunk-accuracy chunks (each)")
     p.add_argument("--max_eval_tokens", type=int, metavar="N",
                    help="use at most N held-out tokens (perplexity and chunk rows; default: all; recorded as "
                         "truncated)")
-    p.add_argument("--num_chunks", type=int, default=64, metavar="N", help="chunks for chunk accuracy@k")
+    p.add_argument("--num_chunks", type=int, default=64, metavar="N", help="chunks for chunk accuracy@k (default 64)")
     p.add_argument("--skip_perplexity", action="store_true", help="leave out perplexity / BPB / token accuracy")
     p.add_argument("--skip_reasoning", action="store_true", help="leave out GSM8K")
     p.add_argument("--seed", type=int, default=1234, metavar="S",
-                   help="picks the GSM8K few-shot exemplars (lm-eval's default seed; decoding is greedy)")
+                   help="picks the GSM8K few-shot exemplars (default 1234, lm-eval's seed; decoding is greedy)")
     p.add_argument("--dtype", choices=DTYPES,
                    help="parameter dtype (default: the stored one for orbax folders, float32 for HF folders)")
     p.add_argument("--max_new_tokens", type=int, default=256, metavar="N",
-                   help="new tokens per GSM8K problem and generation prompt (lm-eval's max_gen_toks: 256)")
-    p.add_argument("--num_fewshot", type=int, default=5, metavar="K", help="GSM8K exemplars per prompt")
-    p.add_argument("--seq_len", type=int, default=2048, metavar="T", help="perplexity window length")
+                   help="new tokens per GSM8K problem and generation prompt (default 256, lm-eval's max_gen_toks)")
+    p.add_argument("--num_fewshot", type=int, default=5, metavar="K", help="GSM8K exemplars per prompt (default 5)")
+    p.add_argument("--seq_len", type=int, default=2048, metavar="T", help="perplexity window length (default 2048)")
     p.add_argument("--stride", type=int, metavar="S",
                    help="new tokens scored per later window (default seq_len // 2; seq_len = disjoint windows)")
     p.add_argument("--batch_size", type=int, default=8, metavar="B",
-                   help="windows per perplexity batch and prompts per generation batch")
+                   help="windows per perplexity batch and prompts per generation batch (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -192,19 +211,6 @@ def output_paths(output_dir: str, stage: str, step: int | None) -> list[str]:
     if step is not None:
         paths.append(os.path.join(output_dir, f"{stage}_step_{step}_results.json"))
     return paths
-
-
-def _prepare_output_dir(path: str) -> str:
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--output_dir {path}: exists and is not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--output_dir {path}: cannot create it ({e.strerror or e})") from None
-    if not os.access(path, os.W_OK):
-        raise UsageError(f"--output_dir {path}: is not writable")
-    return path
 
 
 def load_eval_records(spec: str, progress: bool):
@@ -411,26 +417,63 @@ def _strip_eos(tokens: list[int], eos) -> tuple[list[int], bool]:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def run(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+@dataclasses.dataclass
+class _Plan:
+    """What `run` settles from the flags and the model folder before anything heavy is loaded."""
+
+    argv: list[str]
+    folder: str
+    step: int | None
+    use_recursive: bool
+    overrides: dict
+    recursive_config: str | None
+    rcfg: Any
+    chunk_rcfg: Any
+    output_dir: str
+    logdir: str | None  # TensorBoard folder; None with --no_tensorboard
+    stride: int
+    t_start: float
+
+
+def notice(message: str) -> None:
+    print(f"notice: {message}", file=sys.stderr, flush=True)
+
+
+def _check_output_folder(path: str, flag: str, model_path: str) -> str:
+    """`path` made absolute, after checking that it can be created and written (it is created only when results
+    are written) and that it neither is, contains nor lies inside the model folder."""
+    from kimi_jax.safe_io import refuse_overlap
+
+    path = os.path.abspath(path)
+    refuse_overlap(path, flag, {"--model_path": model_path}, error=UsageError)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: exists and is not a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable")
+    return path
+
+
+def _prepare(argv: list[str]) -> tuple[argparse.Namespace, _Plan]:
+    """Flags, model folder, configs and output folders, all checked before any data or weights are loaded."""
     args = build_parser().parse_args(argv)
     _check_args(args)
     t_start = time.perf_counter()
-    progress = not args.quiet
-
-    def notice(message: str) -> None:
-        print(f"notice: {message}", file=sys.stderr, flush=True)
-
     folder, resolved_notice = resolve_model_folder(args.model_path)
     if resolved_notice:
         notice(resolved_notice)
     step = checkpoint_step(folder)
     use_recursive = args.stage in RECURSIVE_STAGES
 
-    from kimi_jax import tokenizer as tokenizer_mod
+    from kimi_jax.config import KimiLinearConfig
     from kimi_jax.recursive import io
 
     io.model_format(folder)
+    KimiLinearConfig.from_pretrained(folder)  # config.json checked before anything is loaded
     overrides = {field: getattr(args, "draft_seed" if field == "seed" else field) for field in OVERRIDE_FLAGS}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if use_recursive:
@@ -446,8 +489,34 @@ def run(argv=None) -> int:
     rcfg, _ = io.resolve_generation_config(folder, recursive_config, overrides)  # validated before any loading
     chunk_rcfg = rcfg if use_recursive else _greedy_chunk_config(args.chunk_width)
     _check_stage_sidecar(args.stage, folder, rcfg)
-    output_dir = _prepare_output_dir(args.output_dir)
+    output_dir = _check_output_folder(args.output_dir, "--output_dir", args.model_path)
+    logdir = None if args.no_tensorboard else _check_output_folder(
+        os.path.join(args.log_dir, "evaluation", args.stage), "--log_dir", args.model_path)
     stride = args.stride if args.stride is not None else max(1, args.seq_len // 2)
+    return args, _Plan(argv=argv, folder=folder, step=step, use_recursive=use_recursive, overrides=overrides,
+                       recursive_config=recursive_config, rcfg=rcfg, chunk_rcfg=chunk_rcfg, output_dir=output_dir,
+                       logdir=logdir, stride=stride, t_start=t_start)
+
+
+def run(argv=None, writes: Writes | None = None) -> int:
+    """The command without main()'s error handling; `writes` records what reached the disk."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    writes = Writes() if writes is None else writes
+    args, plan = _prepare(argv)
+    result = evaluate_stage(args, plan)
+    write_outputs(result, args, plan, writes)
+    _print_summary(result, writes.done, plan.logdir)
+    return 0
+
+
+def evaluate_stage(args: argparse.Namespace, plan: _Plan) -> dict:
+    """Every section of the stage's results (validated against the schema): data, then the model, then the runs."""
+    argv, folder, step, use_recursive = plan.argv, plan.folder, plan.step, plan.use_recursive
+    overrides, recursive_config, rcfg, chunk_rcfg = plan.overrides, plan.recursive_config, plan.rcfg, plan.chunk_rcfg
+    stride, t_start, progress = plan.stride, plan.t_start, not args.quiet
+
+    from kimi_jax import tokenizer as tokenizer_mod
+    from kimi_jax.recursive import io
 
     # ---- data and tokenizer before the (possibly huge) model
     import numpy as np
@@ -677,25 +746,40 @@ def run(argv=None) -> int:
     if recursive is not None:
         result["recursive"] = recursive
     validate_results(result)  # a failure here is a bug in this program, not bad input
+    return result
 
+
+class WriteFailed(Exception):
+    """A results file or TensorBoard folder could not be written (a full disk, a read-only folder): one line, exit 1."""
+
+
+def write_outputs(result: dict, args: argparse.Namespace, plan: _Plan, writes: Writes) -> None:
+    """The results files (atomically: each is the old or the new content, never a part) and the TensorBoard
+    scalars, recording in `writes` what is done; only process 0 writes."""
     import jax
 
-    written = []
-    if jax.process_index() == 0:
-        for path in output_paths(output_dir, args.stage, step):
+    from kimi_jax.safe_io import describe_write_error
+
+    if jax.process_index() != 0:
+        return
+    try:
+        os.makedirs(plan.output_dir, exist_ok=True)
+        for path in output_paths(plan.output_dir, args.stage, plan.step):
             if not _STEP_SUFFIX_RE.search(path) and _newer_exists(path, result):
                 notice(f"kept {path}: it holds a later step of the same run; this result is in the step file")
                 continue
+            writes.begin(path, "json")
             write_json_atomic(path, result)
-            written.append(path)
-        if not args.no_tensorboard:
+            writes.finish()
+        if plan.logdir is not None:
             from kimi_jax.evaluation.tb_logging import write_scalars
 
-            logdir = os.path.join(args.log_dir, "evaluation", args.stage)
-            write_scalars(logdir, scalars_of(result), step if step is not None else 0)
-            written.append(logdir)
-    _print_summary(result, written)
-    return 0
+            writes.begin(plan.logdir, "tensorboard")
+            write_scalars(plan.logdir, scalars_of(result), plan.step if plan.step is not None else 0)
+            writes.finish()
+    except OSError as e:
+        path = writes.current[0] if writes.current is not None else plan.output_dir
+        raise WriteFailed(f"{describe_write_error(e, path)}; {writes.describe(NOTHING_WRITTEN)}") from None
 
 
 def _newer_exists(path: str, result: dict) -> bool:
@@ -751,7 +835,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _print_summary(result: dict, written: list[str]) -> None:
+def _print_summary(result: dict, written: list[str], logdir: str | None) -> None:
     meta = result["metadata"]
     print(f"stage {meta['stage']}: {meta['model_path']}" + (f" (step {meta['step']})" if meta["step"] is not None
                                                            else "")
@@ -796,29 +880,40 @@ def _print_summary(result: dict, written: list[str]) -> None:
                   + " ".join(_fmt(v) for v in acc["token_accuracy_at_k"])
                   + f"  vs baseline greedy {_fmt(acc['baseline_greedy']['token_accuracy'])}")
     for path in written:
-        print(f"wrote {path}")
+        if path == logdir:
+            print(f"wrote TensorBoard scalars to {path} (the folder under --log_dir, default ./logs of the current "
+                  f"folder; --no_tensorboard writes none)")
+        else:
+            print(f"wrote {path}")
     print(f"evaluation took {meta['wall_seconds']:.1f} s")
 
 
 def main(argv=None) -> int:
-    """Run the command; expected failures become one `error:` line on stderr and exit status 2."""
+    """Run the command; expected failures become one `error:` line on stderr and exit status 2; a failed write is
+    one line and exit status 1; Ctrl-C (130) and SIGTERM (143) say which files were written before they came."""
     from convert.safetensors_io import CheckpointError
     from kimi_jax.checkpoint import CheckpointFormatError
     from kimi_jax.config import ConfigError
     from kimi_jax.data import DataError
     from kimi_jax.recursive.config import RecursiveConfigError
     from kimi_jax.recursive.io import LoadError
+    from kimi_jax.safe_io import interrupt_exit_code, interrupt_name, sigterm_as_interrupt
     from kimi_jax.tokenizer import TokenizerError
 
+    writes = Writes()
     try:
-        return run(argv)
+        with sigterm_as_interrupt():
+            return run(argv, writes)
     except (UsageError, RecursiveConfigError, LoadError, ConfigError, CheckpointError, CheckpointFormatError,
             TokenizerError, DataError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no results file was written", file=sys.stderr)
-        return 130
+    except WriteFailed as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"error: {interrupt_name(e)}; {writes.describe(NOTHING_WRITTEN)}", file=sys.stderr)
+        return interrupt_exit_code(e)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,16 @@ recursive_config.json, else the preset "after_surgery"; the window/commit flags 
 is the folder's saved one when it fits that config, else a fresh zero-init one (the surgery: with verified commits it
 reproduces greedy decoding token for token); a notice on stderr says which.
 
+A prompt plus --max_new_tokens longer than the tokenizer's model_max_length (tokenizer_config.json) gets a notice
+on stderr and is generated anyway: Kimi-Linear has no position embeddings (KDA + NoPE MLA), so the limit is the
+context it was trained on, not one the model cannot run past.
+
 Each prompt's continuation is printed, then (with recursion) the recursive metrics and the throughput;
---output_json writes everything, per-chunk traces included (atomically). Every expected failure (bad flag, missing
-folder or file, invalid recursive config, a checkpoint or tokenizer that cannot be read) is one `error:` line on
-stderr with exit status 2; Ctrl-C exits with 130 and writes nothing.
+--output_json writes everything, per-chunk traces included (atomically: the old or the new file, never a part; never
+the --prompts_file or a file inside --model_path). Every expected failure (bad flag, missing folder or file, invalid
+config.json or recursive config, a checkpoint or tokenizer that cannot be read) is one `error:` line on stderr with
+exit status 2; a failed write of --output_json is one line with exit status 1. Ctrl-C exits with 130, SIGTERM with
+143, and either says whether --output_json was written before it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kimi_jax.safe_io import Writes
 
 DTYPES = ("float32", "bfloat16")
 COMMIT_MODES = ("verified", "learned", "baseline_verified")
@@ -48,18 +58,22 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m experiments.generate", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True,
                    help="HF folder (config.json + safetensors) or kimi_jax orbax folder, with tokenizer files")
     p.add_argument("--use_recursive", action="store_true", help="generate with recursive refinement")
     p.add_argument("--recursive_config", metavar="JSON_OR_PRESET",
                    help="a preset (baseline, after_surgery, phase_a, phase_b, phase_c) or a JSON file of fields; "
                         "default: the folder's recursive_config.json, else after_surgery")
-    p.add_argument("--chunk_width", type=int, metavar="W", help="window width (a positive multiple of 64)")
-    p.add_argument("--max_inner_steps", type=int, metavar="K", help="refinement step cap per chunk")
-    p.add_argument("--commit_mode", choices=COMMIT_MODES, help="how many window tokens a chunk commits")
+    p.add_argument("--chunk_width", type=int, metavar="W",
+                   help="window width (a positive multiple of 64; default: the recursive config's)")
+    p.add_argument("--max_inner_steps", type=int, metavar="K",
+                   help="refinement step cap per chunk (default: the recursive config's)")
+    p.add_argument("--commit_mode", choices=COMMIT_MODES,
+                   help="how many window tokens a chunk commits (default: the recursive config's)")
     p.add_argument("--draft_seed", choices=SEED_MODES,
-                   help="draft seed mode (the config field `seed`): AR greedy, previous leftover, or all [M]")
+                   help="draft seed mode (the config field `seed`): AR greedy, previous leftover, or all [M] "
+                        "(default: the recursive config's)")
     p.add_argument("--diagnostic", action="store_true",
                    help="always run K inner steps (same output; enables stability@K)")
     prompts = p.add_mutually_exclusive_group(required=True)
@@ -68,15 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="one prompt per line, or a .jsonl file of {\"prompt\": ...} objects")
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt in the tokenizer's chat template as a user message")
-    p.add_argument("--max_new_tokens", type=int, default=64, metavar="N", help="tokens to generate per prompt")
+    p.add_argument("--max_new_tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate per prompt (default 64; a notice says when a prompt plus N exceeds the "
+                        "tokenizer's model_max_length, and generation goes on)")
     p.add_argument("--batch_size", type=int, metavar="B", help="prompts per batch (default: all in one batch)")
     p.add_argument("--dtype", choices=DTYPES,
                    help="parameter dtype (default: the stored one for orbax folders, float32 for HF folders)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="recorded in the output (generation is greedy, nothing is sampled)")
+                   help="recorded in the output (default 0; generation is greedy, nothing is sampled)")
     p.add_argument("--warmup", action="store_true",
                    help="run the first batch once untimed, so tokens/s excludes XLA compilation")
-    p.add_argument("--output_json", metavar="F", help="write prompts, tokens, texts, metrics and traces here")
+    p.add_argument("--output_json", metavar="F",
+                   help="write prompts, tokens, texts, metrics and traces here (default: not written)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -120,10 +137,14 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def check_output_path(path: str | None) -> str | None:
+def check_output_path(path: str | None, inputs: dict[str, str | None] | None = None) -> str | None:
+    """`path` made absolute after checking that it can be written and is none of `inputs` ({flag: path})."""
     if path is None:
         return None
+    from kimi_jax.safe_io import refuse_overlap
+
     path = os.path.abspath(path)
+    refuse_overlap(path, "--output_json", inputs or {}, error=UsageError)
     parent = os.path.dirname(path)
     if os.path.isdir(path):
         raise UsageError(f"--output_json {path}: is a folder")
@@ -132,6 +153,38 @@ def check_output_path(path: str | None) -> str | None:
     if not os.access(parent, os.W_OK):
         raise UsageError(f"--output_json {path}: folder {parent} is not writable")
     return path
+
+
+# transformers writes this for "no limit" (tokenization_utils_base.VERY_LARGE_INTEGER).
+UNSET_MAX_LENGTH = int(1e30)
+
+
+def tokenizer_max_length(folder: str) -> int | None:
+    """`model_max_length` of the folder's tokenizer_config.json: the context the model was trained for; None when
+    the file or the field is missing, or holds transformers' "no limit" value."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < UNSET_MAX_LENGTH:
+        return None
+    return value
+
+
+def context_notice(rows: list[list[int]], max_new_tokens: int, max_length: int | None) -> str | None:
+    """A notice when a prompt plus the new tokens exceeds the tokenizer's model_max_length, else None."""
+    if max_length is None:
+        return None
+    over = [i for i, row in enumerate(rows, 1) if len(row) + max_new_tokens > max_length]
+    if not over:
+        return None
+    longest = max(over, key=lambda i: len(rows[i - 1]))
+    return (f"{len(over)} prompt(s) ({', '.join(map(str, over[:5]))}{', ...' if len(over) > 5 else ''}) plus "
+            f"--max_new_tokens {max_new_tokens} exceed the tokenizer's model_max_length {max_length} (prompt "
+            f"{longest}: {len(rows[longest - 1])} + {max_new_tokens} tokens); the model was not trained on longer "
+            f"contexts, so the continuation may degrade; generating anyway")
 
 
 def left_pad(rows: list[list[int]], length: int, pad: int):
@@ -154,7 +207,11 @@ def _fmt(v) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def run(argv=None) -> int:
+def run(argv=None, writes: Writes | None = None) -> int:
+    """The command without main()'s error handling; `writes` records what reached the disk."""
+    from kimi_jax.safe_io import Writes
+
+    writes = Writes() if writes is None else writes
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
@@ -162,12 +219,14 @@ def run(argv=None) -> int:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     if not os.path.isdir(args.model_path):
         raise UsageError(f"--model_path {args.model_path}: no such folder")
-    output_json = check_output_path(args.output_json)
+    output_json = check_output_path(args.output_json, {"--model_path": args.model_path,
+                                                       "--prompts_file": args.prompts_file})
     prompts = read_prompts(args)
 
     import numpy as np
 
     from kimi_jax import tokenizer as tokenizer_mod
+    from kimi_jax.config import KimiLinearConfig
     from kimi_jax.recursive import io
     from kimi_jax.recursive.generate import generate_recursive
     from kimi_jax.recursive.metrics import recursive_metrics, traces_to_json
@@ -176,6 +235,7 @@ def run(argv=None) -> int:
         print(f"notice: {message}", file=sys.stderr, flush=True)
 
     io.model_format(args.model_path)  # a folder that is no model at all: fail before anything is loaded
+    KimiLinearConfig.from_pretrained(args.model_path)  # and a config.json that cannot describe one
     overrides = {field: getattr(args, "draft_seed" if field == "seed" else field) for field in OVERRIDE_FLAGS}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.use_recursive:
@@ -197,6 +257,9 @@ def run(argv=None) -> int:
     for i, row in enumerate(rows, 1):
         if not row:
             raise UsageError(f"prompt {i} is empty after tokenization")
+    too_long = context_notice(rows, args.max_new_tokens, tokenizer_max_length(args.model_path))
+    if too_long:
+        notice(too_long)
 
     info: dict = {}
     model, sidecar, rcfg, tok = io.load_for_generation(args.model_path, recursive_config=args.recursive_config,
@@ -270,6 +333,7 @@ def run(argv=None) -> int:
     if output_json is not None:
         from kimi_jax.safe_io import write_json_atomic
 
+        writes.begin(output_json, "json")
         write_json_atomic(output_json, {
             "model_path": os.path.abspath(args.model_path),
             "recursive_config": rcfg.to_dict(),
@@ -286,28 +350,39 @@ def run(argv=None) -> int:
                          "recursive_config_source": info.get("recursive_config_source"),
                          "sidecar": info.get("sidecar")},
         }, allow_nan=True)
+        writes.finish()
         print(f"wrote {output_json}")
     return 0
 
 
 def main(argv=None) -> int:
-    """Run the command; expected failures become one `error:` line on stderr and exit status 2."""
+    """Run the command; expected failures become one `error:` line on stderr and exit status 2, a failed write of
+    --output_json one line and exit status 1; Ctrl-C (130) and SIGTERM (143) say whether --output_json was written."""
     from convert.safetensors_io import CheckpointError
     from kimi_jax.checkpoint import CheckpointFormatError
     from kimi_jax.config import ConfigError
     from kimi_jax.recursive.config import RecursiveConfigError
     from kimi_jax.recursive.io import LoadError
+    from kimi_jax.safe_io import (Writes, describe_write_error, interrupt_exit_code, interrupt_name,
+                                  sigterm_as_interrupt)
     from kimi_jax.tokenizer import TokenizerError
 
+    writes = Writes()
     try:
-        return run(argv)
+        with sigterm_as_interrupt():
+            return run(argv, writes)
     except (UsageError, RecursiveConfigError, LoadError, ConfigError, CheckpointError, CheckpointFormatError,
             TokenizerError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output file was written", file=sys.stderr)
-        return 130
+    except OSError as e:
+        if writes.current is None:
+            raise
+        print(f"error: {describe_write_error(e, writes.current[0])}; {writes.describe()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"error: {interrupt_name(e)}; {writes.describe()}", file=sys.stderr)
+        return interrupt_exit_code(e)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,70 @@ def test_schema_violations_and_wrong_stage_files(evaluation_runs, tmp_path):
     assert rc == 2 and "unknown stage" in stderr
     rc, _, stderr = run("finetuned_vanilla", "--eval_dir", tmp_path / "empty")
     assert rc == 2 and "none of the stages" in stderr
+
+
+def test_a_results_file_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "baseline_results.json").write_bytes(b'{"metadata": {"stage": "caf\xe9"}}\n')
+    rc, _, stderr = run("baseline", "--eval_dir", tmp_path)
+    assert rc == 2 and stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'baseline_results.json'}: not UTF-8 text (byte 0xe9 at line 1); not a results file "
+        f"written by experiments.evaluate"]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("results", "is the input baseline results"),  # the report would replace an input
+    ("folder", "is a folder"),
+    ("under a file", "is not a folder"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, where, message):
+    (tmp_path / "baseline_results.json").write_text('{"metadata": {"stage": "baseline"}}')  # never read
+    before = (tmp_path / "baseline_results.json").read_bytes()
+    (tmp_path / "notes.txt").write_text("not a folder")
+    output = {"results": tmp_path / "baseline_results.json", "folder": tmp_path,
+              "under a file": tmp_path / "notes.txt" / "report.md"}[where]
+    rc, stdout, stderr = run("baseline", "--eval_dir", tmp_path, "--output", output)
+    assert rc == 2 and len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: --output "), stderr
+    assert message in stderr and stdout == ""  # refused before anything was read or printed
+    assert (tmp_path / "baseline_results.json").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["baseline_results.json", "notes.txt"]
+
+
+def test_a_failed_plot_or_report_write_is_one_line_and_keeps_the_old_files(evaluation_runs, tmp_path, monkeypatch):
+    import errno
+
+    import matplotlib.figure
+
+    from kimi_jax import safe_io
+
+    write_stage(tmp_path, "baseline", evaluation_runs["baseline"]["json"])
+    (tmp_path / "quality.png").write_bytes(b"old plot")
+
+    def full_disk(self, target, **kwargs):
+        target.write(b"half a plot")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+        rc, _, stderr = run("baseline", "--eval_dir", tmp_path)
+    assert rc == 1 and stderr.strip().splitlines() == [
+        f"error: no space left on device writing {tmp_path / 'quality.png'}"]
+    assert (tmp_path / "quality.png").read_bytes() == b"old plot"
+    assert sorted(os.listdir(tmp_path)) == ["baseline_results.json", "quality.png"]  # no temporary file left
+
+    (tmp_path / "comparison.md").write_text("old report")
+
+    def no_space(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safe_io, "write_text_atomic", no_space)
+    rc, _, stderr = run("baseline", "--eval_dir", tmp_path)
+    assert rc == 1 and stderr.strip() == f"error: no space left on device writing {tmp_path / 'comparison.md'}"
+    assert (tmp_path / "comparison.md").read_text() == "old report"
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "folder of the {stage}_results.json files (default ./eval_results)" in text
+    assert "(default: {eval_dir}/comparison.md)" in text and "(default 1e-4)" in text

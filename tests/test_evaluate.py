@@ -217,6 +217,85 @@ def test_a_baseline_result_must_not_carry_recursive_fields(runs):
         validate_results(result)
 
 
+def _stub_evaluation(monkeypatch, result):
+    """Skip the (already tested) evaluation itself: the CLI's checks, writes, summary and messages stay real."""
+    monkeypatch.setattr(evaluate, "evaluate_stage", lambda args, plan: copy.deepcopy(result))
+
+
+def test_tensorboard_default_folder_is_announced(runs, folders, tmp_path, monkeypatch):
+    _stub_evaluation(monkeypatch, runs["baseline"]["json"])
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli("--model_path", folders["model"], "--stage", "baseline", "--output_dir", "results", "--quiet")
+    assert rc == 0, err
+    logdir = tmp_path / "logs" / "evaluation" / "baseline"
+    assert (f"wrote TensorBoard scalars to {logdir} (the folder under --log_dir, default ./logs of the current "
+            f"folder; --no_tensorboard writes none)") in out.splitlines()
+    assert "evaluation/baseline/perplexity" in read_scalars(str(logdir))
+    assert f"wrote {tmp_path / 'results' / 'baseline_results.json'}" in out.splitlines()
+    rc, out, _ = cli("--model_path", folders["model"], "--stage", "baseline", "--output_dir", "r2", "--log_dir",
+                     "tb", "--no_tensorboard", "--quiet")
+    assert rc == 0 and "TensorBoard" not in out and not (tmp_path / "tb").exists()
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_after_the_results_file_was_replaced_says_so(runs, folders, tmp_path, monkeypatch,
+                                                                 signal_name):
+    """Ctrl-C (130) or SIGTERM (143) right after the results JSON was replaced: the message names what is on disk."""
+    import signal
+
+    _stub_evaluation(monkeypatch, runs["baseline"]["json"])
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "baseline_results.json"
+    path.write_text('{"old": true}')
+    real_write = evaluate.write_json_atomic
+
+    def write_then_signal(target, data, **kwargs):
+        real_write(target, data, **kwargs)
+        os.kill(os.getpid(), getattr(signal, signal_name))
+
+    monkeypatch.setattr(evaluate, "write_json_atomic", write_then_signal)
+    rc, _, err = cli("--model_path", folders["model"], "--stage", "baseline", "--output_dir", out, "--log_dir",
+                     tmp_path / "logs", "--quiet")
+    name = "interrupted" if signal_name == "SIGINT" else "terminated (SIGTERM)"
+    assert (rc, err.strip().splitlines()) == (130 if signal_name == "SIGINT" else 143, [f"error: {name}; wrote {path}"])
+    assert read_json(path) == runs["baseline"]["json"] and not (tmp_path / "logs").exists()
+
+
+def test_an_interrupt_before_any_write_says_nothing_was_written(folders, tmp_path, monkeypatch):
+    def interrupted(args, plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate_stage", interrupted)
+    rc, _, err = cli("--model_path", folders["model"], "--stage", "baseline", "--output_dir", tmp_path / "out",
+                     "--quiet")
+    assert (rc, err.strip()) == (130, "error: interrupted; no results file was written")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_write_is_one_line_naming_the_file(runs, folders, tmp_path, monkeypatch):
+    import errno
+
+    _stub_evaluation(monkeypatch, runs["finetuned_recursive"]["json"])
+    real_write, calls = evaluate.write_json_atomic, []
+
+    def full_disk_on_the_second_file(target, data, **kwargs):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(target, data, **kwargs)
+
+    monkeypatch.setattr(evaluate, "write_json_atomic", full_disk_on_the_second_file)
+    out = tmp_path / "out"
+    rc, _, err = cli("--model_path", folders["run"], "--stage", "finetuned_recursive", "--output_dir", out,
+                     "--quiet", "--no_tensorboard")
+    latest, step_file = out / "finetuned_recursive_results.json", out / "finetuned_recursive_step_7_results.json"
+    assert rc == 1 and err.strip().splitlines()[-1] == (
+        f"error: no space left on device writing {step_file}; wrote {latest}; {step_file} was not written (an "
+        f"earlier file there is unchanged)"), err
+    assert sorted(os.listdir(out)) == [latest.name]
+
+
 def test_results_are_written_atomically(runs, tmp_path, monkeypatch):
     assert not [n for n in os.listdir(runs["out"]) if n.startswith(".")]  # no temporary files left behind
     path = str(tmp_path / "baseline_results.json")
@@ -272,8 +351,27 @@ def test_the_latest_file_keeps_a_later_step_of_the_same_run(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bad input
 def _write(path, text):
-    path.write_text(text)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
     return path
+
+
+def _model_with_config(folders, tmp, **changes):
+    """A copy of the test model's folder without its weights (config.json is read before them) whose config.json
+    has `changes`; `changes` = {"config.json": "folder"} makes config.json a folder."""
+    folder = tmp / "model"
+    shutil.copytree(folders["model"], folder, ignore=shutil.ignore_patterns("params"))
+    os.makedirs(folder / "params")
+    if changes.pop("config.json", None) == "folder":
+        os.remove(folder / "config.json")
+        os.makedirs(folder / "config.json")
+        return folder
+    config = read_json(folder / "config.json")
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 ERROR_CASES = {
@@ -305,9 +403,31 @@ ERROR_CASES = {
                                       "greedy"], "argument --commit_mode: invalid choice: 'greedy'"),
     "eval data missing": (lambda f, t: ["--model_path", f["model"], "--stage", "baseline", "--eval_data",
                                         t / "none.jsonl", "--skip_reasoning"], "none.jsonl: no such file or folder"),
-    "eval data without held-out records": (lambda f, t: ["--model_path", f["model"], "--stage", "baseline",
-                                                         "--eval_data", _write(t / "train.txt", "only train"),
-                                                         "--skip_reasoning"], "no validation records"),
+    "eval data too small to hold out": (lambda f, t: ["--model_path", f["model"], "--stage", "baseline",
+                                                      "--eval_data", _write(t / "train.txt", "word\n"),
+                                                      "--skip_reasoning"], "train.txt: too little text"),
+    "eval data empty jsonl": (lambda f, t: ["--model_path", f["model"], "--stage", "baseline", "--eval_data",
+                                            _write(t / "data.jsonl", ""), "--skip_reasoning"],
+                              "data.jsonl: holds no records"),
+    "eval data empty txt": (lambda f, t: ["--model_path", f["model"], "--stage", "baseline", "--eval_data",
+                                          _write(t / "corpus.txt", "\n \n"), "--skip_reasoning"],
+                            "corpus.txt: holds no records"),
+    "eval data not UTF-8": (lambda f, t: ["--model_path", f["model"], "--stage", "baseline", "--eval_data",
+                                          _write(t / "data.jsonl", b'{"text": "a b"}\n{"text": "caf\xe9"}\n'),
+                                          "--skip_reasoning"], "data.jsonl, line 2: not UTF-8 text (byte 0xe9"),
+    "eval data malformed line": (lambda f, t: ["--model_path", f["model"], "--stage", "baseline", "--eval_data",
+                                               _write(t / "data.jsonl", '{"text": "a"}\n\n{"text": "b",}\n'),
+                                               "--skip_reasoning"], "data.jsonl, line 3: not valid JSON"),
+    "config.json field type": (lambda f, t: ["--model_path", _model_with_config(f, t, rms_norm_eps="abc"),
+                                             "--stage", "baseline"],
+                               "config.json: field 'rms_norm_eps' must be a finite number, got \"abc\""),
+    "config.json is a folder": (lambda f, t: ["--model_path", _model_with_config(f, t, **{"config.json": "folder"}),
+                                              "--stage", "baseline"], "config.json: is a folder, not a JSON file"),
+    "output_dir inside the model": (lambda f, t: ["--model_path", f["model"], "--stage", "baseline",
+                                                  "--output_dir", os.path.join(f["model"], "results")],
+                                    "results lies inside the input --model_path"),
+    "log_dir is the model": (lambda f, t: ["--model_path", f["model"], "--stage", "baseline", "--log_dir",
+                                           f["model"]], "evaluation/baseline lies inside the input --model_path"),
     "output_dir is a file": (lambda f, t: ["--model_path", f["model"], "--stage", "baseline", "--output_dir",
                                            _write(t / "file", "x")], "exists and is not a folder"),
     "finetuned_recursive without a sidecar": (lambda f, t: ["--model_path", f["model"], "--stage",
@@ -329,12 +449,16 @@ def test_bad_input_is_one_error_line_and_exit_2(case, folders, tmp_path):
     out_dir = tmp_path / "out"
     if "--output_dir" not in args:
         args += ["--output_dir", str(out_dir)]
-    rc, _, err = cli(*args, "--log_dir", tmp_path / "logs", "--quiet")
+    if "--log_dir" not in args:
+        args += ["--log_dir", str(tmp_path / "logs")]
+    before = sorted(os.listdir(folders["model"]))
+    rc, _, err = cli(*args, "--quiet")
     assert rc == 2, (rc, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert expected in lines[0], lines[0]
-    assert not (out_dir.exists() and os.listdir(out_dir)) and not (tmp_path / "logs").exists()
+    assert not out_dir.exists() and not (tmp_path / "logs").exists()  # created only when results are written
+    assert sorted(os.listdir(folders["model"])) == before
 
 
 def test_bad_input_from_the_command_line(folders):

@@ -230,6 +230,17 @@ def _write(path, text):
     return path
 
 
+def _with_config(folder, tmp, **changes):
+    """A copy of the model folder without its weights (config.json is read before them), config.json changed."""
+    copy = tmp / "model"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("params"))
+    os.makedirs(copy / "params")
+    config = read_json(copy / "config.json")
+    config.update(changes)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
 ERROR_CASES = {
     "missing model folder": (lambda f, t: ["--model_path", t / "nope", "--prompt", "x"], "--model_path"),
     "not a model folder": (lambda f, t: ["--model_path", t, "--prompt", "x"], "not a model folder"),
@@ -275,6 +286,12 @@ ERROR_CASES = {
                                             t / "no" / "out.json"], "does not exist"),
     "output is a folder": (lambda f, t: ["--model_path", f, "--prompt", "x", "--output_json", t],
                            "is a folder"),
+    "output is the prompts file": (lambda f, t: ["--model_path", f, "--prompts_file", _write(t / "p.txt", "x\n"),
+                                                 "--output_json", t / "p.txt"], "is the input --prompts_file"),
+    "output inside the model": (lambda f, t: ["--model_path", f, "--prompt", "x", "--output_json",
+                                              os.path.join(f, "out.json")], "lies inside the input --model_path"),
+    "config.json field type": (lambda f, t: ["--model_path", _with_config(f, t, hidden_size=[64]), "--prompt", "x"],
+                               "config.json: field 'hidden_size' must be an integer, got [64] (a list)"),
 }
 
 
@@ -287,6 +304,44 @@ def test_bad_input_is_one_error_line_and_exit_2(case, model_folder, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert expected in lines[0], lines[0]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".json") and p not in ("bad.json", "typo.json")]
+
+
+def test_a_prompt_beyond_the_tokenizers_model_max_length_gets_a_notice(runs, model_folder, tmp_path, tok):
+    folder = shutil.copytree(model_folder, tmp_path / "short", ignore=shutil.ignore_patterns("params"))
+    os.symlink(os.path.join(model_folder, "params"), folder / "params")
+    config = read_json(folder / "tokenizer_config.json")
+    longest = max(len(tok.encode(p)) for p in PROMPTS)
+    config["model_max_length"] = longest + N - 1  # the longest prompt (prompt 2) plus N is one token too long
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    rc, _, err = cli(*base_args(folder))
+    assert rc == 0, err  # generated anyway: a notice, not a refusal
+    notices = [line for line in err.splitlines() if "model_max_length" in line]
+    assert notices == [f"notice: 1 prompt(s) (2) plus --max_new_tokens {N} exceed the tokenizer's model_max_length "
+                       f"{longest + N - 1} (prompt 2: {longest} + {N} tokens); the model was not trained on longer "
+                       f"contexts, so the continuation may degrade; generating anyway"], err
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_after_output_json_was_replaced_says_so(runs, model_folder, tmp_path, monkeypatch,
+                                                             signal_name):
+    import signal
+
+    from kimi_jax import safe_io
+
+    out = tmp_path / "out.json"
+    out.write_text('{"old": true}')
+    real_write = safe_io.write_json_atomic
+
+    def write_then_signal(path, data, **kwargs):
+        real_write(path, data, **kwargs)
+        os.kill(os.getpid(), getattr(signal, signal_name))
+
+    monkeypatch.setattr(safe_io, "write_json_atomic", write_then_signal)
+    rc, _, err = cli(*base_args(model_folder, "--output_json", out))
+    name = "interrupted" if signal_name == "SIGINT" else "terminated (SIGTERM)"
+    assert rc == (130 if signal_name == "SIGINT" else 143)
+    assert err.strip().splitlines()[-1] == f"error: {name}; wrote {out}", err
+    assert tokens_of(read_json(out)) == tokens_of(runs["base"][1])
 
 
 def test_bad_input_from_the_command_line(model_folder):
