@@ -97,17 +97,9 @@ def stage_path(eval_dir: str, stage: str) -> str:
 def _read_json(path: str):
     """The parsed JSON of `path`; an unreadable file, bytes that are not UTF-8 or text that is not JSON are one
     CompareError naming the file."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise CompareError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise CompareError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at line {line}); not a results file "
-                           f"written by experiments.evaluate") from None
+    from kimi_jax.safe_io import read_utf8
+
+    text = read_utf8(path, CompareError, advice="; not a results file written by experiments.evaluate")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -327,33 +319,24 @@ def _umask() -> int:
 def check_output_file(path: str, flag: str, inputs: dict[str, str]) -> str:
     """`path` made absolute after checking, before any work, that it is not a folder, can be created and written,
     and is none of the input files ({label: path})."""
-    from kimi_jax.safe_io import refuse_overlap
+    from kimi_jax.safe_io import check_writable_location, refuse_overlap
 
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise CompareError(f"{flag} {path}: is a folder, not a file")
     refuse_overlap(path, flag, inputs, error=CompareError)
-    _check_writable_folder(os.path.dirname(path), flag, path)
+    check_writable_location(os.path.dirname(path), flag, CompareError, shown=path)
     return path
 
 
 def check_output_folder(path: str, flag: str) -> str:
+    from kimi_jax.safe_io import check_writable_location
+
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise CompareError(f"{flag} {path}: exists and is not a folder")
-    _check_writable_folder(path, flag, path)
+    check_writable_location(path, flag, CompareError)
     return path
-
-
-def _check_writable_folder(folder: str, flag: str, shown: str) -> None:
-    """`folder`, or the nearest folder above it that exists (it is created when written), must be writable."""
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise CompareError(f"{flag} {shown}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CompareError(f"{flag} {shown}: {existing} is not writable")
 
 
 def build_parser() -> argparse.ArgumentParser:

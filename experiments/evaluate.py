@@ -442,19 +442,13 @@ def notice(message: str) -> None:
 def _check_output_folder(path: str, flag: str, model_path: str) -> str:
     """`path` made absolute, after checking that it can be created and written (it is created only when results
     are written) and that it neither is, contains nor lies inside the model folder."""
-    from kimi_jax.safe_io import refuse_overlap
+    from kimi_jax.safe_io import check_writable_location, refuse_overlap
 
     path = os.path.abspath(path)
     refuse_overlap(path, flag, {"--model_path": model_path}, error=UsageError)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path}: exists and is not a folder")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"{flag} {path}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: {existing} is not writable")
+    check_writable_location(path, flag, UsageError)
     return path
 
 

@@ -273,15 +273,13 @@ def resolve_settings(args) -> Settings:
         output_dir = os.path.abspath(os.path.join("checkpoints", name))
         notices.append(f"--output_dir defaults to {output_dir}")
     log_dir = os.path.abspath(args.log_dir) if args.log_dir else os.path.join(output_dir, "logs")
+    from kimi_jax.safe_io import check_writable_location
+
     for flag, folder in (("--output_dir", output_dir), ("--log_dir", log_dir)):
         refuse_inside_model(flag, folder, model_path)
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise UsageError(f"{flag} {folder} exists and is not a folder")
-        parent = folder
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.access(parent, os.W_OK):
-            raise UsageError(f"{flag} {folder}: {parent} is not writable")
+        check_writable_location(folder, flag, UsageError)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, args.num_steps // 10)
     return Settings(args=args, stage=stage, model_path=os.path.abspath(model_path), output_dir=output_dir,
                     log_dir=log_dir, warmup_steps=warmup, schedule=args.schedule or "cosine", notices=notices)

@@ -37,20 +37,9 @@ class ConfigError(ValueError):
 
 def read_json_object(path: str, error: type[Exception] = ConfigError, missing: str | None = None) -> dict:
     """Read a JSON object from `path`, turning every failure into one `error` line naming the file."""
-    if os.path.isdir(path):
-        raise error(f"{path}: is a folder, not a JSON file")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise error(missing or f"{path}: file not found") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read it ({e.strerror or e})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise error(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at line {line})") from None
+    from kimi_jax.safe_io import read_utf8
+
+    text = read_utf8(path, error, missing=missing)
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:

@@ -99,6 +99,22 @@ def refuse_overlap(output: str | os.PathLike, flag: str, inputs: Mapping[str, st
                     f"outside the inputs (nothing was written)")
 
 
+def check_writable_location(folder: str, flag: str, error: type[Exception] = OutputError,
+                            shown: str | None = None) -> None:
+    """Files can be created in `folder` (the folder an output is written into: an output folder itself, or the
+    parent of an output file), existing or to be created: the nearest existing folder at or above it is a folder
+    this process may write into. Checked before any work, so a bad output fails at once; `shown` is the output the
+    message names (default `folder`)."""
+    shown = folder if shown is None else shown
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise error(f"{flag} {shown}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise error(f"{flag} {shown}: {existing} is not writable")
+
+
 # ------------------------------------------------------------------------------------------------ temporaries
 def pid_alive(pid: int) -> bool:
     try:
@@ -231,6 +247,27 @@ def atomic_folder(output: str, *, overwrite: bool, flag: str = "--output", error
 
 
 # ------------------------------------------------------------------------------------------------ files
+def read_utf8(path: str, error: type[Exception], *, missing: str | None = None, advice: str = "") -> str:
+    """The text of `path` (a leading byte-order mark dropped). A missing or unreadable file, or bytes that are not
+    UTF-8, are one `error` naming the file (and the line and byte of the first bad byte), `advice` appended."""
+    if os.path.isdir(path):
+        raise error(f"{path}: is a folder, not a file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise error(missing or f"{path}: file not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start})"
+                    f"{advice}") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
 def _file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -424,7 +461,7 @@ def _read_holder(fd: int) -> str:
         return ""
 
 
-__all__ = ["EXIT_SIGINT", "EXIT_SIGTERM", "FolderLock", "OutputError", "Terminated", "atomic_folder", "deferred_interrupts", "Writes",
+__all__ = ["EXIT_SIGINT", "EXIT_SIGTERM", "FolderLock", "OutputError", "Terminated", "atomic_folder", "check_writable_location", "deferred_interrupts", "read_utf8", "Writes",
            "describe_write_error", "interrupt_exit_code", "interrupt_name", "pid_alive", "refuse_overlap",
            "remove_path", "remove_stale_temporaries", "sigterm_as_interrupt", "storage_error", "temporary_sibling",
            "write_json_atomic", "write_text_atomic"]

@@ -117,8 +117,8 @@ def test_a_results_file_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "baseline_results.json").write_bytes(b'{"metadata": {"stage": "caf\xe9"}}\n')
     rc, _, stderr = run("baseline", "--eval_dir", tmp_path)
     assert rc == 2 and stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'baseline_results.json'}: not UTF-8 text (byte 0xe9 at line 1); not a results file "
-        f"written by experiments.evaluate"]
+        f"error: {tmp_path / 'baseline_results.json'}, line 1: not UTF-8 text (byte 0xe9 at byte offset 27); not a "
+        f"results file written by experiments.evaluate"]
 
 
 @pytest.mark.parametrize("where, message", [

@@ -422,7 +422,7 @@ ERROR_CASES = {
                                              "--stage", "baseline"],
                                "config.json: field 'rms_norm_eps' must be a finite number, got \"abc\""),
     "config.json is a folder": (lambda f, t: ["--model_path", _model_with_config(f, t, **{"config.json": "folder"}),
-                                              "--stage", "baseline"], "config.json: is a folder, not a JSON file"),
+                                              "--stage", "baseline"], "config.json: is a folder, not a file"),
     "output_dir inside the model": (lambda f, t: ["--model_path", f["model"], "--stage", "baseline",
                                                   "--output_dir", os.path.join(f["model"], "results")],
                                     "results lies inside the input --model_path"),

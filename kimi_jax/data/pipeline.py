@@ -163,20 +163,11 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())[:400]
 
 
-def _read_text(path: str, *, strip_bom: bool = False) -> str:
+def _read_text(path: str) -> str:
     """The file's text; an unreadable file or one that is not UTF-8 is a DataError naming the file and line."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset "
-                        f"{e.start}); save the file as UTF-8") from None
-    return text[1:] if strip_bom and text.startswith("\ufeff") else text
+    from kimi_jax.safe_io import read_utf8
+
+    return read_utf8(path, DataError, advice="; save the file as UTF-8")
 
 
 def _json_kind(value: Any) -> str:
@@ -188,7 +179,7 @@ def _json_rows(path: str) -> list[tuple[str, dict]]:
     """``(label, object)`` per record of a JSON file: JSON lines (one object per line, blank lines skipped; label
     "line N"), or one JSON document: a list of objects (or of strings, each a ``text`` record; label "item I") or a
     single object."""
-    text = _read_text(path, strip_bom=True)
+    text = _read_text(path)
     if not text.strip():
         return []
     if text.lstrip().startswith("["):
