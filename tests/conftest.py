@@ -13,10 +13,36 @@ import gc
 import os
 import sys
 
-# Eight fake CPU devices for the sharding tests; must be set before JAX creates its backend. Single-device tests
-# simply use device 0.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for experiments.demo
+from experiments.demo import fast_compile_flags  # noqa: E402  (stdlib only: JAX is not imported yet)
+
+# The suite's time is mostly XLA:CPU compiling hundreds of small programs, not running them: like the demo, compile
+# them with LLVM's cheap pipeline (tests/test_recursive_window.py on 2 cores: 127 s -> 80 s). The maths is the same
+# (no fast-math either way); only how well the machine code is optimised changes. Every child process a test starts
+# gets the same flags (`child_env`). Eight fake CPU devices for the sharding tests; must be set before JAX creates
+# its backend. Single-device tests simply use device 0.
+DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+os.environ["XLA_FLAGS"] = fast_compile_flags(os.environ.get("XLA_FLAGS", ""))
+if DEVICE_COUNT_FLAG not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += f" --{DEVICE_COUNT_FLAG}=8"
+# One persistent compilation cache for both pytest-xdist workers and every child process: test modules
+# (jax.clear_caches() after each, see below) and command-line runs compile many of the same programs. It persists
+# across runs (JAX keys entries by program, flags and versions), capped in size (JAX evicts the least recently used).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(__import__("tempfile").gettempdir(),
+                                                                "kimi_jax_tests_jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
+
+
+def child_env(**extra) -> dict:
+    """The environment for a child process (a CLI run as a user runs it): this process's, with the fast-compile
+    flags and the shared compilation cache but one real CPU device (no fake device count), plus `extra`."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env["XLA_FLAGS"].split() if DEVICE_COUNT_FLAG not in f)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/sharding_cases.py for workers and tests alike
 import shutil
 

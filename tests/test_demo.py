@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,8 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo") / "w"
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one real CPU device, as a user has
+    env = child_env()  # one real CPU device, as a user has
     proc = subprocess.run([sys.executable, "-m", "experiments.demo", "--workdir", str(workdir), "--quick"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
@@ -56,8 +56,7 @@ def test_demo_surgery_verdict_and_the_recursive_stage_trained(demo):
 
 def test_demo_rerun_reuses_finished_steps(demo):
     workdir, _ = demo
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = child_env()
     proc = subprocess.run([sys.executable, "-m", "experiments.demo", "--workdir", str(workdir), "--quick"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -37,6 +37,8 @@ from kimi_jax.config import tiny
 from kimi_jax.model import KimiLinearForCausalLM
 from kimi_jax.tokenizer_fixtures import build_kimi_format_tokenizer, local_corpus
 
+from conftest import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -544,8 +546,7 @@ def test_simple_evaluate_by_name_and_recursive(rec_lm, model_folder, task_manage
 
 
 def _run_cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **OFFLINE_ENV)
-    env.pop("XLA_FLAGS", None)  # one CPU device is enough
+    env = child_env(PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **OFFLINE_ENV)  # one device
     return subprocess.run([sys.executable, "-m", "kimi_jax.evaluation.lm_eval_cli", *map(str, args)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
 

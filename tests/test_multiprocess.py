@@ -13,6 +13,7 @@ from flax import nnx
 from kimi_jax import checkpoint, sharding
 from kimi_jax.model import KimiLinearForCausalLM
 from kimi_jax.train_step import build_trainer, make_optimizer, shard_batch
+from conftest import child_env
 from sharding_cases import BATCH, LR, make_batch, make_config
 
 HERE = os.path.dirname(__file__)
@@ -27,7 +28,7 @@ def free_port() -> int:
 
 def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each worker sets its own 2 devices
+    env = child_env()  # each worker sets its own 2 devices
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     workers = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(i), str(port),
                                  str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
