@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from kimi_jax.config import KDA, MOE, KimiLinearConfig
 from kimi_jax.layers.init import normal_param
@@ -27,6 +28,7 @@ from kimi_jax.layers.mlp import SwiGLU
 from kimi_jax.layers.moe import MoE
 from kimi_jax.layers.norms import RMSNorm
 from kimi_jax.layout import Segment, plan_segments
+from kimi_jax.sharding import Resolver
 
 F32 = jnp.float32
 
@@ -161,8 +163,18 @@ class KimiLinearForCausalLM(nnx.Module):
         }
 
     # ------------------------------------------------------------------ forward
-    def embed(self, input_ids_BT):
-        return jnp.take(self.embed_tokens[...], input_ids_BT, axis=0)
+    def embed(self, input_ids_BT, activation_sharding=None):
+        """Token embeddings. With the activations' sharding (a mesh), the table's embed dim is gathered first (as
+        FSDP gathers every weight before use): looked up in an embed-sharded table, the rows come out
+        embed-sharded, and GSPMD cannot bring their cotangents from the batch sharding back to that without
+        replicating them whole (its "Involuntary full rematerialization", on meshes that split the batch over
+        more axes than the weights, e.g. fsdp=2,expert=4 or data=2,fsdp=4)."""
+        table_VD = self.embed_tokens[...]
+        if activation_sharding is not None:
+            mesh = activation_sharding.mesh
+            vocab_only = Resolver(mesh).spec(("vocab", None), table_VD.shape)
+            table_VD = jax.lax.with_sharding_constraint(table_VD, NamedSharding(mesh, vocab_only))
+        return jnp.take(table_VD, input_ids_BT, axis=0)
 
     def hidden_states(self, input_ids_BT=None, *, embeds_BTD=None, cache=None, attention_mask=None,
                       opts: RunOptions = RunOptions(), edit_fn=None, edits=None, export_starts=None):
@@ -178,7 +190,7 @@ class KimiLinearForCausalLM(nnx.Module):
         window starting at each start needs from this prefix (KDA states and conv tails, MLA latents).
         """
         if embeds_BTD is None:
-            embeds_BTD = self.embed(input_ids_BT)
+            embeds_BTD = self.embed(input_ids_BT, opts.activation_sharding)
         B, T = embeds_BTD.shape[:2]
         h_BTD = constrain(embeds_BTD, opts.activation_sharding)
         mask_BT = None if attention_mask is None else attention_mask.astype(bool)

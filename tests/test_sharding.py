@@ -12,7 +12,9 @@ from kimi_jax.model import KimiLinearForCausalLM
 from kimi_jax.train_step import build_trainer, make_optimizer, shard_batch
 from sharding_cases import BATCH, LR, make_batch, make_config
 
-MESHES = ["data=8", "fsdp=8", "fsdp=4,tensor=2", "data=2,expert=2,tensor=2"]
+# The last four split the experts over the `expert` axis (expert parallelism: tokens travel by all-to-all).
+MESHES = ["data=8", "fsdp=8", "fsdp=4,tensor=2", "data=2,expert=2,tensor=2", "expert=8", "data=2,expert=4",
+          "fsdp=2,expert=4"]
 
 # Expected specs of a few parameters per mesh (leading None: the stacked layer axis of a scanned segment).
 EXPECTED = {
@@ -23,6 +25,12 @@ EXPECTED = {
                         "embed": P("tensor", "fsdp")},
     "data=2,expert=2,tensor=2": {"qkv": P(None, None, None, "tensor", None),
                                  "w_gate": P(None, "expert", None, "tensor"), "embed": P("tensor", None)},
+    "expert=8": {"qkv": P(None, None, None, None, None), "w_gate": P(None, "expert", None, None),
+                 "embed": P(None, None)},
+    "data=2,expert=4": {"qkv": P(None, None, None, None, None), "w_gate": P(None, "expert", None, None),
+                        "embed": P(None, None)},
+    "fsdp=2,expert=4": {"qkv": P(None, "fsdp", None, None, None), "w_gate": P(None, "expert", "fsdp", None),
+                        "embed": P(None, "fsdp")},
 }
 
 

@@ -17,6 +17,10 @@ class SwiGLU(nnx.Module):
         self.down_proj = normal_param(rngs, (F, D), dtype)
 
     def __call__(self, x_BTD):
-        gate_BTF = jnp.einsum("...d,df->...f", x_BTD, self.gate_proj[...])
-        up_BTF = jnp.einsum("...d,df->...f", x_BTD, self.up_proj[...])
-        return jnp.einsum("...f,fd->...d", jax.nn.silu(gate_BTF) * up_BTF, self.down_proj[...])
+        return swiglu(x_BTD, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+
+
+def swiglu(x_BTD, gate_DF, up_DF, down_FD):
+    gate_BTF = jnp.einsum("...d,df->...f", x_BTD, gate_DF)
+    up_BTF = jnp.einsum("...d,df->...f", x_BTD, up_DF)
+    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate_BTF) * up_BTF, down_FD)

@@ -21,17 +21,22 @@ fewer rows than dense, else dense.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from kimi_jax.config import KimiLinearConfig
+from kimi_jax.layers.expert_parallel import experts_exchanged, experts_local_then_summed, receive_rows
 from kimi_jax.layers.init import normal_param
-from kimi_jax.layers.mlp import SwiGLU
+from kimi_jax.layers.mlp import SwiGLU, swiglu
+from kimi_jax.ops.grouped_matmul import grouped_matmul
 
 F32 = jnp.float32
-DISPATCHES = ("auto", "ragged", "tiled", "dense")
+DISPATCHES = ("auto", "gmm", "ragged", "tiled", "dense")
 
 
 def route(x_TD, router_DE, bias_E, *, top_k: int, num_groups: int, topk_groups: int, renormalize: bool,
@@ -69,7 +74,9 @@ def experts_dense(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD
     return jnp.einsum("etd,te->td", out_ETD.astype(F32), combine_TE)
 
 
-def experts_ragged(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD):
+def experts_grouped(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, impl: str = "ragged"):
+    """Assignments sorted by expert, three grouped matmuls (`ops.grouped_matmul`), scattered back to tokens. An
+    expert id of E or more marks an assignment to skip: it sorts last, outside every group, and adds nothing."""
     T, k = experts_Tk.shape
     E = w_gate_EDF.shape[0]
     flat_expert_A = experts_Tk.reshape(-1)  # A = T*k assignments
@@ -77,11 +84,19 @@ def experts_ragged(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EF
     token_A = order_A // k
     group_sizes_E = jnp.bincount(flat_expert_A, length=E).astype(jnp.int32)
     x_AD = x_TD[token_A]
-    gate_AF = jax.lax.ragged_dot(x_AD, w_gate_EDF, group_sizes_E)
-    up_AF = jax.lax.ragged_dot(x_AD, w_up_EDF, group_sizes_E)
-    out_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, w_down_EFD, group_sizes_E)
+    gate_AF = grouped_matmul(x_AD, w_gate_EDF, group_sizes_E, impl=impl)
+    up_AF = grouped_matmul(x_AD, w_up_EDF, group_sizes_E, impl=impl)
+    out_AD = grouped_matmul(jax.nn.silu(gate_AF) * up_AF, w_down_EFD, group_sizes_E, impl=impl)
     weighted_AD = out_AD.astype(F32) * weights_Tk.reshape(-1)[order_A][:, None]
     return jax.ops.segment_sum(weighted_AD, token_A, num_segments=T)
+
+
+def experts_ragged(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD):
+    return experts_grouped(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, impl="ragged")
+
+
+def experts_gmm(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD):
+    return experts_grouped(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, impl="gmm")
 
 
 def tile_rows(num_assignments: int, num_experts: int) -> int:
@@ -100,6 +115,8 @@ def num_tiles(num_assignments: int, num_experts: int, tile: int) -> int:
 def experts_tiled(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD):
     T, k = experts_Tk.shape
     E, D, _ = w_gate_EDF.shape
+    skip_Tk = experts_Tk >= E  # an assignment to skip (see experts_grouped): weight 0 on the last expert
+    weights_Tk, experts_Tk = jnp.where(skip_Tk, 0.0, weights_Tk), jnp.where(skip_Tk, E - 1, experts_Tk)
     A = T * k
     tile = tile_rows(A, E)
     n_tiles = num_tiles(A, E, tile)
@@ -126,6 +143,26 @@ def experts_tiled(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD
     return jax.ops.segment_sum(weighted_RD, token_R, num_segments=T + 1)[:T]
 
 
+DISPATCH_FUNCTIONS = {"dense": experts_dense, "tiled": experts_tiled, "ragged": experts_ragged, "gmm": experts_gmm}
+EXPERT_AXIS = "expert"
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def expert_parallel_size(mesh, num_experts: int) -> int:
+    """How many ways the experts are split: the mesh's expert axis when it divides E (else they are replicated,
+    as kimi_jax.sharding's resolver then leaves them)."""
+    if mesh is None or EXPERT_AXIS not in mesh.shape:
+        return 1
+    ep = mesh.shape[EXPERT_AXIS]
+    return ep if ep > 1 and num_experts % ep == 0 else 1
+
+
 def resolve_dispatch(dispatch: str, num_experts: int, num_tokens: int | None = None, top_k: int = 1) -> str:
     """The concrete dispatch for "auto" (others pass through). Without a token count, CPU resolves to tiled."""
     if dispatch not in DISPATCHES:
@@ -133,7 +170,7 @@ def resolve_dispatch(dispatch: str, num_experts: int, num_tokens: int | None = N
     if dispatch != "auto":
         return dispatch
     if jax.default_backend() != "cpu":
-        return "ragged"
+        return "gmm"
     if num_tokens is None:
         return "tiled"
     A = num_tokens * top_k
@@ -166,23 +203,48 @@ class MoE(nnx.Module):
         batch shard (shard_map; expert weights are gathered per layer as in FSDP), so no device ever sorts or holds
         another shard's tokens; otherwise GSPMD would all-gather the whole batch for the global sort."""
         B, T, D = x_BTD.shape
-        kind = resolve_dispatch(dispatch or self.dispatch, self.w_gate.shape[0], B * T, self.top_k)
-        run = {"dense": experts_dense, "tiled": experts_tiled, "ragged": experts_ragged}[kind]
+        E = self.w_gate.shape[0]
+        mesh = token_sharding.mesh if token_sharding is not None else None
+        token_axes = _axes(token_sharding.spec[0]) if token_sharding is not None else ()
+        ep = expert_parallel_size(mesh, E)
+        if ep > 1:
+            tokens_here = B * T // math.prod(mesh.shape[a] for a in token_axes)
+            if EXPERT_AXIS in token_axes:  # rows received on one device: the worst-case buffer
+                rows, experts_here, k = receive_rows(tokens_here, self.top_k, ep, E // ep), E // ep, 1
+            else:
+                rows, experts_here, k = tokens_here, E // ep, self.top_k
+            kind = resolve_dispatch(dispatch or self.dispatch, experts_here, rows, k)
+        else:
+            kind = resolve_dispatch(dispatch or self.dispatch, E, B * T, self.top_k)
+        run = DISPATCH_FUNCTIONS[kind]
+        if ep > 1 and EXPERT_AXIS in token_axes:
+            run = functools.partial(experts_exchanged, run=run, axis=EXPERT_AXIS, devices=ep)
+        elif ep > 1:
+            run = functools.partial(experts_local_then_summed, run=run, axis=EXPERT_AXIS)
 
-        def routed(x_TD, router, bias, w_gate, w_up, w_down):
+        shared = self.shared_experts
+
+        def moe(x_TD, router, bias, w_gate, w_up, w_down, *shared_params):
             weights_Tk, experts_Tk = route(
                 x_TD, router, bias, top_k=self.top_k, num_groups=self.num_groups, topk_groups=self.topk_groups,
                 renormalize=self.renormalize, scaling=self.scaling, weights_use_bias=self.weights_use_bias)
-            return run(x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down)
+            out_TD = run(x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down).astype(x_TD.dtype)
+            if shared_params:
+                out_TD = out_TD + swiglu(x_TD, *shared_params)
+            return out_TD
 
         params = (self.router[...], self.correction_bias[...], self.w_gate[...], self.w_up[...], self.w_down[...])
+        if shared is not None:
+            params += (shared.gate_proj[...], shared.up_proj[...], shared.down_proj[...])
         x_TD = x_BTD.reshape(B * T, D)
         if token_sharding is not None:
             tokens = P(token_sharding.spec[0], None)
-            routed = jax.shard_map(routed, mesh=token_sharding.mesh, in_specs=(tokens,) + (P(),) * len(params),
-                                   out_specs=tokens, check_vma=False)
-        routed_TD = routed(x_TD, *params)
-        out_BTD = routed_TD.astype(x_BTD.dtype).reshape(B, T, D)
-        if self.shared_experts is not None:
-            out_BTD = out_BTD + self.shared_experts(x_BTD)
+            # Experts stay split over the expert axis (gathered over the others, as FSDP does); the router, its
+            # bias and the shared experts are whole on every device. The shared experts run inside too: computed
+            # outside, GSPMD could not bring their gradients back to an fsdp sharding when tokens are also split
+            # over the expert axis (an "Involuntary full rematerialization" of the whole weight).
+            experts = P(EXPERT_AXIS, None, None) if ep > 1 else P()
+            moe = jax.shard_map(moe, mesh=mesh, in_specs=(tokens, P(), P(), experts, experts, experts)
+                                + (P(),) * (len(params) - 5), out_specs=tokens, check_vma=False)
+        out_BTD = moe(x_TD, *params).reshape(B, T, D)
         return out_BTD

@@ -1,0 +1,102 @@
+"""Grouped matmul for the MoE: rows sorted by group, each group multiplied by its own matrix, from maintained kernels.
+
+    out[r] = x[r] @ w[g(r)]   for the rows r of group g (groups are consecutive runs of rows, sizes given);
+    rows past the last group's end are zero.
+
+Implementations (`impl`):
+  * "ragged": `jax.lax.ragged_dot` (XLA's own; on TPU it is costed and, in our compiles, computed densely over the
+    groups);
+  * "megablox": JAX's Pallas TPU grouped matmul (`jax.experimental.pallas.ops.tpu.megablox.gmm`, with its custom
+    VJP: `gmm` for the input gradient, `tgmm` for the weights'); only the row tiles that hold a group are visited.
+    Off TPU it runs in Pallas interpret mode (slow, exact: what the CPU tests run);
+  * "tokamax": tokamax's `ragged_dot` (Mosaic GPU kernels on H100/H200/B200, Triton elsewhere) when the optional
+    `tokamax` package is installed (`pip install -e ".[gpu]"`); its "xla" implementation runs on CPU.
+"gmm" (what the MoE's "gmm" dispatch calls) is megablox on TPU, tokamax on GPU when installed (else ragged_dot),
+and megablox in interpret mode on CPU. `gmm_backend()` names the path a call takes, for tests and logs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("gmm", "ragged", "megablox", "tokamax")
+# megablox's tiles on TPU: its default (128, 128, 128). Mosaic needs the last two block dims divisible by (8, 128)
+# or equal to the array's; 128 over a smaller or ragged k / n is masked by the kernel, and the backward reuses the
+# tiling with k and n swapped, so one square tile serves both (checked by compiling for v5p with libtpu 0.0.42.1).
+TPU_TILE = 128
+# Sublane multiple for the interpret-mode row tile (the smallest tile Mosaic would accept).
+MIN_ROW_TILE = 8
+
+
+@functools.cache
+def tokamax_available() -> bool:
+    try:
+        import tokamax  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gmm_backend(backend: str | None = None) -> str:
+    """The implementation "gmm" resolves to on a backend ("cpu", "gpu", "tpu"; default: JAX's)."""
+    backend = backend or jax.default_backend()
+    if backend == "tpu":
+        return "megablox"
+    if backend == "gpu":
+        return "tokamax" if tokamax_available() else "ragged"
+    return "megablox"  # interpret mode
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def megablox_tiling(m: int, k: int, n: int, backend: str) -> tuple[int, int, int]:
+    if backend == "tpu":
+        return (min(TPU_TILE, _round_up(m, MIN_ROW_TILE)), TPU_TILE, TPU_TILE)
+    # Interpret mode: one tile over k and n (no alignment rules), rows in tiles of up to 128.
+    return (min(TPU_TILE, _round_up(m, MIN_ROW_TILE)), k, n)
+
+
+def _megablox(x_MK, w_GKN, group_sizes_G):
+    from jax.experimental.pallas.ops.tpu.megablox import ops as megablox_ops
+
+    backend = jax.default_backend()
+    M, K = x_MK.shape
+    N = w_GKN.shape[2]
+    tm, tk, tn = megablox_tiling(M, K, N, backend)
+    M_pad = _round_up(M, tm)
+    x_pad = jnp.pad(x_MK, ((0, M_pad - M), (0, 0))) if M_pad != M else x_MK
+    out = megablox_ops.gmm(x_pad, w_GKN, group_sizes_G, x_MK.dtype, (tm, tk, tn), None, None, False,
+                           backend != "tpu")
+    return out[:M]
+
+
+def _tokamax(x_MK, w_GKN, group_sizes_G, implementation=None):
+    import tokamax
+
+    return tokamax.ragged_dot(x_MK, w_GKN, group_sizes_G, implementation=implementation)
+
+
+def grouped_matmul(x_MK, w_GKN, group_sizes_G, *, impl: str = "gmm"):
+    """x [M, K] rows sorted by group, w [G, K, N], group_sizes int32 [G] (sum <= M) -> [M, N] in x's dtype."""
+    if impl not in IMPLS:
+        raise ValueError(f"grouped matmul impl {impl!r} is not one of {IMPLS}")
+    if impl == "gmm":
+        impl = gmm_backend()
+    group_sizes_G = group_sizes_G.astype(jnp.int32)
+    if impl == "ragged":
+        return jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G)
+    # Kernels leave the row tiles past the last group unvisited, in the forward and in the input gradient (whose
+    # rows there are uninitialised memory): select those rows away on the way in and out, as ragged_dot's zeros.
+    filled_M = (jnp.arange(x_MK.shape[0]) < jnp.sum(group_sizes_G))[:, None]
+    x_MK = jnp.where(filled_M, x_MK, jnp.zeros((), x_MK.dtype))
+    if impl == "tokamax":
+        out = _tokamax(x_MK, w_GKN, group_sizes_G,
+                       implementation="xla" if jax.default_backend() == "cpu" else None)
+    else:
+        out = _megablox(x_MK, w_GKN, group_sizes_G)
+    return jnp.where(filled_M, out, jnp.zeros((), out.dtype)).astype(x_MK.dtype)

@@ -1,0 +1,104 @@
+"""Expert parallelism (layers/expert_parallel + the MoE layer) on 8 fake CPU devices: outputs and every gradient
+equal the single-device layer, for balanced, skewed and empty-device routing, every local dispatch, tokens split
+over the expert axis (all-to-all) or replicated over it (decode: partial outputs summed)."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kimi_jax import sharding
+from kimi_jax.config import tiny
+from kimi_jax.layers.moe import MoE, expert_parallel_size
+from kimi_jax.train_step import batch_spec
+
+TOKENS = 64
+
+
+def make_layer(routing: str, **overrides):
+    cfg = tiny(**{"num_experts": 16, "num_experts_per_token": 3, **overrides})
+    layer = MoE(cfg, rngs=nnx.Rngs(0))
+    bias = np.zeros(cfg.num_experts, np.float32)
+    if routing == "skewed":  # every token picks expert 0, most also expert 1: devices of experts 2+ get ~nothing
+        bias[0], bias[1] = 10.0, 0.5
+    elif routing == "two_experts":  # all tokens on experts 0 and 5 only: most devices receive no rows at all
+        bias[0], bias[5] = 10.0, 10.0
+    layer.correction_bias[...] = jnp.asarray(bias)
+    return cfg, layer
+
+
+def batch(seed=0, B=4):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(B, TOKENS // B, 64)), jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "dispatch", "sharding_"))
+def value_and_grads(graphdef, params, x, ct, dispatch, sharding_):
+    def loss(params, x):
+        out = nnx.merge(graphdef, params)(x, dispatch, sharding_)
+        return jnp.sum(out * ct), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return out, grads
+
+
+def compare(layer, mesh_spec, dispatch, x, batch_axes="auto"):
+    graphdef, params = nnx.split(layer)
+    ct = jnp.asarray(np.random.default_rng(9).normal(size=x.shape), jnp.float32)
+    ref_out, ref_grads = value_and_grads(graphdef, params, x, ct, "dense", None)
+    mesh = sharding.make_mesh(mesh_spec)
+    if batch_axes == "auto":
+        batch_axes = batch_spec(mesh, x.shape[0]).spec[0]
+    token_sharding = NamedSharding(mesh, P(batch_axes, None, None))
+    placed = jax.device_put(params, sharding.state_shardings(params, mesh))
+    out, grads = value_and_grads(graphdef, placed, jax.device_put(x, token_sharding), ct, dispatch, token_sharding)
+    scale = float(jnp.abs(ref_out).max())
+    chex.assert_trees_all_close(out, ref_out, atol=1e-5 * scale, rtol=0)
+    flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
+    worst = 0.0
+    for (path, want), got in zip(flat_ref, jax.tree.leaves(grads)):
+        err = float(jnp.abs(got - want).max()) / max(float(jnp.abs(want).max()), 1e-30)
+        worst = max(worst, err)
+        assert err <= 1e-5, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
+    return float(jnp.abs(out - ref_out).max()) / scale, worst
+
+
+@pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4", "fsdp=2,expert=4"])
+@pytest.mark.parametrize("routing", ["balanced", "skewed", "two_experts"])
+def test_all_to_all_equals_one_device(mesh_spec, routing):
+    cfg, layer = make_layer(routing)
+    assert expert_parallel_size(sharding.make_mesh(mesh_spec), cfg.num_experts) == int(mesh_spec[-1])
+    out_err, grad_err = compare(layer, mesh_spec, "auto", batch(B=8))
+    print(f"\n  {mesh_spec} {routing}: output {out_err:.1e}, worst gradient {grad_err:.1e} (relative to max)")
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "tiled", "ragged", "gmm"])
+def test_every_local_dispatch(dispatch):
+    _, layer = make_layer("skewed")
+    compare(layer, "data=2,expert=4", dispatch, batch(B=8))
+
+
+def test_grouped_routing_with_correction_bias():
+    # The 48B's routing: expert groups, top groups first, weights from the biased scores (hub remote code).
+    _, layer = make_layer("balanced", num_expert_group=4, topk_group=2, router_weights_use_correction_bias=True)
+    layer.correction_bias[...] = jnp.asarray(np.random.default_rng(3).normal(size=16), jnp.float32)
+    compare(layer, "fsdp=2,expert=4", "auto", batch(B=8))
+
+
+@pytest.mark.parametrize("dispatch", ["auto", "gmm"])
+def test_tokens_replicated_over_the_expert_axis(dispatch):
+    # Decode with a batch smaller than the mesh: every device routes the same tokens, computes its own experts'
+    # share, and the shares are summed over the axis.
+    _, layer = make_layer("balanced")
+    compare(layer, "data=2,expert=4", dispatch, batch(B=2), batch_axes="data")
+    compare(layer, "expert=8", dispatch, batch(B=1), batch_axes=None)
+
+
+def test_experts_that_do_not_divide_the_axis_stay_replicated():
+    assert expert_parallel_size(sharding.make_mesh("expert=8"), 12) == 1
+    _, layer = make_layer("balanced", num_experts=12)
+    compare(layer, "expert=8", "auto", batch(B=8))
