@@ -11,7 +11,17 @@ separate folder on PYTHONPATH as JAX_NOTES §5 describes). Printed per device:
   * the compiler's argument / output / temporary / peak figures (TPU-accurate with --topology; the CPU compiler's
     buffer assignment and fusion differ from TPU/GPU, so on CPU read them as shape/sharding checks, not budgets);
   * compiled FLOPs per step per device, the analytic model FLOPs per token (matmuls + MLA attention + KDA), and the
-    step time implied at a given MFU on a given chip.
+    step time implied at a given MFU on a given chip;
+  * the bytes each collective kind moves per device per step, read from the compiled HLO (kimi_jax.hlo_collectives:
+    `while` bodies times their trip counts, so the layer scans and the recursive stage's K-step scan count in full,
+    unlike cost analysis), and two lines scripts read (figures per device per step):
+      collectives: all-gather X GiB, reduce-scatter X GiB, all-reduce X GiB, all-to-all X GiB, collective-permute X GiB
+      step time bound: compute X s at M% MFU, communication X s (B GB/s per chip), bound X s
+    compute is the implied step time above; communication = collective bytes / the chip's interconnect bandwidth
+    (ICI_GB_PER_S, one direction): a lower bound that assumes every link busy and nothing else in the way; bound =
+    max(compute, communication), i.e. perfect overlap. Without a chip (--devices and no --chip) the time line says
+    it cannot be bounded. XLA:CPU runs bf16 collectives in f32 and partitions its own way: for TPU figures compile
+    with --topology.
 """
 
 from __future__ import annotations
@@ -23,6 +33,21 @@ import sys
 import time
 
 PEAK_TFLOPS = {"v5p": 459.0, "v5e": 197.0, "v6e": 918.0, "v4": 275.0, "h100": 989.0, "h200": 989.0, "a100": 312.0}
+# Interconnect bandwidth per chip in GB/s (1e9 bytes/s), ONE direction: what a chip can send (and at the same time
+# receive) per second over all its links, the rate at which the collective bytes of kimi_jax.hlo_collectives (bytes
+# one device receives) can arrive. Vendors quote the bidirectional sum; each figure below is half of it.
+#   v5p: 600. Google Cloud TPU docs, "TPU v5p" page: "Bidirectional inter-chip interconnect (ICI) bandwidth (per
+#        chip) 1200 GBps"; the page's older table gives "Interchip Interconnect BW 4800 Gbps" (= 600 GB/s).
+#   v5e: 200. Google Cloud TPU docs, "TPU v5e": bidirectional ICI per chip 400 GBps (older table: 1600 Gbps).
+#   v6e: 400. Google Cloud TPU docs, "TPU v6e": bidirectional ICI per chip 800 GBps (4 ICI ports).
+#   v4:  300. The Cloud TPU v4 page gives no per-chip figure; 6 ICI links x 400 Gbps per direction = 2400 Gbps
+#        (TPU v4 paper, Jouppi et al., ISCA 2023, as summarised at glennklockwood.com/garden/processors/TPUv4): the
+#        least certain figure here.
+#   h100, h200: 450. NVIDIA H100 / H200 SXM datasheets: NVLink 900 GB/s (bidirectional; 18 NVLink 4 links).
+#   a100: 300. NVIDIA A100 SXM datasheet: NVLink 600 GB/s (bidirectional; 12 NVLink 3 links).
+# Only within one ICI slice / NVLink domain: data-center network (DCN / InfiniBand) hops are far slower.
+ICI_GB_PER_S = {"v5p": 600.0, "v5e": 200.0, "v6e": 400.0, "v4": 300.0, "h100": 450.0, "h200": 450.0, "a100": 300.0}
+KIND_ORDER = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
 def parse_args(argv=None):
@@ -55,8 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--mfu", type=float, default=0.4,
                    help="model FLOPs utilisation for the implied step time (default 0.4)")
     p.add_argument("--chip", default=None,
-                   help=f"peak-FLOPs key for the step time: {sorted(PEAK_TFLOPS)} (default: the --topology's chip; "
-                        f"none with --devices)")
+                   help=f"chip for the step time (peak FLOPs, interconnect bandwidth): {sorted(PEAK_TFLOPS)} "
+                        f"(default: the --topology's chip; none with --devices)")
     return p.parse_args(argv)
 
 
@@ -256,14 +281,15 @@ def main(argv=None) -> int:
     print(f"analytic training FLOPs per token: {flops['train'] / 1e9:.4g} GFLOP (matmuls over "
           f"{flops['matmul_weights'] / 1e9:.4g} B active weights; MLA attention {flops['mla_attention'] / 1e9:.3g}, "
           f"KDA core {flops['kda_core'] / 1e9:.3g} GFLOP); per step {flops['train'] * tokens / 1e15:.4g} PFLOP")
+    key = chip.lower() if chip else None
+    compute_seconds = None
     if chip:
-        key = chip.lower()
         if key not in PEAK_TFLOPS:
             print(f"(no peak FLOPs known for chip {chip!r}; pass --chip one of {sorted(PEAK_TFLOPS)})")
         else:
-            seconds = flops["train"] * tokens / (n * PEAK_TFLOPS[key] * 1e12 * args.mfu)
+            compute_seconds = flops["train"] * tokens / (n * PEAK_TFLOPS[key] * 1e12 * args.mfu)
             print(f"implied step time at {args.mfu:.0%} MFU on {n} x {key} ({PEAK_TFLOPS[key]:.0f} TFLOP/s bf16): "
-                  f"{seconds:.2f} s ({tokens / seconds:,.0f} tokens/s)")
+                  f"{compute_seconds:.2f} s ({tokens / compute_seconds:,.0f} tokens/s)")
     lowered = trainer.step_fn.lower(*step_args)
     t_lower = time.time() - t0
     try:
@@ -286,7 +312,44 @@ def main(argv=None) -> int:
               + ("  [CPU compiler: shape/sharding check, not a TPU/GPU budget]" if platform == "cpu" else ""))
     if cost and "flops" in cost:
         print(f"compiled FLOPs per step per device: {cost['flops'] / 1e12:.4g} TFLOP")
+    print_communication(compiled.as_text(), n, platform, compute_seconds, key, args.mfu)
     return 0
+
+
+def human_bytes(n_bytes: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
+def print_communication(hlo_text: str, n: int, platform: str, compute_seconds, chip, mfu: float) -> None:
+    """The collectives of the compiled step (kimi_jax.hlo_collectives) and the step time bound they imply."""
+    from kimi_jax import hlo_collectives
+
+    stats = hlo_collectives.analyze(hlo_text, num_devices=n)
+    gib = 1 << 30
+    print("collectives: " + ", ".join(f"{kind} {stats.bytes[kind] / gib:.2f} GiB" for kind in KIND_ORDER))
+    sources = {s: sum(loop.source == s for loop in stats.loops) for s in ("xla", "derived", "unknown")}
+    print("collective ops per step per device: "
+          + ", ".join(f"{kind} {stats.ops[kind]:,} ({human_bytes(stats.bytes[kind])})" for kind in KIND_ORDER)
+          + f"; {len(stats.loops)} while loops, trip counts: {sources['xla']} from XLA, {sources['derived']} from "
+            f"the loop condition, {sources['unknown']} unknown (counted once)"
+          + ("  [CPU compiler: bf16 collectives run in f32, partitioned XLA:CPU's way; --topology for TPU's]"
+             if platform == "cpu" else ""))
+    if stats.unknown_loops:
+        print("  loops counted once (trip count unknown): "
+              + ", ".join(f"{loop.name} in {loop.computation}" for loop in stats.unknown_loops[:8])
+              + (" ..." if len(stats.unknown_loops) > 8 else ""))
+    if compute_seconds is None or chip not in ICI_GB_PER_S:
+        which = "without a chip" if chip is None else f"for chip {chip!r}"
+        print(f"step time bound: cannot be bounded {which} (pass --chip one of {sorted(ICI_GB_PER_S)} for its peak "
+              f"FLOPs and interconnect bandwidth)")
+        return
+    bandwidth = ICI_GB_PER_S[chip]
+    communication = stats.total_bytes / (bandwidth * 1e9)
+    print(f"step time bound: compute {compute_seconds:.3f} s at {mfu:.0%} MFU, communication {communication:.3f} s "
+          f"({bandwidth:.0f} GB/s per chip), bound {max(compute_seconds, communication):.3f} s")
 
 
 if __name__ == "__main__":

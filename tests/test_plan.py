@@ -1,11 +1,40 @@
 """The AOT planner compiles a scaled-down Kimi-Linear train step on 8 fake CPU devices."""
 
 import json
+import re
 
 import pytest
 
 from experiments import plan
+from kimi_jax import hlo_collectives
 from kimi_jax.config import kimi_linear_48b_a3b, tiny
+
+GIB = r"(\d+\.\d\d) GiB"
+COLLECTIVES_LINE = re.compile(rf"^collectives: all-gather {GIB}, reduce-scatter {GIB}, all-reduce {GIB}, "
+                              rf"all-to-all {GIB}, collective-permute {GIB}$", re.M)
+BOUND_LINE = re.compile(r"^step time bound: compute (\d+\.\d{3}) s at (\d+)% MFU, communication (\d+\.\d{3}) s "
+                        r"\((\d+) GB/s per chip\), bound (\d+\.\d{3}) s$", re.M)
+
+
+def assert_communication_lines(out: str, chip: bool = True):
+    """The two lines scripts read, each exactly once, in their exact form."""
+    assert len(COLLECTIVES_LINE.findall(out)) == 1, out
+    if chip:
+        (compute, mfu, comm, bandwidth, bound), = BOUND_LINE.findall(out)
+        assert float(bound) == max(float(compute), float(comm)) and mfu == "40"
+        return int(bandwidth)
+    assert not BOUND_LINE.search(out)
+    assert "step time bound: cannot be bounded without a chip" in out
+
+
+def run_plan(argv, capsys, monkeypatch):
+    """plan.main in-process -> (rc, stdout, HLO text of the compiled step or None)."""
+    texts = []
+    print_communication = plan.print_communication
+    monkeypatch.setattr(plan, "print_communication",
+                        lambda text, *a: (texts.append(text), print_communication(text, *a)))
+    rc = plan.main(argv)
+    return rc, capsys.readouterr().out, texts[0] if texts else None
 
 
 def test_plan_compiles_a_scaled_config_on_8_devices(tmp_path, capsys):
@@ -17,6 +46,26 @@ def test_plan_compiles_a_scaled_config_on_8_devices(tmp_path, capsys):
     assert rc == 0, out
     assert "on 8 cpu devices" in out and "'fsdp': 4" in out and "'tensor': 2" in out
     assert "compiled FLOPs per step per device" in out and "implied step time" in out
+    assert assert_communication_lines(out) == plan.ICI_GB_PER_S["v5p"] == 600
+
+
+def test_plan_counts_the_collectives_of_an_fsdp_step(capsys, monkeypatch):
+    """tiny on fsdp=8: the parameters are all-gathered for use (and again in the remat'ed backward), inside the layer
+    scans, whose bodies count their trip counts: more than cost analysis' single body."""
+    rc, out, text = run_plan(["--config", "tiny", "--devices", "8", "--mesh", "fsdp=8", "--batch_size", "8",
+                              "--seq_len", "64", "--chip", "v5p"], capsys, monkeypatch)
+    assert rc == 0, out
+    assert_communication_lines(out)
+    stats = hlo_collectives.analyze(text)
+    once = hlo_collectives.analyze(text, multiply_loops=False)
+    assert stats.bytes["all-gather"] > once.bytes["all-gather"] > 0 and stats.bytes["all-reduce"] > 0
+    assert stats.loops and all(loop.source == "xla" for loop in stats.loops)
+    assert max(loop.trips for loop in stats.loops) == 2  # tiny: layers 1-2 are one scanned (kda, moe) segment
+    assert (f"all-gather {stats.ops['all-gather']:,} ({plan.human_bytes(stats.bytes['all-gather'])})" in out
+            and f"{len(stats.loops)} while loops, trip counts: {len(stats.loops)} from XLA" in out)
+    # The bound: communication = every collective byte at the chip's bandwidth.
+    communication = float(BOUND_LINE.search(out).group(3))
+    assert communication == pytest.approx(stats.total_bytes / 600e9, abs=5e-4)
 
 
 def test_plan_compiles_recursive_phase_a_on_8_devices(tmp_path, capsys):
@@ -31,6 +80,7 @@ def test_plan_compiles_recursive_phase_a_on_8_devices(tmp_path, capsys):
     assert rc == 0, out
     assert "recursive phase a: W 64, K 2, 3 windows per sequence" in out
     assert "compiled FLOPs per step per device" in out
+    assert_communication_lines(out)
 
 
 def test_plan_refuses_unbuilt_phases_and_bad_meshes(capsys):
