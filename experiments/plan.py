@@ -22,6 +22,8 @@ separate folder on PYTHONPATH as JAX_NOTES §5 describes). Printed per device:
     max(compute, communication), i.e. perfect overlap. Without a chip (--devices and no --chip) the time line says
     it cannot be bounded. XLA:CPU runs bf16 collectives in f32 and partitions its own way: for TPU figures compile
     with --topology.
+The recursive stage plans phases a, b (LoRA on the noisy stream) and c (unfrozen blocks, L2-SP) with the step that
+experiments.train builds for them.
 """
 
 from __future__ import annotations
@@ -131,9 +133,13 @@ def analytic_flops_per_token(cfg, seq_len: int) -> dict:
 def recursive_flops_per_token(flops: dict, rcfg, windows: int, seq_len: int, remat: bool) -> dict:
     """Phase A: one clean forward (no backward), then K window passes over N (W + 1) window tokens per sequence,
     each with an activation-only backward (~1 forward: no weight gradients of the frozen base) and, with remat, one
-    recomputed forward. The sidecar's own matmuls (~0.1% of the base) are left out."""
+    recomputed forward. The sidecar's own matmuls (~0.1% of the base) are left out. Phase B adds only LoRA's rank-r
+    matmuls (left out too). Phase C trains blocks in the clean stream as well: its clean forward gets a full
+    backward (2 forwards, an upper bound: layers below the lowest unfrozen block need none); the weight gradients of
+    the unfrozen blocks in the window passes are left out."""
     window_tokens = windows * (rcfg.chunk_width + (1 if rcfg.use_latent_token else 0)) / seq_len
-    factor = 1 + rcfg.max_inner_steps * window_tokens * (2 + (1 if remat else 0))
+    clean = 3 if rcfg.phase == "c" else 1
+    factor = clean + rcfg.max_inner_steps * window_tokens * (2 + (1 if remat else 0))
     scale = factor / 3  # the vanilla entries count forward x 3
     return dict(flops, train=factor * flops["forward"], mla_attention=scale * flops["mla_attention"],
                 kda_core=scale * flops["kda_core"], recursive_factor=factor, window_tokens_per_token=window_tokens)
@@ -169,10 +175,6 @@ def main(argv=None) -> int:
     if args.stage == "recursive":
         from kimi_jax.recursive.config import RecursiveConfigError, resolve
 
-        if args.phase != "a":
-            print(f"error: --stage recursive --phase {args.phase}: only phase a (frozen base, sidecar trained) is "
-                  "built so far; phases b/c come with the training issue", file=sys.stderr)
-            return 2
         try:
             rcfg = resolve(args.recursive_config or f"phase_{args.phase}")
             changes = {k: v for k, v in (("chunk_width", args.chunk_width), ("max_inner_steps", args.max_inner_steps))
@@ -241,14 +243,23 @@ def main(argv=None) -> int:
         from kimi_jax.recursive.sidecar import build_sidecar
         from kimi_jax.recursive.train_step import build_recursive_trainer, make_recursive_optimizer
 
-        try:
+        try:  # what experiments.train checks before it builds the step (one error line each)
             windows = num_windows(args.seq_len, rcfg.chunk_width, cfg.kda_chunk_size)
+            rcfg.refined_layers(cfg.num_hidden_layers)
+            if rcfg.uses_lora:
+                rcfg.lora_layer_indices(cfg.num_hidden_layers)
+            if rcfg.phase == "c" and not rcfg.unfrozen_layer_indices(cfg.mixer_types):
+                raise ValueError(f"recursive phase c: unfreeze_layers {rcfg.to_dict()['unfreeze_layers']} selects no "
+                                 f"layer of this {cfg.num_hidden_layers}-layer model; set unfreeze_layers in the "
+                                 f"recursive config (a list of layer indices, every_4th or mla)")
             sidecar = nnx.eval_shape(lambda: build_sidecar(cfg, rcfg))
+            # The step experiments.train runs for this phase: LoRA in the sidecar from phase b, the unfrozen blocks
+            # of phase c in the trainable tree (sharded like the base, their AdamW state too).
+            trainer, frozen, params, opt_state = build_recursive_trainer(
+                model, sidecar, rcfg, make_recursive_optimizer(rcfg), mesh, args.batch_size, opts=opts)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
-        trainer, frozen, params, opt_state = build_recursive_trainer(
-            model, sidecar, rcfg, make_recursive_optimizer(rcfg), mesh, args.batch_size, opts=opts)
         batch = {k: jax.ShapeDtypeStruct((args.batch_size, args.seq_len), dt, sharding=trainer.batch_sharding)
                  for k, dt in (("input_ids", jnp.int32), ("weights", jnp.float32))}
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -270,12 +281,20 @@ def main(argv=None) -> int:
     if rcfg is None:
         print(f"per device: parameters + AdamW state {size(state_bytes)} (exact, from the shardings)")
     else:
+        side_params = sum(x.size for x in jax.tree.leaves(params["sidecar"]))
+        lora = ", LoRA on the noisy stream included" if rcfg.uses_lora else ""
+        if "base" in params:
+            base_note = (f"base blocks of layers {list(rcfg.unfrozen_layer_indices(cfg.mixer_types))} trained: "
+                         f"{sum(x.size for x in jax.tree.leaves(params['base'])) / 1e6:.4g} M params in stacked "
+                         f"leaves (sharded, AdamW, other rows masked), the rest frozen")
+        else:
+            base_note = "base frozen"
         print(f"recursive phase {rcfg.phase}: W {rcfg.chunk_width}, K {rcfg.max_inner_steps}, {windows} windows per "
-              f"sequence; sidecar {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.4g} M params (replicated, "
-              f"AdamW), base frozen")
-        print(f"per device: frozen base + sidecar + its AdamW state {size(state_bytes)} (exact, from the shardings)")
+              f"sequence; sidecar {side_params / 1e6:.4g} M params (replicated, AdamW{lora}), {base_note}")
+        print(f"per device: base + trainable + AdamW state {size(state_bytes)} (exact, from the shardings)")
     if rcfg is not None:
-        print(f"analytic recursive FLOPs per token: clean forward + K x (window forward + activation backward"
+        clean = "clean forward + backward" if rcfg.phase == "c" else "clean forward"
+        print(f"analytic recursive FLOPs per token: {clean} + K x (window forward + activation backward"
               f"{' + remat' if args.remat else ''}) over {flops['window_tokens_per_token']:.3f} window tokens per "
               f"token = {flops['recursive_factor']:.3g} x the forward")
     print(f"analytic training FLOPs per token: {flops['train'] / 1e9:.4g} GFLOP (matmuls over "

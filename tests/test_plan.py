@@ -83,10 +83,36 @@ def test_plan_compiles_recursive_phase_a_on_8_devices(tmp_path, capsys):
     assert_communication_lines(out)
 
 
-def test_plan_refuses_unbuilt_phases_and_bad_meshes(capsys):
+@pytest.mark.parametrize("phase", ["b", "c"])
+def test_plan_compiles_recursive_phases_b_and_c_on_8_devices(phase, capsys, monkeypatch):
+    """Phases b (LoRA on the noisy stream) and c (the every_4th block, here layer 3, trained with L2-SP) compile
+    with the step experiments.train builds; their inner-step scans count K times. Phase b without --chip: the
+    collectives line still, and no time bound."""
+    chip = ["--chip", "v5p"] if phase == "c" else []
+    rc, out, text = run_plan(["--config", "tiny", "--mesh", "fsdp=8", "--devices", "8", "--batch_size", "8",
+                              "--seq_len", "128", "--stage", "recursive", "--phase", phase, "--chunk_width", "64",
+                              "--max_inner_steps", "2", *chip], capsys, monkeypatch)
+    assert rc == 0, out
+    assert f"recursive phase {phase}: W 64, K 2, 1 windows per sequence" in out
+    assert "LoRA on the noisy stream included" in out
+    assert ("base blocks of layers [3] trained" in out) == (phase == "c") and ("base frozen" in out) == (phase == "b")
+    assert "compiled FLOPs per step per device" in out
+    assert_communication_lines(out, chip=phase == "c")
+    stats = hlo_collectives.analyze(text)
+    assert stats.bytes["all-gather"] > 0 and 2 in {loop.trips for loop in stats.loops}
+
+
+def test_plan_refuses_bad_recursive_setups_and_bad_meshes(tmp_path, capsys):
     assert plan.main(["--config", "tiny", "--devices", "8", "--batch_size", "8", "--seq_len", "64",
                       "--stage", "recursive", "--phase", "b"]) == 2
-    assert "only phase a" in capsys.readouterr().err
+    assert "seq_len 64 holds no window of width 128" in capsys.readouterr().err
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny(num_hidden_layers=3, mla_layers=(2,)).to_hf_dict()))
+    assert plan.main(["--config", str(config), "--devices", "8", "--batch_size", "8", "--seq_len", "128",
+                      "--stage", "recursive", "--phase", "c", "--chunk_width", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: recursive phase c: unfreeze_layers every_4th selects no layer of this 3-layer "
+                          "model") and "\n" not in err
     assert plan.main(["--config", "tiny", "--devices", "8", "--batch_size", "8", "--seq_len", "64",
                       "--stage", "recursive", "--chunk_width", "100"]) == 2
     assert "chunk_width" in capsys.readouterr().err
