@@ -49,7 +49,7 @@ class RunOptions:
     # each with zeros, then writes it slice by slice) and fusion across layers, so faster steps on small models
     # (bench train on CPU: 2,545 -> 2,285 ms); compile time grows with the depth, so deep models keep the scan.
     unroll_layers: bool = False
-    moe_dispatch: str = "auto"  # "auto" | "ragged" | "tiled" | "dense" (identical maths)
+    moe_dispatch: str = "auto"  # "auto" | "gmm" | "ragged" | "tiled" | "dense" (identical maths; layers/moe.py)
     # Sharding of the [B, T, D] hidden states between layers (batch over the data-parallel mesh axes). Without it
     # GSPMD may follow the fsdp-sharded embedding table and replicate the whole batch on every device.
     activation_sharding: Any = None

@@ -149,6 +149,23 @@ def wait_for(predicate, proc, log, timeout=RUN_TIMEOUT, what=""):
         time.sleep(0.005)
 
 
+def stop_and_resume(work, args, devices: int) -> subprocess.CompletedProcess:
+    """SIGTERM once step_10 is saved (a graceful stop), then the same command again: it resumes and finishes."""
+    from kimi_jax.training.checkpoints import is_complete, step_folder
+
+    out = args[args.index("--output_dir") + 1]
+    log = str(work["root"] / f"{os.path.basename(out)}_stopped.log")
+    with open(log, "w") as f:
+        first = subprocess.Popen(command(*args), cwd=REPO, env=env_for(work, devices), stdout=f, stderr=f)
+    wait_for(lambda: is_complete(step_folder(out, 10)), first, log, what="checkpoint step_10")
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=RUN_TIMEOUT)
+    stopped_at = max(r["step"] for r in train_records(out))
+    result = run_cli(work, args, devices)
+    result.stopped_at = stopped_at
+    return result
+
+
 def kill_and_resume(work, reference) -> dict:
     """SIGKILL after step_10 exists, resume; SIGTERM a few steps later (graceful stop + checkpoint), resume again."""
     from kimi_jax.training.checkpoints import is_complete, step_folder
@@ -185,8 +202,9 @@ def runs(work):
         "rec_a": lambda: run_cli(work, recursive_args(work, str(root / "rec_a"), "a", "orbax", "--num_steps", 30,
                                                       "--eval_interval", 15, "--save_interval", 10)),
         "vanilla": lambda: run_cli(work, vanilla_args(work, str(root / "vanilla"))),
-        "sharded": lambda: run_cli(work, vanilla_args(work, str(root / "sharded"), "--mesh", "fsdp=8",
-                                                      "--eval_interval", 0), devices=8),
+        # Expert parallelism (experts over `expert`, tokens by all-to-all): stopped after step 10, resumed to 30.
+        "sharded": lambda: stop_and_resume(work, vanilla_args(work, str(root / "sharded"), "--mesh",
+                                                              "data=2,expert=4", "--eval_interval", 0), devices=8),
         "rec_b": lambda: run_cli(work, recursive_args(work, str(root / "rec_b"), "b", "hf", "--num_steps", 4,
                                                       "--eval_interval", 0, "--save_interval", 2, "--remat")),
         "rec_c": lambda: run_cli(work, recursive_args(work, str(root / "rec_c"), "c", "hf", "--num_steps", 4,
@@ -289,9 +307,10 @@ def test_vanilla_checkpoints_are_complete_model_folders(runs, work):
     assert len(changed_keys(hf_params(work), trained)) > 0.9 * len(trained)  # full fine-tuning moved everything
 
 
-def test_sharded_run_matches_the_single_device_run(runs, work):
+def test_expert_parallel_run_resumes_and_matches_the_single_device_run(runs, work):
     finished(runs, "vanilla")
     finished(runs, "sharded")
+    assert 10 <= runs["sharded"].result().stopped_at < 30, "the first run was not stopped part-way"
     single, sharded = train_records(str(work["root"] / "vanilla")), train_records(str(work["root"] / "sharded"))
     assert [r["step"] for r in sharded] == list(range(1, 31))
     np.testing.assert_allclose([r["loss"] for r in sharded], [r["loss"] for r in single], rtol=1e-4)
@@ -299,7 +318,7 @@ def test_sharded_run_matches_the_single_device_run(runs, work):
     from kimi_jax.training.checkpoints import read_train_state
 
     state = read_train_state(os.path.join(str(work["root"] / "sharded"), "step_30"))
-    assert state["mesh"]["fsdp"] == 8 and state["devices"] == 8
+    assert state["mesh"]["data"] == 2 and state["mesh"]["expert"] == 4 and state["devices"] == 8
 
 
 def test_restricted_groups_and_a_non_finite_loss_stop_the_run_cleanly(runs, work):

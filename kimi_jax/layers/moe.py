@@ -7,16 +7,23 @@ Routing: s = sigmoid(x W_r) in fp32; experts are *selected* by s + correction_bi
 the unbiased s at the selected experts (transformers/vLLM), or the biased ones with
 `router_weights_use_correction_bias` (the hub remote code's aliasing), renormalised, times routed_scaling_factor.
 
-Three dispatches compute the same thing:
-  * "ragged": assignments sorted by expert, `jax.lax.ragged_dot` grouped matmuls, scattered back (GPU/TPU);
+Four dispatches compute the same thing:
+  * "gmm": assignments sorted by expert, grouped matmuls from maintained kernels (`ops.grouped_matmul`: megablox
+    on TPU, tokamax on GPU when installed, megablox in Pallas interpret mode on CPU), scattered back;
+  * "ragged": the same with `jax.lax.ragged_dot` (on TPU its weight gradient is a dense convolution over every
+    expert: ~G/2 times the grouped kernels' backward in our TPU compiles);
   * "tiled": assignments sorted by expert, each expert's group padded to whole tiles of rows, one batched matmul
     over the tiles with each tile's expert weights (the block-sparse form of grouped GEMM). Only the routed rows
     plus at most one partial tile per expert are computed; on CPU it is ~3x faster than "dense" for a training
     step of 8 experts top-2 and ragged_dot is slower than both there;
   * "dense": every expert on every token, combined with the (mostly zero) routing weights: E / k times the routed
     FLOPs; the plainest form, and the cheapest when E / k is small.
-"auto" picks ragged off CPU; on CPU, tiled when it touches fewer expert matrices (decode: top-k of E) or computes
+"auto" picks gmm off CPU; on CPU, tiled when it touches fewer expert matrices (decode: top-k of E) or computes
 fewer rows than dense, else dense.
+
+Expert parallelism: given the activations' sharding on a mesh whose `expert` axis divides E, the experts stay
+split over that axis and routed rows travel to them by all-to-all (`layers/expert_parallel.py`); the dispatch
+above then runs on each device's own experts.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 from kimi_jax.config import KimiLinearConfig
 from kimi_jax.layers.expert_parallel import experts_exchanged, experts_local_then_summed, receive_rows
 from kimi_jax.layers.init import normal_param
+from kimi_jax.ops.expert_exchange import default_emulate
 from kimi_jax.layers.mlp import SwiGLU, swiglu
 from kimi_jax.ops.grouped_matmul import grouped_matmul
 
@@ -74,7 +82,8 @@ def experts_dense(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD
     return jnp.einsum("etd,te->td", out_ETD.astype(F32), combine_TE)
 
 
-def experts_grouped(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, impl: str = "ragged"):
+def experts_grouped(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, impl: str = "ragged",
+                    platform: str | None = None):
     """Assignments sorted by expert, three grouped matmuls (`ops.grouped_matmul`), scattered back to tokens. An
     expert id of E or more marks an assignment to skip: it sorts last, outside every group, and adds nothing."""
     T, k = experts_Tk.shape
@@ -84,9 +93,10 @@ def experts_grouped(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_E
     token_A = order_A // k
     group_sizes_E = jnp.bincount(flat_expert_A, length=E).astype(jnp.int32)
     x_AD = x_TD[token_A]
-    gate_AF = grouped_matmul(x_AD, w_gate_EDF, group_sizes_E, impl=impl)
-    up_AF = grouped_matmul(x_AD, w_up_EDF, group_sizes_E, impl=impl)
-    out_AD = grouped_matmul(jax.nn.silu(gate_AF) * up_AF, w_down_EFD, group_sizes_E, impl=impl)
+    matmul = functools.partial(grouped_matmul, impl=impl, platform=platform)
+    gate_AF = matmul(x_AD, w_gate_EDF, group_sizes_E)
+    up_AF = matmul(x_AD, w_up_EDF, group_sizes_E)
+    out_AD = matmul(jax.nn.silu(gate_AF) * up_AF, w_down_EFD, group_sizes_E)
     weighted_AD = out_AD.astype(F32) * weights_Tk.reshape(-1)[order_A][:, None]
     return jax.ops.segment_sum(weighted_AD, token_A, num_segments=T)
 
@@ -95,8 +105,9 @@ def experts_ragged(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EF
     return experts_grouped(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, impl="ragged")
 
 
-def experts_gmm(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD):
-    return experts_grouped(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, impl="gmm")
+def experts_gmm(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, platform: str | None = None):
+    return experts_grouped(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, impl="gmm",
+                           platform=platform)
 
 
 def tile_rows(num_assignments: int, num_experts: int) -> int:
@@ -163,13 +174,20 @@ def expert_parallel_size(mesh, num_experts: int) -> int:
     return ep if ep > 1 and num_experts % ep == 0 else 1
 
 
-def resolve_dispatch(dispatch: str, num_experts: int, num_tokens: int | None = None, top_k: int = 1) -> str:
+def target_platform(mesh) -> str:
+    """The platform a program runs on: the mesh's devices' (a TPU topology compiled from a CPU host is "tpu"), else
+    JAX's default backend."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def resolve_dispatch(dispatch: str, num_experts: int, num_tokens: int | None = None, top_k: int = 1,
+                     platform: str | None = None) -> str:
     """The concrete dispatch for "auto" (others pass through). Without a token count, CPU resolves to tiled."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"moe dispatch {dispatch!r} is not one of {DISPATCHES}")
     if dispatch != "auto":
         return dispatch
-    if jax.default_backend() != "cpu":
+    if (platform or jax.default_backend()) != "cpu":
         return "gmm"
     if num_tokens is None:
         return "tiled"
@@ -207,18 +225,22 @@ class MoE(nnx.Module):
         mesh = token_sharding.mesh if token_sharding is not None else None
         token_axes = _axes(token_sharding.spec[0]) if token_sharding is not None else ()
         ep = expert_parallel_size(mesh, E)
+        platform = target_platform(mesh)
         if ep > 1:
             tokens_here = B * T // math.prod(mesh.shape[a] for a in token_axes)
             if EXPERT_AXIS in token_axes:  # rows received on one device: the worst-case buffer
                 rows, experts_here, k = receive_rows(tokens_here, self.top_k, ep, E // ep), E // ep, 1
             else:
                 rows, experts_here, k = tokens_here, E // ep, self.top_k
-            kind = resolve_dispatch(dispatch or self.dispatch, experts_here, rows, k)
+            kind = resolve_dispatch(dispatch or self.dispatch, experts_here, rows, k, platform)
         else:
-            kind = resolve_dispatch(dispatch or self.dispatch, E, B * T, self.top_k)
+            kind = resolve_dispatch(dispatch or self.dispatch, E, B * T, self.top_k, platform)
         run = DISPATCH_FUNCTIONS[kind]
+        if kind == "gmm":
+            run = functools.partial(run, platform=platform)
         if ep > 1 and EXPERT_AXIS in token_axes:
-            run = functools.partial(experts_exchanged, run=run, axis=EXPERT_AXIS, devices=ep)
+            run = functools.partial(experts_exchanged, run=run, axis=EXPERT_AXIS, devices=ep,
+                                    emulate=default_emulate(platform))
         elif ep > 1:
             run = functools.partial(experts_local_then_summed, run=run, axis=EXPERT_AXIS)
 

@@ -110,6 +110,6 @@ def _exchange_bwd(out_rows, axis, emulate, residual, g):
 exchange.defvjp(_exchange_fwd, _exchange_bwd)
 
 
-def default_emulate() -> bool:
+def default_emulate(platform: str | None = None) -> bool:
     """XLA:CPU cannot run ragged-all-to-all (JAX_NOTES §12): emulate it there."""
-    return jax.default_backend() == "cpu"
+    return (platform or jax.default_backend()) == "cpu"

@@ -61,10 +61,9 @@ def megablox_tiling(m: int, k: int, n: int, backend: str) -> tuple[int, int, int
     return (min(TPU_TILE, _round_up(m, MIN_ROW_TILE)), k, n)
 
 
-def _megablox(x_MK, w_GKN, group_sizes_G):
+def _megablox(x_MK, w_GKN, group_sizes_G, backend: str):
     from jax.experimental.pallas.ops.tpu.megablox import ops as megablox_ops
 
-    backend = jax.default_backend()
     M, K = x_MK.shape
     N = w_GKN.shape[2]
     tm, tk, tn = megablox_tiling(M, K, N, backend)
@@ -81,12 +80,16 @@ def _tokamax(x_MK, w_GKN, group_sizes_G, implementation=None):
     return tokamax.ragged_dot(x_MK, w_GKN, group_sizes_G, implementation=implementation)
 
 
-def grouped_matmul(x_MK, w_GKN, group_sizes_G, *, impl: str = "gmm"):
-    """x [M, K] rows sorted by group, w [G, K, N], group_sizes int32 [G] (sum <= M) -> [M, N] in x's dtype."""
+def grouped_matmul(x_MK, w_GKN, group_sizes_G, *, impl: str = "gmm", platform: str | None = None):
+    """x [M, K] rows sorted by group, w [G, K, N], group_sizes int32 [G] (sum <= M) -> [M, N] in x's dtype.
+
+    `platform`: the platform the program is compiled for ("cpu", "gpu", "tpu"; default JAX's backend), which
+    differs from JAX's backend when compiling ahead of time for a TPU topology from a CPU host."""
     if impl not in IMPLS:
         raise ValueError(f"grouped matmul impl {impl!r} is not one of {IMPLS}")
+    platform = platform or jax.default_backend()
     if impl == "gmm":
-        impl = gmm_backend()
+        impl = gmm_backend(platform)
     group_sizes_G = group_sizes_G.astype(jnp.int32)
     if impl == "ragged":
         return jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G)
@@ -95,8 +98,7 @@ def grouped_matmul(x_MK, w_GKN, group_sizes_G, *, impl: str = "gmm"):
     filled_M = (jnp.arange(x_MK.shape[0]) < jnp.sum(group_sizes_G))[:, None]
     x_MK = jnp.where(filled_M, x_MK, jnp.zeros((), x_MK.dtype))
     if impl == "tokamax":
-        out = _tokamax(x_MK, w_GKN, group_sizes_G,
-                       implementation="xla" if jax.default_backend() == "cpu" else None)
+        out = _tokamax(x_MK, w_GKN, group_sizes_G, implementation="xla" if platform == "cpu" else None)
     else:
-        out = _megablox(x_MK, w_GKN, group_sizes_G)
+        out = _megablox(x_MK, w_GKN, group_sizes_G, platform)
     return jnp.where(filled_M, out, jnp.zeros((), out.dtype)).astype(x_MK.dtype)
