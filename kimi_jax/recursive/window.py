@@ -36,9 +36,9 @@ class WindowOut(NamedTuple):
     length_BL: jax.Array | None  # commit-length logits over 0..W
 
 
-def embed_draft(model: KimiLinearForCausalLM, sidecar: Sidecar, ids_BW):
+def embed_draft(model: KimiLinearForCausalLM, sidecar: Sidecar, ids_BW, activation_sharding=None):
     """Token embeddings, with the [M] embedding wherever a draft holds MASK_ID."""
-    embeds = model.embed(jnp.maximum(ids_BW, 0))
+    embeds = model.embed(jnp.maximum(ids_BW, 0), activation_sharding)
     if sidecar.mask_embed is None:
         return embeds
     return jnp.where((ids_BW == MASK_ID)[..., None], sidecar.mask_embed[...].astype(embeds.dtype), embeds)
@@ -53,7 +53,7 @@ def window_pass(model: KimiLinearForCausalLM, sidecar: Sidecar, cache: dict, x_l
                 gate=1.0, opts: RunOptions = RunOptions()) -> WindowOut:
     """Run one window from the snapshot `cache` with the refine edits (scaled by the runtime scalar `gate`)."""
     W = draft_BW.shape[1]
-    embeds_BSD = embed_draft(model, sidecar, window_inputs(x_last_B, draft_BW))
+    embeds_BSD = embed_draft(model, sidecar, window_inputs(x_last_B, draft_BW), opts.activation_sharding)
     if sidecar.num_slots > W:  # [Z] after every window position: nothing attends to it
         z_tok_BD = sidecar.latent_token_embed(z_BSZ).astype(embeds_BSD.dtype)
         embeds_BSD = jnp.concatenate([embeds_BSD, z_tok_BD[:, None]], axis=1)
@@ -102,7 +102,7 @@ def refine_step(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg: RecursiveC
     """Inner step k (0-based): update z from the previous step (TRM's z update), then run the window (the full-depth
     "answer" update). The mixer runs *inside* step k, so its parameters are trained by step k's losses even though
     the carry between steps is stop-gradiented. Returns (WindowOut, proposal_BW, z used, confidence_BW3)."""
-    draft_embeds = embed_draft(model, sidecar, carry.draft_BW)
+    draft_embeds = embed_draft(model, sidecar, carry.draft_BW, opts.activation_sharding)
     z_BSZ = sg(carry.z_BSZ)
     for _ in range(rcfg.latent_cycles):
         z_BSZ = sidecar.mix(z_BSZ, sg(carry.h_top_BSD), draft_embeds, sg(carry.conf_BW3), k)
@@ -112,8 +112,10 @@ def refine_step(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg: RecursiveC
     return out, proposal_BW, z_BSZ, confidence_features(out.logits_BWV)
 
 
-def initial_z(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg: RecursiveConfig, draft_BW):
-    draft_embeds = embed_draft(model, sidecar, draft_BW) if rcfg.z_init == "draft" else None
+def initial_z(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg: RecursiveConfig, draft_BW,
+              activation_sharding=None):
+    draft_embeds = (embed_draft(model, sidecar, draft_BW, activation_sharding) if rcfg.z_init == "draft"
+                    else None)
     return sidecar.initial_z(draft_BW.shape[0], draft_embeds)
 
 
@@ -129,7 +131,7 @@ def refine_scan(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg: RecursiveC
     "per_step": stacked per_step outputs}.
     """
     K = rcfg.max_inner_steps
-    z_init = initial_z(model, sidecar, rcfg, draft_BW)
+    z_init = initial_z(model, sidecar, rcfg, draft_BW, opts.activation_sharding)
 
     def body(carry: StepCarry, k):
         out, proposal, z, conf = refine_step(model, sidecar, rcfg, cache, x_last_B, carry, k, z_init, gate=gate,
