@@ -49,11 +49,12 @@ def test_plan_compiles_a_scaled_config_on_8_devices(tmp_path, capsys):
     assert assert_communication_lines(out) == plan.ICI_GB_PER_S["v5p"] == 600
 
 
-def test_plan_counts_the_collectives_of_an_fsdp_step(capsys, monkeypatch):
+def test_plan_counts_the_collectives_of_an_fsdp_step(tmp_path, capsys, monkeypatch):
     """tiny on fsdp=8: the parameters are all-gathered for use (and again in the remat'ed backward), inside the layer
-    scans, whose bodies count their trip counts: more than cost analysis' single body."""
-    rc, out, text = run_plan(["--config", "tiny", "--devices", "8", "--mesh", "fsdp=8", "--batch_size", "8",
-                              "--seq_len", "64", "--chip", "v5p"], capsys, monkeypatch)
+    scans, whose bodies count their trip counts: more than cost analysis' single body. Two more scanned layers add
+    exactly two more bodies."""
+    argv = ["--devices", "8", "--mesh", "fsdp=8", "--batch_size", "8", "--seq_len", "64"]
+    rc, out, text = run_plan(["--config", "tiny", *argv, "--chip", "v5p"], capsys, monkeypatch)
     assert rc == 0, out
     assert_communication_lines(out)
     stats = hlo_collectives.analyze(text)
@@ -66,6 +67,16 @@ def test_plan_counts_the_collectives_of_an_fsdp_step(capsys, monkeypatch):
     # The bound: communication = every collective byte at the chip's bandwidth.
     communication = float(BOUND_LINE.search(out).group(3))
     assert communication == pytest.approx(stats.total_bytes / 600e9, abs=5e-4)
+    # tiny is (kda, dense), (kda, moe) x 2 scanned, (mla, moe); with 6 layers the scan runs 4 times.
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny(num_hidden_layers=6, mla_layers=(5,)).to_hf_dict()))
+    rc, out6, text6 = run_plan(["--config", str(config), *argv], capsys, monkeypatch)
+    assert rc == 0, out6
+    assert_communication_lines(out6, chip=False)
+    deeper = hlo_collectives.analyze(text6)
+    assert max(loop.trips for loop in deeper.loops) == 4
+    body = stats.bytes["all-gather"] - once.bytes["all-gather"]  # every scan body once more (trip count 2)
+    assert deeper.bytes["all-gather"] - stats.bytes["all-gather"] == pytest.approx(2 * body)
 
 
 def test_plan_compiles_recursive_phase_a_on_8_devices(tmp_path, capsys):
