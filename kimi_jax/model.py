@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from kimi_jax.config import KDA, MOE, KimiLinearConfig
 from kimi_jax.layers.init import normal_param
@@ -28,7 +27,7 @@ from kimi_jax.layers.mlp import SwiGLU
 from kimi_jax.layers.moe import MoE
 from kimi_jax.layers.norms import RMSNorm
 from kimi_jax.layout import Segment, plan_segments
-from kimi_jax.sharding import Resolver
+from kimi_jax.sharding import gathered_for_use
 
 F32 = jnp.float32
 
@@ -169,11 +168,7 @@ class KimiLinearForCausalLM(nnx.Module):
         embed-sharded, and GSPMD cannot bring their cotangents from the batch sharding back to that without
         replicating them whole (its "Involuntary full rematerialization", on meshes that split the batch over
         more axes than the weights, e.g. fsdp=2,expert=4 or data=2,fsdp=4)."""
-        table_VD = self.embed_tokens[...]
-        if activation_sharding is not None:
-            mesh = activation_sharding.mesh
-            vocab_only = Resolver(mesh).spec(("vocab", None), table_VD.shape)
-            table_VD = jax.lax.with_sharding_constraint(table_VD, NamedSharding(mesh, vocab_only))
+        table_VD = gathered_for_use(self.embed_tokens[...], ("vocab", None), activation_sharding)
         return jnp.take(table_VD, input_ids_BT, axis=0)
 
     def hidden_states(self, input_ids_BT=None, *, embeds_BTD=None, cache=None, attention_mask=None,

@@ -211,5 +211,27 @@ def model_shardings(model, mesh: Mesh, resolver: Resolver | None = None):
     return state_shardings(nnx.state(model), mesh, resolver)
 
 
+def gathered_for_use(x, logical: Sequence[str | None], activation_sharding):
+    """FSDP's gather-before-use, made explicit: `x` constrained to the sharding of `logical` (the dims that stay
+    sharded while it is used, e.g. the vocab over `tensor`; the rest whole) on the activations' mesh. Used where
+    GSPMD, left alone, keeps a weight fsdp-sharded into its use and then moves activations instead: the token
+    embedding (its cotangents replicated whole on meshes splitting the batch over more axes than the weights) and
+    the LM head inside the chunked loss (gathered, and its gradient all-reduced, once per chunk). A no-op without a
+    mesh."""
+    if activation_sharding is None:
+        return x
+    mesh = activation_sharding.mesh
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, Resolver(mesh).spec(logical, x.shape)))
+
+
+def batch_shards(activation_sharding) -> int:
+    """How many ways the activations' batch (dim 0) is split; 1 without a mesh."""
+    if activation_sharding is None:
+        return 1
+    entry = activation_sharding.spec[0] if activation_sharding.spec else None
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(activation_sharding.mesh.shape[a] for a in axes)
+
+
 def explain(resolver: Resolver) -> list[str]:
     return [f"{where} dim {dim} ({name}): replicated, {reason}" for where, name, dim, reason in resolver.dropped]
