@@ -54,6 +54,7 @@ KIND_ORDER = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "colle
 
 def parse_args(argv=None):
     from kimi_jax.config import PRESETS
+    from kimi_jax.layers.moe import DISPATCHES
 
     p = argparse.ArgumentParser(prog="python -m experiments.plan", description=__doc__.split("\n\n")[0],
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -77,6 +78,8 @@ def parse_args(argv=None):
                    help="recursive stage: inner steps K (default: the recursive config's)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="parameter dtype (default bfloat16)")
+    p.add_argument("--moe_dispatch", choices=DISPATCHES, default="auto",
+                   help="MoE expert dispatch (default auto: grouped-matmul kernels on TPU/GPU, see kimi_jax/layers/moe.py)")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
                    help="remat each layer cycle (default on)")
     p.add_argument("--mfu", type=float, default=0.4,
@@ -230,7 +233,7 @@ def main(argv=None) -> int:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     t0 = time.time()
     model = nnx.eval_shape(lambda: KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    opts = RunOptions(remat=args.remat, moe_dispatch="ragged")
+    opts = RunOptions(remat=args.remat, moe_dispatch=args.moe_dispatch)
     flops = analytic_flops_per_token(cfg, args.seq_len)
     if rcfg is None:
         trainer, params, opt_state = build_trainer(model, make_optimizer(1e-5), mesh, args.batch_size, opts=opts)
