@@ -53,7 +53,8 @@ def test_plan_counts_the_collectives_of_an_fsdp_step(tmp_path, capsys, monkeypat
     """tiny on fsdp=8: the parameters are all-gathered for use (and again in the remat'ed backward), inside the layer
     scans, whose bodies count their trip counts: more than cost analysis' single body. Two more scanned layers add
     exactly two more bodies."""
-    argv = ["--devices", "8", "--mesh", "fsdp=8", "--batch_size", "8", "--seq_len", "64"]
+    # ragged_dot: the only loops are then the layer scans (CPU's default tiled dispatch adds binary searches).
+    argv = ["--devices", "8", "--mesh", "fsdp=8", "--batch_size", "8", "--seq_len", "64", "--moe_dispatch", "ragged"]
     rc, out, text = run_plan(["--config", "tiny", *argv, "--chip", "v5p"], capsys, monkeypatch)
     assert rc == 0, out
     assert_communication_lines(out)
