@@ -510,6 +510,65 @@ def bench_decode(args) -> None:
         print(f"{L:>7} {row[0] * 1e6:>9.0f}us {row[1] * 1e6:>9.0f}us {analytic / 1e6:>18.2f} MFLOP", flush=True)
 
 
+def median_time(fn, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of `fn()` (which must block until done) over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_moe(args) -> None:
+    """One MoE layer at a config's shape (default the 48B's), every dispatch, forward and forward + backward (input
+    and every weight's gradient), on whatever device JAX has; each dispatch's output checked against dense."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kimi_jax.config import get_preset
+    from kimi_jax.layers.moe import MoE
+    from kimi_jax.ops.grouped_matmul import gmm_backend
+
+    cfg = get_preset(args.config)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    T, D, E, F, k = args.tokens, cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.num_experts_per_token
+    layer = MoE(cfg, rngs=nnx.Rngs(0), dtype=dtype)
+    graphdef, params = nnx.split(layer)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, T, D)), dtype)
+    ct = jnp.asarray(rng.standard_normal((1, T, D)), dtype)
+    device = jax.devices()[0]
+    routed = 2 * T * k * D * F * 3 + 2 * T * D * F * cfg.num_shared_experts * 3  # routed + shared experts, forward
+    print(f"MoE layer of {args.config}: T {T}, D {D}, E {E}, F {F}, top-{k}, {cfg.num_shared_experts} shared; "
+          f"{args.dtype}; {device.platform} ({getattr(device, 'device_kind', '?')}); gmm runs {gmm_backend()}")
+    print(f"{'dispatch':<8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd TFLOP/s':>12} {'max|out - dense| / max|dense|':>31}")
+
+    def fwd(d):
+        return jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, d, None))
+
+    def fwd_bwd(d):
+        return jax.jit(jax.grad(lambda p, x: jnp.sum((nnx.merge(graphdef, p)(x, d, None) * ct).astype(jnp.float32)),
+                                argnums=(0, 1)))
+
+    dense = fwd("dense")(params, x).astype(jnp.float32)
+    scale = float(jnp.abs(dense).max())
+    for d in args.dispatches.split(","):
+        f, g = fwd(d), fwd_bwd(d)
+        try:
+            err = float(jnp.abs(f(params, x).astype(jnp.float32) - dense).max()) / scale
+            t_f = median_time(lambda: jax.block_until_ready(f(params, x)), args.repeats)
+            t_fb = median_time(lambda: jax.block_until_ready(g(params, x)), args.repeats)
+        except Exception as e:  # one dispatch failing on this device should not hide the others' figures
+            print(f"{d:<8} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        print(f"{d:<8} {t_f * 1e3:>9.3f} {t_fb * 1e3:>11.3f} {routed / t_f / 1e12:>12.1f} {err:>31.2e}")
+    print("TFLOP/s counts the routed work only (top-k experts per token + shared), whatever the dispatch computes")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -523,6 +582,12 @@ def main(argv=None) -> int:
     d = sub.add_parser("decode", help="greedy decode tokens/s vs transformers generate; per-layer cost vs context")
     d.add_argument("--contexts", default="1024,4096,16384")
     d.add_argument("--tiny", action="store_true")
+    m = sub.add_parser("moe", help="one MoE layer, every dispatch, forward and forward + backward")
+    m.add_argument("--config", default="kimi-linear-48b-a3b", help="preset whose MoE shape to use")
+    m.add_argument("--tokens", type=int, default=4096, help="tokens per call (default 4096)")
+    m.add_argument("--dispatches", default="gmm,ragged,tiled,dense")
+    m.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    m.add_argument("--repeats", type=int, default=10, help="timed runs per figure, median (default 10)")
     a = sub.add_parser("all", help="kda, train, decode and convert")
     a.add_argument("--tiny", action="store_true")
     c = sub.add_parser("convert", help="conversion memory and throughput vs loading everything in memory")
@@ -541,6 +606,8 @@ def main(argv=None) -> int:
         if args.what == "all" or args.tiny:
             args.contexts = "64,128" if args.tiny else "1024,4096,16384"
         bench_decode(args)
+    if args.what == "moe":
+        bench_moe(args)
     if args.what in ("convert", "all"):
         if args.what == "all":
             args.size_gb, args.workdir, args.keep = (0.05 if args.tiny else 3.0), None, False

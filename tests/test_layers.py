@@ -567,5 +567,8 @@ def test_moe_auto_dispatch_choice():
     assert resolve_dispatch("auto", 2, num_tokens=512, top_k=2) == "dense"
     assert resolve_dispatch("auto", 8, num_tokens=2048, top_k=2) == "tiled"
     assert resolve_dispatch("ragged", 8, num_tokens=1, top_k=2) == "ragged"
+    # The compile target decides, not JAX's backend (a TPU topology compiled from a CPU host is "tpu").
+    assert resolve_dispatch("auto", 256, num_tokens=4096, top_k=8, platform="tpu") == "gmm"
+    assert resolve_dispatch("auto", 256, num_tokens=4096, top_k=8, platform="gpu") == "tiled"
     with pytest.raises(ValueError, match="not one of"):
         resolve_dispatch("sparse", 8)

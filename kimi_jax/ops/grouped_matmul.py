@@ -35,7 +35,7 @@ MIN_ROW_TILE = 8
 def tokamax_available() -> bool:
     try:
         import tokamax  # noqa: F401
-    except ImportError:
+    except Exception:  # not installed, or a version that does not import with this jax
         return False
     return True
 
@@ -76,6 +76,12 @@ def _megablox(x_MK, w_GKN, group_sizes_G, backend: str):
 
 def _tokamax(x_MK, w_GKN, group_sizes_G, implementation=None):
     import tokamax
+    from absl import flags
+
+    # tokamax reads absl flags, which would otherwise parse the host program's own command line and stop at its
+    # first flag (seen: "Unknown command line flag 'tokens'" under `experiments.bench moe --tokens`).
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
     return tokamax.ragged_dot(x_MK, w_GKN, group_sizes_G, implementation=implementation)
 
