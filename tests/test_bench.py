@@ -33,3 +33,15 @@ def test_convert_benchmark_harness_runs_small(tmp_path, capsys):
     out = capsys.readouterr().out
     for text in ("hf_to_orbax (streaming)", "orbax_to_hf (export)", "reference: from_pretrained", "MB/s"):
         assert text in out
+
+
+def test_moe_benchmark_checks_every_dispatch_against_dense(capsys):
+    bench.main(["moe", "--config", "tiny", "--tokens", "64", "--repeats", "1", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("gmm", "ragged", "tiled", "dense")}
+    assert set(rows) == {"gmm", "ragged", "tiled", "dense"}, out
+    for name, cols in rows.items():
+        assert float(cols[1]) > 0 and float(cols[2]) > 0, name  # forward and forward + backward times
+        assert float(cols[-1]) < 1e-5, f"{name} differs from dense: {cols[-1]}"
+    assert "gmm runs megablox" in out  # on CPU: the Pallas TPU kernel in interpret mode
