@@ -166,8 +166,8 @@ def bench_convert(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
-def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
-    """Best wall time of `fn()` over `repeats` runs after `warmup` runs (fn must block until done)."""
+def timings(fn, repeats: int, warmup: int) -> list[float]:
+    """Wall times of `repeats` runs of `fn()` (which must block until done) after `warmup` untimed runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -175,7 +175,12 @@ def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return times
+
+
+def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Best wall time of `fn()` over `repeats` runs after `warmup` runs (fn must block until done)."""
+    return min(timings(fn, repeats, warmup))
 
 
 def matmul_peak_gflops(n: int = 2048) -> float:
@@ -512,14 +517,7 @@ def bench_decode(args) -> None:
 
 def median_time(fn, repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time of `fn()` (which must block until done) over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(timings(fn, repeats, warmup)))
 
 
 def bench_moe(args) -> None:
