@@ -10,9 +10,14 @@ separate folder on PYTHONPATH as JAX_NOTES §5 describes). Printed per device:
   * parameter + optimizer-state bytes, exact from the shardings (what every backend must hold between steps);
   * the compiler's argument / output / temporary / peak figures (TPU-accurate with --topology; the CPU compiler's
     buffer assignment and fusion differ from TPU/GPU, so on CPU read them as shape/sharding checks, not budgets);
-  * compiled FLOPs per step per device, the analytic model FLOPs per token (matmuls + MLA attention + KDA), and the
-    step time implied at a given MFU on a given chip;
-  * the bytes each collective kind moves per device per step, read from the compiled HLO (kimi_jax.hlo_collectives:
+  * the analytic model FLOPs per token (matmuls + MLA attention + KDA) and the step time implied at a given MFU on
+    a given chip;
+  * compiled FLOPs per step per device: XLA's cost analysis (each `while` body once) and kimi_jax.hlo_costs' count of
+    the compiled HLO's matmuls / convolutions plus Pallas kernels' own cost estimates, loop bodies x trip counts,
+    as a ratio to the analytic step (and to the analytic step plus the forward that remat recomputes). megablox's
+    estimates cover its whole row buffer; behind the expert all-to-all that buffer is the dropless worst case, so
+    the total is also given with those kernels at the rows a balanced routing fills;
+  * the bytes each collective kind moves per device per step, read from the compiled HLO (kimi_jax.hlo_costs:
     `while` bodies times their trip counts, so the layer scans and the recursive stage's K-step scan count in full,
     unlike cost analysis), and two lines scripts read (figures per device per step):
       collectives: all-gather X GiB, reduce-scatter X GiB, all-reduce X GiB, all-to-all X GiB, collective-permute X GiB
@@ -36,7 +41,7 @@ import time
 
 PEAK_TFLOPS = {"v5p": 459.0, "v5e": 197.0, "v6e": 918.0, "v4": 275.0, "h100": 989.0, "h200": 989.0, "a100": 312.0}
 # Interconnect bandwidth per chip in GB/s (1e9 bytes/s), ONE direction: what a chip can send (and at the same time
-# receive) per second over all its links, the rate at which the collective bytes of kimi_jax.hlo_collectives (bytes
+# receive) per second over all its links, the rate at which the collective bytes of kimi_jax.hlo_costs (bytes
 # one device receives) can arrive. Vendors quote the bidirectional sum; each figure below is half of it.
 #   v5p: 600. Google Cloud TPU docs, "TPU v5p" page: "Bidirectional inter-chip interconnect (ICI) bandwidth (per
 #        chip) 1200 GBps"; the page's older table gives "Interchip Interconnect BW 4800 Gbps" (= 600 GB/s).
@@ -84,6 +89,8 @@ def parse_args(argv=None):
                    help="remat each layer cycle (default on)")
     p.add_argument("--mfu", type=float, default=0.4,
                    help="model FLOPs utilisation for the implied step time (default 0.4)")
+    p.add_argument("--save_hlo", default=None, metavar="FILE",
+                   help="also write the compiled per-device HLO text there (.gz: gzip), to re-read without compiling")
     p.add_argument("--chip", default=None,
                    help=f"chip for the step time (peak FLOPs, interconnect bandwidth): {sorted(PEAK_TFLOPS)} "
                         f"(default: the --topology's chip; none with --devices)")
@@ -220,7 +227,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    from kimi_jax import sharding
+    from kimi_jax import hlo_costs, sharding
     from kimi_jax.model import KimiLinearForCausalLM, RunOptions
     from kimi_jax.train_step import build_trainer, make_optimizer
 
@@ -332,10 +339,28 @@ def main(argv=None) -> int:
               f"{size(mem.output_size_in_bytes)}, aliased {size(mem.alias_size_in_bytes)}, temporaries "
               f"{size(mem.temp_size_in_bytes)}, peak {size(getattr(mem, 'peak_memory_in_bytes', 0))}"
               + ("  [CPU compiler: shape/sharding check, not a TPU/GPU budget]" if platform == "cpu" else ""))
-    if cost and "flops" in cost:
-        print(f"compiled FLOPs per step per device: {cost['flops'] / 1e12:.4g} TFLOP")
-    print_communication(compiled.as_text(), n, platform, compute_seconds, key, args.mfu)
+    hlo_text = compiled.as_text()
+    if args.save_hlo:
+        save_text(args.save_hlo, hlo_text)
+        print(f"compiled HLO written to {args.save_hlo}")
+    stats = hlo_costs.analyze(hlo_text, num_devices=n)
+    fill = kernel_fill(cfg, mesh, trainer.batch_sharding)
+    # The analytic step counts forward x 3 (the 6ND convention); remat runs the forward a fourth time. The recursive
+    # factor already counts its remat forwards.
+    executed = flops["train"] if rcfg is not None or not args.remat else flops["forward"] * 4
+    print_flops(stats, cost, flops["train"] * tokens / n, fill, executed * tokens / n)
+    print_communication(stats, platform, compute_seconds, key, args.mfu)
     return 0
+
+
+def save_text(path: str, text: str) -> None:
+    """Write text (gzip when the name ends in .gz) through a temporary sibling renamed into place."""
+    import gzip
+
+    from kimi_jax.safe_io import write_bytes_atomic
+
+    data = text.encode()
+    write_bytes_atomic(path, gzip.compress(data) if path.endswith(".gz") else data)
 
 
 def human_bytes(n_bytes: float) -> str:
@@ -345,11 +370,48 @@ def human_bytes(n_bytes: float) -> str:
     return f"{n_bytes:.0f} B"
 
 
-def print_communication(hlo_text: str, n: int, platform: str, compute_seconds, chip, mfu: float) -> None:
-    """The collectives of the compiled step (kimi_jax.hlo_collectives) and the step time bound they imply."""
-    from kimi_jax import hlo_collectives
+def kernel_fill(cfg, mesh, batch_sharding) -> float:
+    """The fraction of the grouped-matmul kernels' row buffers that a balanced routing fills: 1 unless routed rows
+    arrive by the expert all-to-all, whose receive buffer is sized for the dropless worst case."""
+    from kimi_jax.layers.expert_parallel import balanced_fill
+    from kimi_jax.layers.moe import EXPERT_AXIS, expert_parallel_size
+    from kimi_jax.sharding import batch_axes
 
-    stats = hlo_collectives.analyze(hlo_text, num_devices=n)
+    ep = expert_parallel_size(mesh, cfg.num_experts)
+    if ep == 1 or EXPERT_AXIS not in batch_axes(batch_sharding):
+        return 1.0
+    return balanced_fill(cfg.num_experts_per_token, ep, cfg.num_experts // ep)
+
+
+def print_flops(stats, cost, analytic: float, fill: float, executed: float | None = None) -> None:
+    """Compiled FLOPs per device per step: cost analysis (loop bodies once) and the HLO's own matmuls and kernel
+    estimates with loop bodies x trip counts, against the analytic figure (and against what the program must run
+    when remat recomputes the forward: `executed`)."""
+    from kimi_jax.ops.grouped_matmul import MEGABLOX_KERNELS
+
+    tflop = 1e12
+    executed = analytic if executed is None else executed
+    counted = stats.total_flops
+    xla = (f"{cost['flops'] / tflop:.4g} TFLOP by XLA's cost analysis (loop bodies once); "
+           if cost and "flops" in cost else "")
+    kernels = sum(stats.kernel_flops.values())
+    print(f"compiled FLOPs per step per device: {xla}{counted / tflop:.4g} TFLOP with loop bodies x trip counts "
+          f"(matmuls and convolutions {sum(stats.flops.values()) / tflop:.4g}, kernels' own estimates "
+          f"{kernels / tflop:.4g}) = {counted / analytic:.2f} x the analytic {analytic / tflop:.4g} TFLOP")
+    if executed != analytic:
+        print(f"  with the forward that remat recomputes, the analytic step is {executed / tflop:.4g} TFLOP: "
+              f"compiled = {counted / executed:.2f} x that")
+    grouped = sum(v for k, v in stats.kernel_flops.items() if k in MEGABLOX_KERNELS)
+    if grouped and fill < 1:
+        at_fill = counted - grouped * (1 - fill)
+        print(f"  grouped-matmul kernels: {grouped / tflop:.4g} TFLOP estimated over their whole receive buffers "
+              f"(sized for the dropless worst case); they compute only filled rows, {fill:.3g} of the buffer under "
+              f"balanced routing: {at_fill / tflop:.4g} TFLOP = {at_fill / analytic:.2f} x analytic"
+              + (f", {at_fill / executed:.2f} x with the remat forward" if executed != analytic else ""))
+
+
+def print_communication(stats, platform: str, compute_seconds, chip, mfu: float) -> None:
+    """The collectives of the compiled step (kimi_jax.hlo_costs) and the step time bound they imply."""
     gib = 1 << 30
     print("collectives: " + ", ".join(f"{kind} {stats.bytes[kind] / gib:.2f} GiB" for kind in KIND_ORDER))
     sources = {s: sum(loop.source == s for loop in stats.loops) for s in ("xla", "derived", "unknown")}

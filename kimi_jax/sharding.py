@@ -224,13 +224,23 @@ def gathered_for_use(x, logical: Sequence[str | None], activation_sharding):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, Resolver(mesh).spec(logical, x.shape)))
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, an axis name or a tuple of names)."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def batch_axes(activation_sharding) -> tuple[str, ...]:
+    """The mesh axes the activations' batch (dim 0) is split over; () without a mesh."""
+    if activation_sharding is None or not activation_sharding.spec:
+        return ()
+    return spec_axes(activation_sharding.spec[0])
+
+
 def batch_shards(activation_sharding) -> int:
     """How many ways the activations' batch (dim 0) is split; 1 without a mesh."""
-    if activation_sharding is None:
-        return 1
-    entry = activation_sharding.spec[0] if activation_sharding.spec else None
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return math.prod(activation_sharding.mesh.shape[a] for a in axes)
+    return math.prod(activation_sharding.mesh.shape[a] for a in batch_axes(activation_sharding))
 
 
 def explain(resolver: Resolver) -> list[str]:

@@ -47,7 +47,7 @@ def chunked_cross_entropy(h_BTD, head_DV, targets_BT, weights_BT, tokens_per_ste
     if activation_sharding is None:
         return _chunked_cross_entropy(h_BTD, head_DV, targets_BT, weights_BT, tokens_per_step)
     batch = activation_sharding.spec[0] if activation_sharding.spec else None
-    axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
+    axes = shard_lib.batch_axes(activation_sharding)
     rows = P(batch, None)
 
     def local(h_BTD, head_DV, targets_BT, weights_BT):

@@ -102,3 +102,19 @@ def test_experts_that_do_not_divide_the_axis_stay_replicated():
     assert expert_parallel_size(sharding.make_mesh("expert=8"), 12) == 1
     _, layer = make_layer("balanced", num_experts=12)
     compare(layer, "expert=8", "auto", batch(B=8))
+
+
+@pytest.mark.parametrize("k, n, E_loc", [(8, 8, 32), (8, 4, 2), (2, 4, 16)])
+def test_balanced_routing_fills_the_share_of_the_receive_buffer_the_planner_assumes(k, n, E_loc):
+    """Every device sends T k rows spread evenly over all n x E_loc experts: each receives T k of its worst-case
+    buffer of n T min(k, E_loc) rows, the fraction `balanced_fill` gives the planner."""
+    from kimi_jax.layers.expert_parallel import balanced_fill, receive_rows
+    from kimi_jax.ops.expert_exchange import received_experts
+
+    T = 4 * n * E_loc
+    counts_nE = jnp.full((n, n * E_loc), T * k // (n * E_loc), jnp.int32)
+    R = receive_rows(T, k, n, E_loc)
+    for me in range(n):
+        filled = int(jnp.sum(received_experts(counts_nE, me, E_loc, R) < E_loc))
+        assert filled == T * k
+        assert filled / R == pytest.approx(balanced_fill(k, n, E_loc))

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from experiments import plan
-from kimi_jax import hlo_collectives
+from kimi_jax import hlo_costs
 from kimi_jax.config import kimi_linear_48b_a3b, tiny
 
 GIB = r"(\d+\.\d\d) GiB"
@@ -14,6 +14,12 @@ COLLECTIVES_LINE = re.compile(rf"^collectives: all-gather {GIB}, reduce-scatter 
                               rf"all-to-all {GIB}, collective-permute {GIB}$", re.M)
 BOUND_LINE = re.compile(r"^step time bound: compute (\d+\.\d{3}) s at (\d+)% MFU, communication (\d+\.\d{3}) s "
                         r"\((\d+) GB/s per chip\), bound (\d+\.\d{3}) s$", re.M)
+
+
+FLOPS_LINE = re.compile(r"^compiled FLOPs per step per device: ([\d.e+-]+) TFLOP by XLA's cost analysis \(loop bodies "
+                        r"once\); ([\d.e+-]+) TFLOP with loop bodies x trip counts \(matmuls and convolutions "
+                        r"([\d.e+-]+), kernels' own estimates ([\d.e+-]+)\) = ([\d.]+) x the analytic ([\d.e+-]+) "
+                        r"TFLOP$", re.M)
 
 
 def assert_communication_lines(out: str, chip: bool = True):
@@ -30,9 +36,8 @@ def assert_communication_lines(out: str, chip: bool = True):
 def run_plan(argv, capsys, monkeypatch):
     """plan.main in-process -> (rc, stdout, HLO text of the compiled step or None)."""
     texts = []
-    print_communication = plan.print_communication
-    monkeypatch.setattr(plan, "print_communication",
-                        lambda text, *a: (texts.append(text), print_communication(text, *a)))
+    analyze = hlo_costs.analyze
+    monkeypatch.setattr(hlo_costs, "analyze", lambda text, **kw: (texts.append(text), analyze(text, **kw))[1])
     rc = plan.main(argv)
     return rc, capsys.readouterr().out, texts[0] if texts else None
 
@@ -45,8 +50,12 @@ def test_plan_compiles_a_scaled_config_on_8_devices(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "on 8 cpu devices" in out and "'fsdp': 4" in out and "'tensor': 2" in out
-    assert "compiled FLOPs per step per device" in out and "implied step time" in out
+    assert "implied step time" in out
     assert assert_communication_lines(out) == plan.ICI_GB_PER_S["v5p"] == 600
+    (xla, counted, matmuls, kernels, ratio, analytic), = FLOPS_LINE.findall(out)
+    # XLA:CPU: no kernels; the layer scans' bodies count once in cost analysis, once per layer here.
+    assert float(kernels) == 0 and float(counted) == pytest.approx(float(matmuls), rel=1e-3)
+    assert float(counted) > float(xla) and float(ratio) == pytest.approx(float(counted) / float(analytic), abs=0.01)
 
 
 def test_plan_counts_the_collectives_of_an_fsdp_step(tmp_path, capsys, monkeypatch):
@@ -58,8 +67,8 @@ def test_plan_counts_the_collectives_of_an_fsdp_step(tmp_path, capsys, monkeypat
     rc, out, text = run_plan(["--config", "tiny", *argv, "--chip", "v5p"], capsys, monkeypatch)
     assert rc == 0, out
     assert_communication_lines(out)
-    stats = hlo_collectives.analyze(text)
-    once = hlo_collectives.analyze(text, multiply_loops=False)
+    stats = hlo_costs.analyze(text)
+    once = hlo_costs.analyze(text, multiply_loops=False)
     assert stats.bytes["all-gather"] > once.bytes["all-gather"] > 0 and stats.bytes["all-reduce"] > 0
     assert stats.loops and all(loop.source == "xla" for loop in stats.loops)
     assert max(loop.trips for loop in stats.loops) == 2  # tiny: layers 1-2 are one scanned (kda, moe) segment
@@ -74,7 +83,7 @@ def test_plan_counts_the_collectives_of_an_fsdp_step(tmp_path, capsys, monkeypat
     rc, out6, text6 = run_plan(["--config", str(config), *argv], capsys, monkeypatch)
     assert rc == 0, out6
     assert_communication_lines(out6, chip=False)
-    deeper = hlo_collectives.analyze(text6)
+    deeper = hlo_costs.analyze(text6)
     assert max(loop.trips for loop in deeper.loops) == 4
     body = stats.bytes["all-gather"] - once.bytes["all-gather"]  # every scan body once more (trip count 2)
     assert deeper.bytes["all-gather"] - stats.bytes["all-gather"] == pytest.approx(2 * body)
@@ -91,7 +100,7 @@ def test_plan_compiles_recursive_phase_a_on_8_devices(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "recursive phase a: W 64, K 2, 3 windows per sequence" in out
-    assert "compiled FLOPs per step per device" in out
+    assert len(FLOPS_LINE.findall(out)) == 1, out
     assert_communication_lines(out)
 
 
@@ -108,9 +117,9 @@ def test_plan_compiles_recursive_phases_b_and_c_on_8_devices(phase, capsys, monk
     assert f"recursive phase {phase}: W 64, K 2, 1 windows per sequence" in out
     assert "LoRA on the noisy stream included" in out
     assert ("base blocks of layers [3] trained" in out) == (phase == "c") and ("base frozen" in out) == (phase == "b")
-    assert "compiled FLOPs per step per device" in out
+    assert len(FLOPS_LINE.findall(out)) == 1, out
     assert_communication_lines(out, chip=phase == "c")
-    stats = hlo_collectives.analyze(text)
+    stats = hlo_costs.analyze(text)
     assert stats.bytes["all-gather"] > 0 and 2 in {loop.trips for loop in stats.loops}
 
 
@@ -171,3 +180,31 @@ def test_help_describes_every_flag_and_its_default(capsys):
     for expected in ("--seq_len SEQ_LEN tokens per sequence", "recursive (the sidecar's)", "(default bfloat16)",
                      "(default 0.4)", "(default a)", "(default on)"):
         assert expected in text, expected
+
+
+def test_grouped_matmul_kernels_are_also_counted_at_the_rows_routing_fills(capsys):
+    """megablox's estimates cover the whole receive buffer of the expert all-to-all; the planner prints the total
+    with them and, beside it, with the grouped-matmul kernels at the balanced fill (1/8 for the 48B on expert=8)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from kimi_jax import sharding
+    from kimi_jax.layers.expert_parallel import balanced_fill
+
+    cfg = kimi_linear_48b_a3b()
+    mesh = sharding.make_mesh("fsdp=1,expert=8", jax.devices("cpu")[:8])
+    assert plan.kernel_fill(cfg, mesh, NamedSharding(mesh, P(("fsdp", "expert")))) == balanced_fill(8, 8, 32) == 1 / 8
+    assert plan.kernel_fill(cfg, mesh, NamedSharding(mesh, P("fsdp"))) == 1.0  # tokens replicated: no exchange
+    fsdp = sharding.make_mesh("fsdp=8", jax.devices("cpu")[:8])
+    assert plan.kernel_fill(cfg, fsdp, NamedSharding(fsdp, P("fsdp"))) == 1.0
+    stats = hlo_costs.HloCosts(bytes={}, ops={}, loops=[], flops={"dot": 0.0, "convolution": 40e12},
+                               kernel_flops={"gmm": 64e12, "tgmm": 16e12, "other": 2e12})
+    plan.print_flops(stats, {"flops": 30e12}, analytic=50e12, fill=1 / 8)
+    out = capsys.readouterr().out
+    (_, counted, _, kernels, ratio, _), = FLOPS_LINE.findall(out)
+    assert (float(counted), float(kernels), float(ratio)) == (122, 82, 2.44)
+    assert "grouped-matmul kernels: 80 TFLOP" in out and "0.125 of the buffer" in out
+    assert "52 TFLOP = 1.04 x analytic" in out  # 40 + 2 + 80 / 8
+    plan.print_flops(stats, {"flops": 30e12}, analytic=50e12, fill=1.0, executed=61e12)
+    out = capsys.readouterr().out
+    assert "grouped-matmul kernels" not in out and "the analytic step is 61 TFLOP: compiled = 2.00 x that" in out

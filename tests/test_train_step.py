@@ -95,7 +95,7 @@ def test_chunked_loss_moves_the_head_once_per_step(tokens_per_step):
     do not grow with the number of chunks (they did: a gather and a gradient all-reduce per chunk)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from kimi_jax import hlo_collectives, sharding
+    from kimi_jax import hlo_costs, sharding
 
     mesh = sharding.make_mesh("fsdp=8")
     B, T, D, V = 8, 64, 64, 512
@@ -112,7 +112,7 @@ def test_chunked_loss_moves_the_head_once_per_step(tokens_per_step):
                    out_shardings=(NamedSharding(mesh, P()), (act, head_sh)))
     args = (jax.ShapeDtypeStruct((B, T, D), jnp.float32), jax.ShapeDtypeStruct((D, V), jnp.float32),
             jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B, T), jnp.float32))
-    stats = hlo_collectives.analyze(step.lower(*args).compile().as_text(), num_devices=8)
+    stats = hlo_costs.analyze(step.lower(*args).compile().as_text(), num_devices=8)
     # ... and the same values and gradients as without a mesh.
     rng = np.random.default_rng(0)
     real = (jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32), jnp.asarray(rng.standard_normal((D, V)) * 0.1,

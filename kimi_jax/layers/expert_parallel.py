@@ -29,6 +29,13 @@ def receive_rows(tokens: int, top_k: int, devices: int, experts_per_device: int)
     return devices * tokens * min(top_k, experts_per_device)
 
 
+def balanced_fill(top_k: int, devices: int, experts_per_device: int) -> float:
+    """The fraction of that buffer a balanced routing fills: every device receives, on average, the k copies of
+    as many tokens as it sends. (The grouped-matmul kernels compute only filled rows; their cost estimates, read by
+    the planner, count the whole buffer.)"""
+    return top_k / (devices * min(top_k, experts_per_device))
+
+
 def experts_exchanged(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, run, axis: str,
                       devices: int, emulate: bool | None = None):
     """Tokens split over `axis`: dispatch by all-to-all, compute with `run` on the local experts, return, combine."""

@@ -42,6 +42,7 @@ from kimi_jax.layers.init import normal_param
 from kimi_jax.ops.expert_exchange import default_emulate
 from kimi_jax.layers.mlp import SwiGLU, swiglu
 from kimi_jax.ops.grouped_matmul import grouped_matmul
+from kimi_jax.sharding import batch_axes
 
 F32 = jnp.float32
 DISPATCHES = ("auto", "gmm", "ragged", "tiled", "dense")
@@ -158,13 +159,6 @@ DISPATCH_FUNCTIONS = {"dense": experts_dense, "tiled": experts_tiled, "ragged": 
 EXPERT_AXIS = "expert"
 
 
-def _axes(entry) -> tuple[str, ...]:
-    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def expert_parallel_size(mesh, num_experts: int) -> int:
     """How many ways the experts are split: the mesh's expert axis when it divides E (else they are replicated,
     as kimi_jax.sharding's resolver then leaves them)."""
@@ -229,7 +223,7 @@ class MoE(nnx.Module):
         B, T, D = x_BTD.shape
         E = self.w_gate.shape[0]
         mesh = token_sharding.mesh if token_sharding is not None else None
-        token_axes = _axes(token_sharding.spec[0]) if token_sharding is not None else ()
+        token_axes = batch_axes(token_sharding)
         ep = expert_parallel_size(mesh, E)
         platform = target_platform(mesh)
         if ep > 1:

@@ -27,6 +27,9 @@ IMPLS = ("gmm", "ragged", "megablox", "tokamax")
 # or equal to the array's; 128 over a smaller or ragged k / n is masked by the kernel, and the backward reuses the
 # tiling with k and n swapped, so one square tile serves both (checked by compiling for v5p with libtpu 0.0.42.1).
 TPU_TILE = 128
+# megablox's kernels as they are named in compiled HLO (forward / input gradient, and weight gradient). Their cost
+# estimates count every row of the lhs buffer (2 m k n); they compute only the tiles of rows the group sizes cover.
+MEGABLOX_KERNELS = ("gmm", "tgmm")
 # Sublane multiple for the interpret-mode row tile (the smallest tile Mosaic would accept).
 MIN_ROW_TILE = 8
 

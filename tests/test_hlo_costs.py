@@ -1,10 +1,11 @@
-"""kimi_jax.hlo_collectives: collective bytes per device from HLO text, loop bodies times their trip counts."""
+"""kimi_jax.hlo_costs: collective bytes and matmul / kernel FLOPs per device from HLO text, loop bodies times their
+trip counts."""
 
 import re
 
 import pytest
 
-from kimi_jax import hlo_collectives as hc
+from kimi_jax import hlo_costs as hc
 
 LOOP = """\
 HloModule loop, is_scheduled=true, num_partitions=8
@@ -272,3 +273,101 @@ def test_a_compiled_scan_of_a_shard_map_psum_counts_five_bodies():
     derived = hc.analyze(stripped)
     assert [(l.trips, l.source) for l in derived.loops] == [(5, "derived")]
     assert derived.bytes == stats.bytes
+
+
+CPU_PROGRAMS = {  # (function, argument shapes): matmuls and a padded convolution as XLA:CPU compiles them
+    "matmul": (lambda a, b: a @ b, [(64, 96), (96, 48)]),
+    "batched": (lambda a, b: jnp_einsum("bhtd,bhsd->bhts", a, b), [(2, 3, 32, 16), (2, 3, 24, 16)]),
+    "grouped": (lambda a, b: jnp_einsum("gmk,gkn->gmn", a, b), [(4, 16, 32), (4, 32, 8)]),
+    "weight gradient": (lambda a, b: jnp_einsum("btd,btf->df", a, b), [(3, 40, 24), (3, 40, 16)]),
+    "causal convolution": (lambda a, b: conv1d(a, b, padding=[(3, 0)]), [(2, 20, 6), (4, 6, 10)]),
+    "strided dilated convolution": (lambda a, b: conv1d(a, b, padding=[(2, 1)], stride=2, lhs_dilation=2,
+                                                        rhs_dilation=2), [(2, 11, 4), (3, 4, 5)]),
+}
+
+
+def jnp_einsum(*args):
+    import jax.numpy as jnp
+
+    return jnp.einsum(*args)
+
+
+def conv1d(a, b, *, padding, stride=1, lhs_dilation=1, rhs_dilation=1):
+    import jax
+
+    return jax.lax.conv_general_dilated(a, b, (stride,), padding, lhs_dilation=(lhs_dilation,),
+                                        rhs_dilation=(rhs_dilation,), dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+@pytest.mark.parametrize("name", sorted(CPU_PROGRAMS))
+def test_matmul_and_convolution_flops_equal_xla_cost_analysis(name):
+    """Programs made only of one dot or convolution: the count from the HLO text equals XLA's own cost analysis
+    (which counts a convolution's taps over padding and dilation holes as nothing, as ours does)."""
+    import jax
+    import jax.numpy as jnp
+
+    fn, shapes = CPU_PROGRAMS[name]
+    compiled = jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    stats = hc.analyze(compiled.as_text())
+    assert stats.total_flops == cost["flops"] > 0
+    assert stats.kernel_flops == {}
+
+
+def test_tpu_convolutions_count_only_taps_inside_the_input():
+    """XLA:TPU prints dots as convolutions (these two from the tiny model's step on v5p): a free dimension of the
+    weight becomes a window over a size-1 input padded on both sides (`size=4 pad=3_3`), where each output position
+    meets the input at one tap of four. `btr,rhk->bthk` (r = 16) and `btd,dshk->btshk` (d = 64) are then exactly
+    2 x output elements x the contracted size; a window at full size without padding would count 4x and 12x that."""
+    text = """\
+HloModule conv, num_partitions=1
+
+ENTRY %main (a: bf16[256,16,1], b: bf16[16,4,16], c: bf16[256,64,1,1], d: bf16[64,3,4,16]) -> f32[256,4,16] {
+  %a = bf16[256,16,1]{0,1,2:T(8,128)(2,1)} parameter(0)
+  %b = bf16[16,4,16]{2,0,1:T(8,128)(2,1)} parameter(1)
+  %c = bf16[256,64,1,1]{0,1,3,2:T(8,128)(2,1)} parameter(2)
+  %d = bf16[64,3,4,16]{0,3,2,1:T(8,128)(2,1)} parameter(3)
+  %batch = f32[256,4,16]{0,2,1:T(8,128)} convolution(%a, %b), window={size=4 pad=3_3 rhs_reversal=1}, dim_labels=bf0_i0o->b0f
+  %two = bf16[256,3,4,16]{0,3,2,1:T(8,128)(2,1)} convolution(%c, %d), window={size=3x4 pad=2_2x3_3 rhs_reversal=1x1}, dim_labels=bf01_i01o->b01f
+  ROOT %r = f32[256,4,16]{2,1,0} copy(%batch)
+}
+"""
+    stats = hc.analyze(text)
+    assert stats.flops["convolution"] == 2 * (256 * 4 * 16) * 16 + 2 * (256 * 3 * 4 * 16) * 64
+
+
+GMM = ('  %gmm.16 = bf16[2048,32]{1,0:T(8,128)(2,1)} custom-call(%lhs, %rhs), custom_call_target="tpu_custom_call", '
+       'metadata={op_name="jit(step)/shard_map/jit(gmm)/pallas_call"}, backend_config={"flag_configs":[],'
+       '"custom_call_config":{"body":"TUzvUgFNTElSMjMuMC4wZ2l0","cost_estimate":{"flops":"8388608",'
+       '"transcendentals":"0","bytes_accessed":"401408","remote_bytes_transferred":"0"}}}')
+
+
+def test_kernels_count_their_own_cost_estimates_per_call_and_per_trip():
+    """A Pallas kernel's FLOPs are its `cost_estimate` (as XLA:TPU prints it in the custom call's backend config),
+    named by the kernel, inside a 5-step loop 5 times; a custom call without an estimate counts nothing."""
+    body = (GMM.replace("%gmm.16", "%gmm.3").replace("custom-call(%lhs, %rhs)", "custom-call(%lhsb, %rhsb)")
+            + '\n  %noted = f32[16]{0} custom-call(%x), custom_call_target="AssumeGatherIndicesInBound"')
+    text = loop(limit=5).replace("  ROOT %t = (s32[], f32[16]{0}) tuple(%next, %ag)",
+                                 "  %lhsb = bf16[2048,64]{1,0} broadcast(%x), dimensions={}\n"
+                                 "  %rhsb = bf16[2,64,32]{2,1,0} broadcast(%x), dimensions={}\n"
+                                 + body + "\n  ROOT %t = (s32[], f32[16]{0}) tuple(%next, %ag)")
+    text = text.replace("  ROOT %out", "  %lhs = bf16[2048,64]{1,0} broadcast(%a), dimensions={}\n"
+                        "  %rhs = bf16[2,64,32]{2,1,0} broadcast(%a), dimensions={}\n" + GMM + "\n  ROOT %out")
+    stats = hc.analyze(text)
+    assert stats.kernel_flops == {"gmm": 6 * 8388608}
+    assert hc.analyze(text, multiply_loops=False).kernel_flops == {"gmm": 2 * 8388608}
+    assert stats.total_flops == 6 * 8388608 and stats.flops == {"dot": 0.0, "convolution": 0.0}
+
+
+def test_a_compiled_scan_of_matmuls_counts_every_step():
+    import jax
+    import jax.numpy as jnp
+
+    def f(x, w):
+        return jax.lax.scan(lambda c, w_i: (jnp.tanh(c @ w_i), None), x, w)[0]
+
+    compiled = jax.jit(f).lower(jax.ShapeDtypeStruct((8, 32), jnp.float32),
+                                jax.ShapeDtypeStruct((7, 32, 32), jnp.float32)).compile()
+    assert hc.analyze(compiled.as_text()).flops["dot"] == 7 * 2 * 8 * 32 * 32
+    assert hc.analyze(compiled.as_text(), multiply_loops=False).flops["dot"] == 2 * 8 * 32 * 32

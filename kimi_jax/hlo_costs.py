@@ -1,7 +1,8 @@
-"""Bytes moved by the collectives of a compiled XLA program, per device per execution, read from its HLO text.
+"""What a compiled XLA program costs per device per execution, read from its HLO text: the bytes its collectives
+move and the FLOPs of its matmuls, convolutions and kernels, loop bodies times their trip counts.
 
-    stats = analyze(compiled.as_text())   # jax.stages.Compiled: the SPMD-partitioned, per-device program
-    stats.bytes["all-gather"], stats.ops["all-gather"], stats.loops
+    costs = analyze(compiled.as_text())   # jax.stages.Compiled: the SPMD-partitioned, per-device program
+    costs.bytes["all-gather"], costs.ops["all-gather"], costs.total_flops, costs.kernel_flops["gmm"], costs.loops
 
 Pure Python over the text of the HLO module (no XLA bindings). It finds every computation, every collective
 instruction and the call graph from the entry computation: a `while` body counts `trip count` times (nested loops
@@ -13,7 +14,7 @@ Trip counts: XLA's `backend_config={"known_trip_count":{"n":"N"}}` on the while 
 it), else derived from the loop itself (XLA:TPU does not annotate): the condition's ROOT `compare(i, c)` of a tuple
 element `i` with a constant `c`, the body's update of that element `i + s` (constant `s`) and its initial value `k`
 (a constant in the tuple fed to the while); looking through copy / bitcast / convert / reshape. A loop whose count
-cannot be found counts once and is listed in `CollectiveStats.loops` as unknown.
+cannot be found counts once and is listed in `HloCosts.loops` as unknown.
 
 Bytes convention (per device, n = the replica group's size; the program is the per-device SPMD program, so every
 shape below is one device's buffer). Each figure is what one device receives (equivalently sends) over its links
@@ -31,6 +32,12 @@ counted nor followed, so a start/done pair counts once. n comes from `replica_gr
 explicit `{{0,1},{2,3}}`, iota `[G,S]<=[N]` (optionally with `T(...)`), mesh axes
 `mesh['x'=2,'y'=4] {'y'}` (sub-axes `'y':(1)2` count their own size), or empty `{}` (all devices of the module:
 num_partitions x replica_count from the HloModule line, or `num_devices` when given).
+
+FLOPs: a `dot` is 2 x its output elements x the product of the lhs contracting dimensions; a `convolution` (how
+XLA:TPU prints every dot) 2 x output batch x output features x kernel input features x, per spatial dimension, the
+(output position, tap) pairs that land inside the input (not in padding or dilation holes), as XLA's cost analysis
+counts them; a custom call carries its own `cost_estimate` (Pallas kernels on TPU), named by the kernel. Elementwise
+work is left out.
 """
 
 from __future__ import annotations
@@ -93,10 +100,17 @@ class Loop:
 
 
 @dataclasses.dataclass
-class CollectiveStats:
+class HloCosts:
     bytes: dict  # kind -> bytes per device per execution of the program
     ops: dict  # kind -> collective executions per execution of the program
     loops: list  # [Loop] for every while reachable from the entry computation (each listed once)
+    flops: dict = dataclasses.field(default_factory=dict)  # "dot" / "convolution" -> FLOPs per execution
+    kernel_flops: dict = dataclasses.field(default_factory=dict)  # custom-call kernel name -> its own estimates
+
+    @property
+    def total_flops(self) -> float:
+        """Matmul / convolution FLOPs plus the kernels' own estimates (elementwise work is left out)."""
+        return sum(self.flops.values()) + sum(self.kernel_flops.values())
 
     @property
     def total_bytes(self) -> float:
@@ -416,8 +430,105 @@ def _called(attrs: str, attr: str) -> list[str]:
     return [v.strip().lstrip("%") for v in value.strip("{}").split(",") if v.strip()]
 
 
-def analyze(text: str, *, num_devices: int | None = None, multiply_loops: bool = True) -> CollectiveStats:
-    """Collective bytes and executions per device for one execution of the module's entry computation.
+def _shape_of(comp: Computation, operand) -> str | None:
+    name, inline = operand
+    if inline:
+        return inline
+    inst = comp.by_name.get(name)
+    return inst.shape if inst is not None else None
+
+
+def _dims(shape: str | None) -> list[int] | None:
+    """The dimensions of an array shape `bf16[8,128]{1,0:T(8,128)}` (None for a tuple or an unreadable shape)."""
+    if shape is None:
+        return None
+    found = _ARRAY.findall(_COMMENT.sub("", shape))
+    if len(found) != 1:
+        return None
+    dims = [d.strip().lstrip("<=") for d in found[0][1].split(",") if d.strip()]
+    return [int(d) for d in dims] if all(d.isdigit() for d in dims) else None
+
+
+def dot_flops(comp: Computation, inst: Instruction) -> float:
+    """2 x output elements x the product of the lhs contracting dimensions."""
+    out, lhs = _dims(inst.shape), _dims(_shape_of(comp, inst.operands[0])) if inst.operands else None
+    if out is None or lhs is None:
+        return 0.0
+    m = re.search(r"lhs_contracting_dims=\{([\d,\s]*)\}", inst.attrs)
+    contracted = [lhs[int(i)] for i in m.group(1).split(",") if i.strip()] if m else []
+    return 2.0 * math.prod(out) * math.prod(contracted)
+
+
+def _window_field(window: str, field: str, rank: int, default: int) -> list:
+    m = re.search(rf"\b{field}=([\w\-]+)", window)
+    if not m:
+        return [default] * rank
+    return m.group(1).split("x")
+
+
+def _valid_taps(out: int, size: int, taps: int, stride: int, pad_low: int, lhs_dilation: int,
+                rhs_dilation: int) -> int:
+    """Sum over output positions of the kernel taps that land on a real (not padding, not dilation-hole) input
+    element: the multiply-adds one spatial dimension contributes, as XLA's cost analysis counts them."""
+    last = (size - 1) * lhs_dilation  # the dilated input occupies positions 0..last
+    total = 0
+    for k in range(taps):
+        offset = k * rhs_dilation - pad_low
+        if lhs_dilation == 1:  # 0 <= o * stride + offset <= last, counted in closed form
+            lo = max(0, -(offset // stride))  # ceil(-offset / stride)
+            hi = min(out - 1, (last - offset) // stride) if last >= offset else -1
+            total += max(0, hi - lo + 1)
+        else:
+            total += sum(1 for o in range(out) if 0 <= o * stride + offset <= last
+                         and (o * stride + offset) % lhs_dilation == 0)
+    return total
+
+
+def convolution_flops(comp: Computation, inst: Instruction) -> float:
+    """2 x output batch x output features x kernel input features x the valid taps of every spatial dimension.
+    (XLA:TPU prints every dot as a convolution; batch dimensions become windows padded on both sides.)"""
+    out = _dims(inst.shape)
+    lhs = _dims(_shape_of(comp, inst.operands[0])) if len(inst.operands) > 1 else None
+    rhs = _dims(_shape_of(comp, inst.operands[1])) if len(inst.operands) > 1 else None
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.attrs)
+    if out is None or lhs is None or rhs is None or not labels:
+        return 0.0
+    lhs_l, rhs_l, out_l = labels.groups()
+    if len(lhs_l) != len(lhs) or len(rhs_l) != len(rhs) or len(out_l) != len(out):
+        return 0.0
+    spatial = sorted(c for c in out_l if c.isdigit())
+    window = re.search(r"window=\{([^}]*)\}", inst.attrs)
+    window = window.group(1) if window else ""
+    rank = len(spatial)
+    sizes = _window_field(window, "size", rank, 1)
+    strides = _window_field(window, "stride", rank, 1)
+    pads = _window_field(window, "pad", rank, "0_0")
+    lhs_dil = _window_field(window, "lhs_dilate", rank, 1)
+    rhs_dil = _window_field(window, "rhs_dilate", rank, 1)
+    macs = out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")]
+    for d, c in enumerate(spatial):
+        pad_low = int(str(pads[d]).split("_")[0])
+        macs *= _valid_taps(out[out_l.index(c)], lhs[lhs_l.index(c)], int(sizes[d]), int(strides[d]), pad_low,
+                            int(lhs_dil[d]), int(rhs_dil[d]))
+    return 2.0 * macs
+
+
+_COST_ESTIMATE_FLOPS = re.compile(r'cost_estimate\\?"\s*:\s*\{[^}]*?flops\\?"\s*:\s*\\?"?(\d+)')
+
+
+def kernel_flops(inst: Instruction) -> float | None:
+    """A custom call's own FLOP estimate (Pallas's `cost_estimate`, carried in the backend config), if it has one."""
+    m = _COST_ESTIMATE_FLOPS.search(inst.attrs)
+    return float(m.group(1)) if m else None
+
+
+def kernel_name(inst: Instruction) -> str:
+    """The kernel a custom-call instruction runs, from its name (`gmm.16` -> `gmm`)."""
+    return re.sub(r"(\.\d+)+$", "", inst.name)
+
+
+def analyze(text: str, *, num_devices: int | None = None, multiply_loops: bool = True) -> HloCosts:
+    """Collective bytes and executions, and FLOPs, per device for one execution of the module's entry computation.
 
     `num_devices` sizes groups printed as `{}` (default: num_partitions x replica_count of the HloModule line).
     `multiply_loops=False` counts every loop body once (what cost analysis does), for comparison.
@@ -426,26 +537,35 @@ def analyze(text: str, *, num_devices: int | None = None, multiply_loops: bool =
     if entry is None:
         raise HloParseError("no ENTRY computation in the HLO text")
     num_devices = num_devices or devices
-    memo: dict[str, tuple[dict, dict]] = {}
+    memo: dict[str, dict] = {}
     loops: dict[tuple[str, str], Loop] = {}
 
-    def add(into, other, times):
-        for kind in KINDS:
-            into[0][kind] += other[0][kind] * times
-            into[1][kind] += other[1][kind] * times
+    def add(into: dict, other: dict, times) -> None:
+        for key, value in other.items():
+            into[key] = into.get(key, 0) + value * times
 
-    def visit(name: str) -> tuple[dict, dict]:
+    def cost(total: dict) -> float:
+        return sum(v for k, v in total.items() if k[0] in ("bytes", "flops", "kernel"))
+
+    def visit(name: str) -> dict:
         if name in memo:
             return memo[name]
         if name not in comps:
             raise HloParseError(f"call to computation {name!r}, which the HLO text does not define")
         comp = comps[name]
-        total = ({k: 0.0 for k in KINDS}, {k: 0 for k in KINDS})
+        total: dict = {}
         for inst in comp.instructions:
             kind = COLLECTIVE_OPCODES.get(inst.opcode)
             if kind is not None:
-                total[0][kind] += collective_bytes(comp, inst, num_devices)
-                total[1][kind] += 1
+                add(total, {("bytes", kind): collective_bytes(comp, inst, num_devices), ("ops", kind): 1}, 1)
+            elif inst.opcode == "dot":
+                add(total, {("flops", "dot"): dot_flops(comp, inst)}, 1)
+            elif inst.opcode == "convolution":
+                add(total, {("flops", "convolution"): convolution_flops(comp, inst)}, 1)
+            elif inst.opcode == "custom-call":
+                flops = kernel_flops(inst)
+                if flops is not None:
+                    add(total, {("kernel", kernel_name(inst)): flops}, 1)
             if inst.opcode.endswith(("-done", "-update")):
                 continue  # the *-start half carries the work and the called computation
             attrs = _STRING.sub('""', inst.attrs)  # no computation names from metadata or backend strings
@@ -466,7 +586,7 @@ def analyze(text: str, *, num_devices: int | None = None, multiply_loops: bool =
                 branches = [visit(b) for attr in ("branch_computations", "true_computation", "false_computation")
                             for b in _called(attrs, attr)]
                 if branches:
-                    add(total, max(branches, key=lambda t: sum(t[0].values())), 1)
+                    add(total, max(branches, key=cost), 1)
                 continue
             for attr in ("to_apply", "calls"):
                 for callee in _called(attrs, attr):
@@ -475,4 +595,8 @@ def analyze(text: str, *, num_devices: int | None = None, multiply_loops: bool =
         return total
 
     totals = visit(entry)
-    return CollectiveStats(bytes=totals[0], ops=totals[1], loops=list(loops.values()))
+    return HloCosts(bytes={k: float(totals.get(("bytes", k), 0.0)) for k in KINDS},
+                           ops={k: int(totals.get(("ops", k), 0)) for k in KINDS},
+                           loops=list(loops.values()),
+                           flops={k: float(totals.get(("flops", k), 0.0)) for k in ("dot", "convolution")},
+                           kernel_flops={k[1]: float(v) for k, v in totals.items() if k[0] == "kernel"})
