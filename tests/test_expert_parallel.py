@@ -118,3 +118,42 @@ def test_balanced_routing_fills_the_share_of_the_receive_buffer_the_planner_assu
         filled = int(jnp.sum(received_experts(counts_nE, me, E_loc, R) < E_loc))
         assert filled == T * k
         assert filled / R == pytest.approx(balanced_fill(k, n, E_loc))
+
+
+@pytest.mark.parametrize("mesh_spec, B", [("data=2,expert=4", 8), ("data=2,expert=4", 2), ("expert=8", 1)])
+def test_prefill_and_decode_on_an_expert_mesh_equal_one_device(mesh_spec, B):
+    """The whole model with its caches, experts split over the mesh: prefill logits, four decode steps' logits and
+    greedy generation equal one device. B = 8 splits tokens over the expert axis too (all-to-all in prefill and in
+    every one-token decode step); B = 2 and 1 replicate them over it (partial outputs summed)."""
+    from kimi_jax.generate import generate_greedy
+    from kimi_jax.model import KimiLinearForCausalLM, RunOptions
+
+    cfg = tiny(num_experts=16, num_experts_per_token=3)
+    model = KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(1))
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, size=(B, 24)), jnp.int32)
+    mesh = sharding.make_mesh(mesh_spec)
+    acts = NamedSharding(mesh, P(batch_spec(mesh, B).spec[0], None, None))
+    graphdef, params = nnx.split(model)
+    placed = jax.device_put(params, sharding.state_shardings(params, mesh))
+
+    @functools.partial(jax.jit, static_argnames=("opts",))
+    def prefill_then_decode(params, ids, opts):
+        model = nnx.merge(graphdef, params)
+        cache = model.init_cache(ids.shape[0], ids.shape[1] + 4)
+        logits, cache = model(ids, cache=cache, opts=opts)
+        steps = []
+        tok = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+        for _ in range(4):
+            step_logits, cache = model(tok, cache=cache, opts=opts)
+            steps.append(step_logits[:, 0])
+            tok = jnp.argmax(step_logits[:, -1], -1)[:, None].astype(jnp.int32)
+        return logits, jnp.stack(steps, 1)
+
+    want = prefill_then_decode(params, ids, RunOptions())
+    got = prefill_then_decode(placed, jax.device_put(ids, NamedSharding(mesh, P(*acts.spec[:2]))),
+                              RunOptions(activation_sharding=acts))
+    for g, w in zip(got, want):
+        chex.assert_trees_all_close(g, w, atol=1e-5 * float(jnp.abs(w).max()), rtol=0)
+    tokens = generate_greedy(nnx.merge(graphdef, placed), ids, 6, eos_token_id=[],
+                             opts=RunOptions(activation_sharding=acts))
+    np.testing.assert_array_equal(tokens, generate_greedy(model, ids, 6, eos_token_id=[]))
