@@ -425,6 +425,12 @@ def print_communication(stats, platform: str, compute_seconds, chip, mfu: float)
         print("  loops counted once (trip count unknown): "
               + ", ".join(f"{loop.name} in {loop.computation}" for loop in stats.unknown_loops[:8])
               + (" ..." if len(stats.unknown_loops) > 8 else ""))
+    if stats.ragged_bytes:
+        worst = stats.total_bytes - stats.ragged_bytes + stats.ragged_bound_bytes
+        at = f" (communication {worst / (ICI_GB_PER_S[chip] * 1e9):.3f} s)" if chip in ICI_GB_PER_S else ""
+        print(f"  ragged all-to-alls (the expert exchange): {stats.ragged_bytes / gib:.2f} GiB above, the rows balanced "
+              f"routing moves; if every one moved its larger buffer (the dropless worst case), "
+              f"{stats.ragged_bound_bytes / gib:.2f} GiB, all collectives {worst / gib:.2f} GiB{at}")
     if compute_seconds is None or chip not in ICI_GB_PER_S:
         which = "without a chip" if chip is None else f"for chip {chip!r}"
         print(f"step time bound: cannot be bounded {which} (pass --chip one of {sorted(ICI_GB_PER_S)} for its peak "

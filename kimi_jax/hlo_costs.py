@@ -24,7 +24,10 @@ under the textbook ring / pairwise algorithms, the volume a bandwidth bound need
   * reduce-scatter: (n - 1) / n of the operand (the full-size input): a ring passes n - 1 partial shards;
   * all-reduce (also all-reduce-start): 2 (n - 1) / n of the buffer: a ring reduce-scatter then all-gather;
   * all-to-all: (n - 1) / n of the operands (every block but its own leaves); ragged-all-to-all counts here too, as
-    (n - 1) / n of its input buffer (an upper bound: the sizes actually sent are data-dependent);
+    (n - 1) / n of the smaller of its send and receive buffers: what it moves under balanced routing, where each
+    device receives as many rows as it sends (the MoE's send buffer holds exactly its routed rows; the receive
+    buffer of the way out, and so the send buffer of the way back, is sized for the dropless worst case). The
+    sizes actually sent are data-dependent: `HloCosts.ragged_bound_bytes` adds them up at the larger buffer;
   * collective-permute (also collective-permute-start): the whole buffer (operand), when any source differs from
     its target.
 A group of size 1 moves nothing. The *-done halves of async pairs (and async-update / async-done) are neither
@@ -106,6 +109,8 @@ class HloCosts:
     loops: list  # [Loop] for every while reachable from the entry computation (each listed once)
     flops: dict = dataclasses.field(default_factory=dict)  # "dot" / "convolution" -> FLOPs per execution
     kernel_flops: dict = dataclasses.field(default_factory=dict)  # custom-call kernel name -> its own estimates
+    ragged_bytes: float = 0.0  # the ragged all-to-alls' share of bytes["all-to-all"] (balanced routing)
+    ragged_bound_bytes: float = 0.0  # the same all-to-alls at their larger buffers (what no routing exceeds)
 
     @property
     def total_flops(self) -> float:
@@ -286,6 +291,13 @@ def _operand_bytes(comp: Computation, inst: Instruction, which=None) -> float | 
     return total
 
 
+def _ragged_buffers(comp: Computation, inst: Instruction) -> tuple[float, float]:
+    """(send buffer, receive buffer) bytes of a ragged-all-to-all: its operand 0 and its result."""
+    sent = _operand_bytes(comp, inst, which=(0,))
+    received = shape_bytes(inst.shape)
+    return (received if sent is None else sent), received
+
+
 def collective_bytes(comp: Computation, inst: Instruction, num_devices: int | None) -> float:
     """Bytes one device moves for one execution of a collective instruction (the convention above)."""
     kind = COLLECTIVE_OPCODES[inst.opcode]
@@ -303,7 +315,9 @@ def collective_bytes(comp: Computation, inst: Instruction, num_devices: int | No
         raise HloParseError(f"{inst.name}: no replica groups and no device count to size its group")
     if n <= 1:
         return 0.0
-    operands = _operand_bytes(comp, inst, which=(0,) if inst.opcode == "ragged-all-to-all" else None)
+    if inst.opcode == "ragged-all-to-all":
+        return (n - 1) / n * min(_ragged_buffers(comp, inst))
+    operands = _operand_bytes(comp, inst)
     if kind == "all-gather":
         return (n - 1) * operands if operands is not None else (n - 1) / n * shape_bytes(inst.shape)
     if kind == "reduce-scatter":
@@ -558,6 +572,11 @@ def analyze(text: str, *, num_devices: int | None = None, multiply_loops: bool =
             kind = COLLECTIVE_OPCODES.get(inst.opcode)
             if kind is not None:
                 add(total, {("bytes", kind): collective_bytes(comp, inst, num_devices), ("ops", kind): 1}, 1)
+                if inst.opcode == "ragged-all-to-all":
+                    n = group_size(inst.attrs, num_devices) or 1
+                    bound = (n - 1) / n * max(_ragged_buffers(comp, inst)) if n > 1 else 0.0
+                    add(total, {("ragged_bound", "all-to-all"): bound,
+                                ("ragged", "all-to-all"): collective_bytes(comp, inst, num_devices)}, 1)
             elif inst.opcode == "dot":
                 add(total, {("flops", "dot"): dot_flops(comp, inst)}, 1)
             elif inst.opcode == "convolution":
@@ -599,4 +618,6 @@ def analyze(text: str, *, num_devices: int | None = None, multiply_loops: bool =
                            ops={k: int(totals.get(("ops", k), 0)) for k in KINDS},
                            loops=list(loops.values()),
                            flops={k: float(totals.get(("flops", k), 0.0)) for k in ("dot", "convolution")},
-                           kernel_flops={k[1]: float(v) for k, v in totals.items() if k[0] == "kernel"})
+                           kernel_flops={k[1]: float(v) for k, v in totals.items() if k[0] == "kernel"},
+                           ragged_bytes=float(totals.get(("ragged", "all-to-all"), 0.0)),
+                           ragged_bound_bytes=float(totals.get(("ragged_bound", "all-to-all"), 0.0)))

@@ -217,20 +217,22 @@ HloModule t, num_partitions=4
   ROOT %ar = f32[4]{0} all-reduce(%p), replica_groups={{0,1,2,3}}, to_apply=%sum
 }
 
-ENTRY %main (x: f32[2,3], i: s32[], in: bf16[64], out: bf16[64], o: s64[4]) -> f32[4] {
+ENTRY %main (x: f32[2,3], i: s32[], in: bf16[64], out: bf16[512], o: s64[4]) -> f32[4] {
   %x = f32[2,3]{1,0} parameter(0)
   %i = s32[] parameter(1)
   %in = bf16[64]{0} parameter(2)
-  %out = bf16[64]{0} parameter(3)
+  %out = bf16[512]{0} parameter(3)
   %o = s64[4]{0} parameter(4)
   %t = (f32[2,3]{1,0}, f32[2,3]{1,0}, f32[2,3]{1,0}, f32[2,3]{1,0}) all-to-all(%x, %x, %x, %x), replica_groups={{0,1,2,3}}
-  %r = bf16[64]{0} ragged-all-to-all(%in, %out, %o, %o, %o, %o), replica_groups={{0,1,2,3}}
+  %r = bf16[512]{0} ragged-all-to-all(%in, %out, %o, %o, %o, %o), replica_groups={{0,1,2,3}}
   %v = f32[4]{0} broadcast(%x), dimensions={}
   ROOT %c = f32[4]{0} conditional(%i, %v, %v), branch_computations={%small, %big}
 }
 """
     stats = hc.analyze(text)
-    assert stats.bytes["all-to-all"] == 3 / 4 * 4 * 24 + 3 / 4 * 128  # tuple form + ragged (its input buffer)
+    # tuple form + ragged: sends 128 B, may receive up to 1024 B; balanced, it receives what it sends.
+    assert stats.bytes["all-to-all"] == 3 / 4 * 4 * 24 + 3 / 4 * 128
+    assert (stats.ragged_bytes, stats.ragged_bound_bytes) == (3 / 4 * 128, 3 / 4 * 1024)
     assert stats.ops["all-to-all"] == 2
     # The conditional counts its costliest branch only: the all-reduce (2 x 3/4 x 16 = 24 B > all-gather 16 B).
     assert stats.bytes["all-reduce"] == 24 and stats.bytes["all-gather"] == 0

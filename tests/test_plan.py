@@ -208,3 +208,18 @@ def test_grouped_matmul_kernels_are_also_counted_at_the_rows_routing_fills(capsy
     plan.print_flops(stats, {"flops": 30e12}, analytic=50e12, fill=1.0, executed=61e12)
     out = capsys.readouterr().out
     assert "grouped-matmul kernels" not in out and "the analytic step is 61 TFLOP: compiled = 2.00 x that" in out
+
+
+def test_ragged_all_to_alls_are_counted_balanced_and_bounded(capsys):
+    """The expert exchange's ragged all-to-alls count at the rows balanced routing moves; their worst case (every
+    one at its larger buffer) is printed beside it, with the communication time it would take."""
+    gib = 1 << 30
+    stats = hlo_costs.HloCosts(bytes={"all-gather": 10 * gib, "reduce-scatter": 0.0, "all-reduce": 20 * gib,
+                                      "all-to-all": 6 * gib, "collective-permute": 0.0},
+                               ops={k: 1 for k in hlo_costs.KINDS}, loops=[], ragged_bytes=4 * gib,
+                               ragged_bound_bytes=32 * gib)
+    plan.print_communication(stats, "tpu", 0.01, "v5p", 0.4)
+    out = capsys.readouterr().out
+    assert "4.00 GiB above" in out and "32.00 GiB, all collectives 64.00 GiB (communication 0.115 s)" in out
+    (_, _, comm, _, bound), = BOUND_LINE.findall(out)
+    assert float(comm) == round(36 * gib / 600e9, 3) and float(bound) == float(comm)
