@@ -134,36 +134,36 @@ _COMMENT = re.compile(r"/\*.*?\*/")
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([^\]]*)\]")
 
 
+def _outside_strings(text: str, start: int = 0):
+    """(index, character) of text[start:], quoted strings skipped."""
+    i = start
+    while i < len(text):
+        if text[i] == '"':
+            m = _STRING.match(text, i)
+            i = m.end() if m else len(text)
+            continue
+        yield i, text[i]
+        i += 1
+
+
 def _closing(text: str, start: int) -> int:
     """Index just past the bracket group opening at text[start], skipping quoted strings."""
     pairs = {"(": ")", "{": "}", "[": "]"}
     stack = []
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if ch == '"':
-            m = _STRING.match(text, i)
-            i = m.end() if m else len(text)
-            continue
+    for i, ch in _outside_strings(text, start):
         if ch in pairs:
             stack.append(pairs[ch])
         elif stack and ch == stack[-1]:
             stack.pop()
             if not stack:
                 return i + 1
-        i += 1
     return len(text)
 
 
 def _split_top(text: str) -> list[str]:
     """Split at commas outside brackets and strings."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(text):
-        ch = text[i]
-        if ch == '"':
-            m = _STRING.match(text, i)
-            i = m.end() if m else len(text)
-            continue
+    parts, depth, start = [], 0, 0
+    for i, ch in _outside_strings(text):
         if ch in "({[":
             depth += 1
         elif ch in ")}]":
@@ -171,7 +171,6 @@ def _split_top(text: str) -> list[str]:
         elif ch == "," and depth == 0:
             parts.append(text[start:i])
             start = i + 1
-        i += 1
     parts.append(text[start:])
     return [p.strip() for p in parts if p.strip()]
 
