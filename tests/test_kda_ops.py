@@ -234,6 +234,19 @@ def test_gradients_finite_and_match_recurrent(kinds):
     print(f"\n  grads chunked vs recurrent ({kinds}): " + ", ".join(errs))
 
 
+@pytest.mark.parametrize("K_, V_", [(16, 8), (8, 16)])
+def test_gradients_when_value_and_key_dims_differ(K_, V_):
+    """V != K (Kimi-Linear has V = K; the kernels' contract does not): every gradient of the chunked backward
+    against the recurrence (it once added a [.., V] and a [.., K] term before reducing them)."""
+    (q, k, v, g, beta), state = make_inputs(seed=5, T=70, kinds=("huge", "realistic"), H=2, K=K_, V=V_,
+                                            with_state=True)
+    grads_c = _grad_chunked(q, k, v, g, beta, state)
+    grads_r = _grad_recurrent(q, k, v, g, beta, state)
+    chex.assert_trees_all_equal_shapes(grads_c, (q, k, v, g, beta, state))
+    for name, gc, gr in zip("q k v g beta state".split(), grads_c, grads_r):
+        assert rel_err(gc, gr) < 1e-4, name
+
+
 def kda_loss_grads_float64(q, k, v, g, beta, state, w_o):
     """Gradients of sum(o * w_o) + sum(sin(S_final)) through the spec's token recurrence, torch float64 autograd."""
     import torch

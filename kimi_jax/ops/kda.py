@@ -371,7 +371,7 @@ def _group_backward(dS_NKV, per_step):
     dq = Din * d_qD + dq_P
     dk = beta[..., None] * (Din * d_bkD + d_bk_A) + Dout * d_kO + dk_cols
     dv = beta[..., None] * d_bv
-    dbeta = jnp.sum(v * d_bv + k * (Din * d_bkD + d_bk_A), axis=-1)
+    dbeta = jnp.sum(v * d_bv, axis=-1) + jnp.sum(k * (Din * d_bkD + d_bk_A), axis=-1)
     dDin = bk * d_bkD + q * d_qD
     # the chunk's decay of the carried state (a dot, not a library reduce: see `_decayed_triangular_products`)
     dDin = dDin.at[:, :, -1].add(jnp.einsum("ngkv,ngkv->ngk", S_NGKV, dSa_NGKV, precision=HIGHEST))
