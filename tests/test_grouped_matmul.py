@@ -52,7 +52,40 @@ def test_tiling_respects_mosaic_rules():
 
 def test_backends_and_bad_impl():
     assert gm.gmm_backend("tpu") == "megablox"
+    # On a CPU host JAX's first device is no Hopper GPU: mosaic_gpu is chosen only where one is.
+    assert not gm.hopper_gpu()
     assert gm.gmm_backend("gpu") == ("tokamax" if gm.tokamax_available() else "ragged")
     x, w, g = case()
     with pytest.raises(ValueError, match="not one of"):
         gm.grouped_matmul(x, w, g, impl="cutlass")
+
+
+def reference_kernels():
+    """Stand-ins with the contracts of JAX's Hopper kernels (no Mosaic GPU on CPU): grouped x @ w (or x @ w^T per
+    group), and the per-group x^T dy reduced over each group's rows."""
+    def forward(x_MK, w_GKN, group_sizes_G, transpose_rhs=False):
+        return jax.lax.ragged_dot(x_MK, jnp.swapaxes(w_GKN, 1, 2) if transpose_rhs else w_GKN, group_sizes_G)
+
+    def weight_gradient(x_MK, dy_MN, group_sizes_G):
+        ends = jnp.cumsum(group_sizes_G)
+        row = jnp.arange(x_MK.shape[0])[:, None]
+        member_MG = ((row >= ends - group_sizes_G) & (row < ends)).astype(x_MK.dtype)
+        return jnp.einsum("mg,mk,mn->gkn", member_MG, x_MK, dy_MN)
+
+    return forward, weight_gradient
+
+
+@pytest.mark.parametrize("m,k,n,sizes", [(50, 32, 24, (10, 0, 20, 6)), (64, 40, 16, (0, 64, 0, 0))])
+def test_mosaic_gpu_custom_vjp_wiring(monkeypatch, m, k, n, sizes):
+    """The "mosaic_gpu" path's VJP (input gradient = the forward kernel with the weights transposed, weight gradient
+    = the transposed kernel), run with reference kernels in place of JAX's Hopper ones: values and gradients equal
+    ragged_dot's. The kernels themselves run only on an H100/H200 (README: bench moe)."""
+    monkeypatch.setattr(gm, "mosaic_gpu_kernels", reference_kernels)
+    x, w, g = case(m, k, n, sizes)
+    ct = jnp.asarray(np.random.default_rng(1).normal(size=(m, n)), jnp.float32)
+    out = gm.grouped_matmul(x, w, g, impl="mosaic_gpu")
+    chex.assert_trees_all_close(out, jax.lax.ragged_dot(x, w, g), atol=1e-5 * float(jnp.abs(out).max() + 1))
+    grads = jax.grad(loss, argnums=(1, 2))("mosaic_gpu", x, w, g, ct)
+    ref_grads = jax.grad(loss, argnums=(1, 2))("ragged", x, w, g, ct)
+    for got, want in zip(grads, ref_grads):
+        chex.assert_trees_all_close(got, want, atol=1e-5 * float(jnp.abs(want).max() + 1), rtol=0)

@@ -560,7 +560,7 @@ def test_moe_tiled_dispatch_equals_dense_values_and_grads(routing):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_moe_auto_dispatch_choice():
+def test_moe_auto_dispatch_choice(monkeypatch):
     """auto on CPU: tiled for decode (2 of 8 expert matrices) and training batches, dense when E / k is small (it
     then computes fewer rows than padded tiles); explicit names pass through."""
     assert resolve_dispatch("auto", 8, num_tokens=1, top_k=2) == "tiled"
@@ -569,6 +569,11 @@ def test_moe_auto_dispatch_choice():
     assert resolve_dispatch("ragged", 8, num_tokens=1, top_k=2) == "ragged"
     # The compile target decides, not JAX's backend (a TPU topology compiled from a CPU host is "tpu").
     assert resolve_dispatch("auto", 256, num_tokens=4096, top_k=8, platform="tpu") == "gmm"
+    # GPU: the grouped kernels on Hopper (JAX's Mosaic GPU ops; this CPU host has none), tiled elsewhere.
     assert resolve_dispatch("auto", 256, num_tokens=4096, top_k=8, platform="gpu") == "tiled"
+    import kimi_jax.layers.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "hopper_gpu", lambda: True)
+    assert resolve_dispatch("auto", 256, num_tokens=4096, top_k=8, platform="gpu") == "gmm"
     with pytest.raises(ValueError, match="not one of"):
         resolve_dispatch("sparse", 8)
