@@ -482,18 +482,23 @@ def _window_field(window: str, field: str, rank: int, default: int) -> list:
 def _valid_taps(out: int, size: int, taps: int, stride: int, pad_low: int, lhs_dilation: int,
                 rhs_dilation: int) -> int:
     """Sum over output positions of the kernel taps that land on a real (not padding, not dilation-hole) input
-    element: the multiply-adds one spatial dimension contributes, as XLA's cost analysis counts them."""
-    last = (size - 1) * lhs_dilation  # the dilated input occupies positions 0..last
+    element: the multiply-adds one spatial dimension contributes, as XLA's cost analysis counts them. Counted per
+    tap in closed form (XLA:TPU writes weight gradients as windows of thousands with equal input dilation)."""
+    last = (size - 1) * lhs_dilation  # the dilated input occupies positions 0..last, real ones at multiples
     total = 0
     for k in range(taps):
-        offset = k * rhs_dilation - pad_low
-        if lhs_dilation == 1:  # 0 <= o * stride + offset <= last, counted in closed form
-            lo = max(0, -(offset // stride))  # ceil(-offset / stride)
-            hi = min(out - 1, (last - offset) // stride) if last >= offset else -1
-            total += max(0, hi - lo + 1)
-        else:
-            total += sum(1 for o in range(out) if 0 <= o * stride + offset <= last
-                         and (o * stride + offset) % lhs_dilation == 0)
+        offset = k * rhs_dilation - pad_low  # output o reads position o * stride + offset
+        lo = max(0, -(offset // stride))  # ceil(-offset / stride)
+        hi = min(out - 1, (last - offset) // stride) if last >= offset else -1
+        if hi < lo:
+            continue
+        # o * stride + offset = 0 (mod lhs_dilation): o = o0 (mod m), or no solution
+        g = math.gcd(stride, lhs_dilation)
+        if offset % g:
+            continue
+        m = lhs_dilation // g
+        o0 = (-offset // g) * pow(stride // g, -1, m) % m if m > 1 else 0
+        total += (hi - o0) // m - (lo - 1 - o0) // m
     return total
 
 

@@ -3,6 +3,8 @@ trip counts."""
 
 import re
 
+import numpy as np
+
 import pytest
 
 from kimi_jax import hlo_costs as hc
@@ -373,3 +375,15 @@ def test_a_compiled_scan_of_matmuls_counts_every_step():
                                 jax.ShapeDtypeStruct((7, 32, 32), jnp.float32)).compile()
     assert hc.analyze(compiled.as_text()).flops["dot"] == 7 * 2 * 8 * 32 * 32
     assert hc.analyze(compiled.as_text(), multiply_loops=False).flops["dot"] == 2 * 8 * 32 * 32
+
+
+def test_valid_taps_in_closed_form_equal_counting_them():
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        out, size, taps = (int(x) for x in rng.integers(1, 12, 3))
+        stride, ld, rd = (int(x) for x in rng.integers(1, 5, 3))
+        pad = int(rng.integers(0, 8))
+        last = (size - 1) * ld
+        brute = sum(1 for o in range(out) for k in range(taps)
+                    if 0 <= o * stride + k * rd - pad <= last and (o * stride + k * rd - pad) % ld == 0)
+        assert hc._valid_taps(out, size, taps, stride, pad, ld, rd) == brute, (out, size, taps, stride, pad, ld, rd)
