@@ -18,8 +18,8 @@ Four dispatches compute the same thing:
     step of 8 experts top-2 and ragged_dot is slower than both there;
   * "dense": every expert on every token, combined with the (mostly zero) routing weights: E / k times the routed
     FLOPs; the plainest form, and the cheapest when E / k is small.
-"auto" picks gmm on TPU, tiled on GPU (measured, see resolve_dispatch); on CPU, tiled when it touches fewer expert matrices (decode: top-k of E) or computes
-fewer rows than dense, else dense.
+"auto" picks gmm on TPU and on Hopper GPUs, tiled on other GPUs (measured, see resolve_dispatch); on CPU, tiled
+when it touches fewer expert matrices (decode: top-k of E) or computes fewer rows than dense, else dense.
 
 Expert parallelism: given the activations' sharding on a mesh whose `expert` axis divides E, the experts stay
 split over that axis and routed rows travel to them by all-to-all (`layers/expert_parallel.py`); the dispatch
