@@ -181,6 +181,19 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    if args.save_hlo:  # checked before the compile, which can take many minutes
+        from kimi_jax.safe_io import OutputError, check_writable_location, refuse_overlap
+
+        try:
+            refuse_overlap(args.save_hlo, "--save_hlo",
+                           {"--config": args.config if os.path.exists(args.config) else None})
+            if os.path.isdir(args.save_hlo):
+                raise OutputError(f"--save_hlo {args.save_hlo} is a folder; give a file name")
+            check_writable_location(os.path.dirname(os.path.abspath(args.save_hlo)), "--save_hlo",
+                                    shown=args.save_hlo)
+        except OutputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     rcfg = None
     if args.stage == "recursive":
         from kimi_jax.recursive.config import RecursiveConfigError, resolve

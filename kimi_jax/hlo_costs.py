@@ -575,12 +575,12 @@ def analyze(text: str, *, num_devices: int | None = None, multiply_loops: bool =
         for inst in comp.instructions:
             kind = COLLECTIVE_OPCODES.get(inst.opcode)
             if kind is not None:
-                add(total, {("bytes", kind): collective_bytes(comp, inst, num_devices), ("ops", kind): 1}, 1)
+                moved = collective_bytes(comp, inst, num_devices)
+                add(total, {("bytes", kind): moved, ("ops", kind): 1}, 1)
                 if inst.opcode == "ragged-all-to-all":
                     n = group_size(inst.attrs, num_devices) or 1
                     bound = (n - 1) / n * max(_ragged_buffers(comp, inst)) if n > 1 else 0.0
-                    add(total, {("ragged_bound", "all-to-all"): bound,
-                                ("ragged", "all-to-all"): collective_bytes(comp, inst, num_devices)}, 1)
+                    add(total, {("ragged_bound", "all-to-all"): bound, ("ragged", "all-to-all"): moved}, 1)
             elif inst.opcode == "dot":
                 add(total, {("flops", "dot"): dot_flops(comp, inst)}, 1)
             elif inst.opcode == "convolution":

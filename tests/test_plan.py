@@ -1,5 +1,6 @@
 """The AOT planner compiles a scaled-down Kimi-Linear train step on 8 fake CPU devices."""
 
+import gzip
 import json
 import re
 
@@ -64,9 +65,13 @@ def test_plan_counts_the_collectives_of_an_fsdp_step(tmp_path, capsys, monkeypat
     exactly two more bodies."""
     # ragged_dot: the only loops are then the layer scans (CPU's default tiled dispatch adds binary searches).
     argv = ["--devices", "8", "--mesh", "fsdp=8", "--batch_size", "8", "--seq_len", "64", "--moe_dispatch", "ragged"]
-    rc, out, text = run_plan(["--config", "tiny", *argv, "--chip", "v5p"], capsys, monkeypatch)
+    saved = tmp_path / "step.hlo.gz"
+    rc, out, text = run_plan(["--config", "tiny", *argv, "--chip", "v5p", "--save_hlo", str(saved)], capsys,
+                             monkeypatch)
     assert rc == 0, out
     assert_communication_lines(out)
+    assert gzip.decompress(saved.read_bytes()).decode() == text and f"compiled HLO written to {saved}" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["step.hlo.gz"]  # no temporary left beside it
     stats = hlo_costs.analyze(text)
     once = hlo_costs.analyze(text, multiply_loops=False)
     assert stats.bytes["all-gather"] > once.bytes["all-gather"] > 0 and stats.bytes["all-reduce"] > 0
@@ -171,6 +176,26 @@ def test_bad_config_files_are_one_error_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {config}: field 'linear_attn_config.num_heads' must be an integer, got 4.5 (a number with a "
         f"fraction)"]
+
+
+def test_save_hlo_is_refused_before_compiling_where_it_would_harm_an_input(tmp_path, capsys):
+    """--save_hlo onto or inside the --config input, onto a folder, or under a file: one error line, exit 2,
+    before any compile, and the input untouched."""
+    config = tmp_path / "model" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(tiny().to_hf_dict()))
+    before = config.read_bytes()
+    argv = ["--devices", "8", "--batch_size", "8", "--seq_len", "64"]
+    cases = {str(config): "is the input --config", str(config.parent / "x.hlo"): "lies inside the input --config",
+             str(tmp_path / "plans"): "is a folder", str(tmp_path / "notes.txt" / "x.hlo"): "is not a folder"}
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    for out, message in cases.items():
+        spec = str(config.parent) if "inside" in message else str(config)
+        assert plan.main(["--config", spec, *argv, "--save_hlo", out]) == 2, out
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --save_hlo") and message in err and "\n" not in err, err
+    assert config.read_bytes() == before and sorted(p.name for p in config.parent.iterdir()) == ["config.json"]
 
 
 def test_help_describes_every_flag_and_its_default(capsys):
