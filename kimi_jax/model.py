@@ -49,6 +49,7 @@ class RunOptions:
     # (bench train on CPU: 2,545 -> 2,285 ms); compile time grows with the depth, so deep models keep the scan.
     unroll_layers: bool = False
     moe_dispatch: str = "auto"  # "auto" | "gmm" | "ragged" | "tiled" | "dense" (identical maths; layers/moe.py)
+    kda_impl: str = "auto"  # "auto" | "xla" | "pallas_tpu" | "pallas_gpu" (identical maths; ops/kda.py)
     # Sharding of the [B, T, D] hidden states between layers (batch over the data-parallel mesh axes). Without it
     # GSPMD may follow the fsdp-sharded embedding table and replicate the whole batch on every device.
     activation_sharding: Any = None
@@ -83,7 +84,8 @@ class DecoderLayer(nnx.Module):
         export_starts = ctx.get("export_starts")
         if self.mixer_kind == KDA:
             mixed, cache = self.mixer(x_BTD, cache, ctx["mask_BT"], export_starts_BN=export_starts,
-                                      lora=edit.get("lora"))
+                                      lora=edit.get("lora"), kda_impl=opts.kda_impl,
+                                      sharding=opts.activation_sharding)
         else:
             mixed, cache = self.mixer(x_BTD, cache, visible_BTS=ctx["visible_BTS"], cache_index=ctx["cache_index"],
                                       export=export_starts is not None, lora=edit.get("lora"))

@@ -10,7 +10,7 @@ from flax import nnx
 
 from kimi_jax import sharding
 from kimi_jax.config import tiny
-from kimi_jax.model import KimiLinearForCausalLM
+from kimi_jax.model import KimiLinearForCausalLM, RunOptions
 from kimi_jax.recursive.config import load_preset
 from kimi_jax.recursive.sidecar import build_sidecar
 from kimi_jax.recursive.train_step import (build_recursive_trainer, make_recursive_optimizer, param_key,
@@ -26,7 +26,7 @@ def flat(tree) -> dict:
 
 
 def run_phase(phase: str, steps: int = 2, mesh_spec: str = "fsdp=1", batch_size: int = 2, optimizer=None,
-              **changes):
+              opts: RunOptions = RunOptions(), **changes):
     rcfg = load_preset(f"phase_{phase}").replace(chunk_width=64, max_inner_steps=2, d_state=32, refine_rank=16,
                                                  gate_hidden=32, lr_sidecar=1e-2, lr_heads=1e-2, lora_lr=1e-2,
                                                  lr_unfrozen=1e-2, **changes)
@@ -35,7 +35,8 @@ def run_phase(phase: str, steps: int = 2, mesh_spec: str = "fsdp=1", batch_size:
     mesh = (sharding.make_mesh("fsdp=1", jax.devices()[:1]) if mesh_spec == "fsdp=1"
             else sharding.make_mesh(mesh_spec))
     optimizer = make_recursive_optimizer(rcfg) if optimizer is None else optimizer
-    trainer, base, trainable, opt = build_recursive_trainer(model, sidecar, rcfg, optimizer, mesh, batch_size)
+    trainer, base, trainable, opt = build_recursive_trainer(model, sidecar, rcfg, optimizer, mesh, batch_size,
+                                                            opts=opts)
     base0, side0 = flat(base), flat(trainable["sidecar"])
     ids = np.random.default_rng(1).integers(3, CFG.vocab_size, (batch_size, 140)).astype(np.int32)
     batch = {"input_ids": ids, "weights": np.ones(ids.shape, np.float32)}
@@ -151,3 +152,16 @@ def test_phases_b_and_c_on_an_expert_parallel_mesh_give_the_single_device_gradie
     assert (phase == "c") == any(not k.startswith("sidecar.") for k in trained)
     worst = max(float(np.abs(grads_ep[k] - grads_one[k]).max()) for k in grads_one)
     assert worst <= 1e-5 * scale, (worst, scale)
+
+
+def test_phase_a_step_on_the_pallas_kda_kernel():
+    """Phase a with `kda_impl="pallas_tpu"` (interpret mode; the windows' states come from the kernel's per-chunk
+    states) on data=4,tensor=2 (the kernel per shard): metrics and every parameter after the step equal one device's
+    XLA path."""
+    one = run_phase("a", steps=1, batch_size=8)
+    kernel = run_phase("a", steps=1, mesh_spec="data=4,tensor=2", batch_size=8, opts=RunOptions(kda_impl="pallas_tpu"))
+    for key in ("total", "grad_norm"):
+        assert abs(kernel[6][0][key] - one[6][0][key]) <= 1e-5 * max(1.0, abs(one[6][0][key])), key
+    for before, after in ((one[4], kernel[4]), (one[5], kernel[5])):
+        worst = max(float(np.abs(after[k] - before[k]).max()) for k in before)
+        assert worst <= 1e-5, worst

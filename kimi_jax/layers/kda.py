@@ -11,16 +11,55 @@ Decode cache per layer: {"conv": [B, W-1, 3, H, K] (pre-conv inputs of the last 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from kimi_jax.config import KimiLinearConfig
 from kimi_jax.layers.init import kda_a_log, kda_dt_bias, normal_param
 from kimi_jax.layers.norms import gated_rms_norm
-from kimi_jax.ops.kda import kda_chunked, kda_recurrent
+from kimi_jax.ops.kda import kda_chunked, kda_recurrent, resolve_kda_impl
+from kimi_jax.sharding import Resolver, batch_axes, spec_axes
 
 F32 = jnp.float32
+
+
+def chunked_core(impl: str, sharding, chunk_size: int, return_chunk_states: bool):
+    """`kda_chunked` with `impl` resolved for the target platform (the mesh's devices: a TPU topology compiled from a
+    CPU host is "tpu"), as f(q, k, v, g, beta, state or None) -> (o, final state[, chunk states]).
+
+    A Pallas kernel is opaque to GSPMD (it would gather its inputs whole onto every device), so on a mesh the kernels
+    run inside `shard_map`, one call per shard: batch over the activations' batch axes, heads over the axes the
+    `heads` rule gives (`tensor`, where it divides H). KDA mixes nothing across batch rows or heads, so each shard's
+    kernel is the whole computation for its rows and heads. Interpret mode wherever the target is not a TPU / GPU.
+    """
+    mesh = sharding.mesh if sharding is not None else None
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    impl = resolve_kda_impl(impl, platform)
+    interpret = platform not in ("tpu", "gpu", "cuda", "rocm")
+    kernel = functools.partial(kda_chunked, chunk_size=chunk_size, return_chunk_states=return_chunk_states,
+                               impl=impl, interpret=interpret)
+    if impl == "xla" or mesh is None or mesh.size == 1:
+        return kernel
+    batch = batch_axes(sharding) or None
+
+    def sharded(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV):
+        H = q_BTHK.shape[2]
+        heads = Resolver(mesh).spec((None, None, "heads", None), q_BTHK.shape)[2]
+        if set(spec_axes(heads)) & set(spec_axes(batch)):
+            heads = None
+        if state_BHKV is None:
+            state_BHKV = jnp.zeros(q_BTHK.shape[:1] + (H, q_BTHK.shape[-1], v_BTHV.shape[-1]), F32)
+        x = P(batch, None, heads, None)
+        state = P(batch, heads, None, None)
+        outs = (x, state) + ((P(batch, None, heads, None, None),) if return_chunk_states else ())
+        return jax.shard_map(kernel, mesh=mesh, in_specs=(x, x, x, x, P(batch, None, heads), state),
+                             out_specs=outs, check_vma=False)(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV)
+
+    return sharded
 
 
 def softplus_thresholded(z):
@@ -117,7 +156,7 @@ class KimiDeltaAttention(nnx.Module):
         return -jnp.exp(self.A_log[...].astype(F32))[:, None] * softplus_thresholded(z)
 
     def __call__(self, x_BTD, cache: dict | None = None, mask_BT=None, *, return_chunk_states: bool = False,
-                 export_starts_BN=None, lora: dict | None = None):
+                 export_starts_BN=None, lora: dict | None = None, kda_impl: str = "auto", sharding=None):
         """Returns (out_BTD, new_cache or None[, chunk_states_BNHKK]).
 
         With `cache`, the layer continues from its conv tail and recurrent state (prefill continuation or decode).
@@ -130,6 +169,9 @@ class KimiDeltaAttention(nnx.Module):
         W-1, 3, H, K]}, read off the chunked scan's boundary states (the recursive block's one-pass layout).
         `lora`: low-rank adapters {"qkv_a" [D, r], "qkv_b" [r, 3, H, K], "o_a" [H, K, r], "o_b" [r, D]} added to
         qkv_proj and o_proj (the recursive block's phase B; zero b at init).
+        `kda_impl`: the chunked core's implementation (`ops.kda.KDA_IMPLS`; "auto" resolved for the platform of
+        `sharding`'s mesh, else the default backend); `sharding`: the activations' [B, T, D] sharding, which the
+        Pallas kernels need to run per shard (`chunked_core`).
         """
         B, T, _ = x_BTD.shape
         if mask_BT is not None:
@@ -156,12 +198,10 @@ class KimiDeltaAttention(nnx.Module):
         want_states = return_chunk_states or export_starts_BN is not None
         if T == 1 and not want_states:
             o_BTHK, new_state = kda_recurrent(q_BTHK, k_BTHK, v_BTHK, g_BTHK, beta_BTH, state)
-        elif want_states:
-            o_BTHK, new_state, chunk_states = kda_chunked(q_BTHK, k_BTHK, v_BTHK, g_BTHK, beta_BTH, state,
-                                                          chunk_size=self.chunk_size, return_chunk_states=True)
         else:
-            o_BTHK, new_state = kda_chunked(q_BTHK, k_BTHK, v_BTHK, g_BTHK, beta_BTH, state,
-                                            chunk_size=self.chunk_size)
+            core = chunked_core(kda_impl, sharding, self.chunk_size, want_states)
+            o_BTHK, new_state, *rest = core(q_BTHK, k_BTHK, v_BTHK, g_BTHK, beta_BTH, state)
+            chunk_states = rest[0] if want_states else None
         o_BTHK = o_BTHK.astype(x_BTD.dtype)
 
         gate_BTR = jnp.einsum("btd,dr->btr", x_BTD, self.g_a_proj[...])

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimi_jax.ops.kda_pallas import kda_chunked_pallas
+
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -208,9 +210,28 @@ def _default_chunks_per_step(batch_heads: int) -> int:
     return max(1, 16 // batch_heads) if jax.default_backend() == "cpu" else 16
 
 
+KDA_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+
+
+def resolve_kda_impl(impl: str, platform: str | None = None) -> str:
+    """The implementation `impl` means on `platform` (default: JAX's default backend): "auto" is the Pallas kernel of
+    the platform on TPU and GPU and the XLA scan elsewhere; anything else is taken as given."""
+    if impl not in KDA_IMPLS:
+        raise ValueError(f"kda impl must be one of {KDA_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    platform = platform or jax.default_backend()
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(platform, "xla")
+
+
 def kda_chunked(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV=None, *, chunk_size: int = 64,
-                chunks_per_step: int | None = None, return_chunk_states: bool = False):
+                chunks_per_step: int | None = None, return_chunk_states: bool = False, impl: str = "auto",
+                interpret: bool | None = None):
     """Chunked (WY / UT) KDA, exact for unbounded per-channel gates, with a hand-written backward pass.
+
+    `impl` (see `resolve_kda_impl`): "xla" is the `lax.scan` below; "pallas_tpu" / "pallas_gpu" the kernels of
+    `ops/kda_pallas.py` (same contract and exactness; Pallas interpret mode where `interpret`, by default on CPU).
+    chunks_per_step applies to "xla" only.
 
     chunk_size must be a power of two (spec: 64). chunks_per_step chunks are handled per scan step (default: about
     16 // (batch * heads) on CPU, 16 elsewhere; fewer when the sequence has fewer chunks). The forward saves only
@@ -220,6 +241,10 @@ def kda_chunked(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV=None, *, ch
     fp32) or, with `return_chunk_states`, also chunk_states_BNHKV: the state *before* chunk n (after n * chunk_size
     tokens; n = 0 is the initial state), for every chunk n.
     """
+    impl = resolve_kda_impl(impl)
+    if impl != "xla":
+        return kda_chunked_pallas(q_BTHK, k_BTHK, v_BTHV, g_BTHK, beta_BTH, state_BHKV, impl=impl,
+                                  chunk_size=chunk_size, return_chunk_states=return_chunk_states, interpret=interpret)
     C = chunk_size
     if C < 1 or C & (C - 1):
         raise ValueError(f"kda_chunked: chunk_size must be a power of two, got {C}")
