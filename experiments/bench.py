@@ -1,6 +1,7 @@
 """Benchmarks that print figures measured in one run, each against a reference measured in the same run.
 
     python -m experiments.bench kda [--lengths 1024,4096,16384] [--heads 4] [--head_dim 128] [--tiny]
+    python -m experiments.bench kda --impl pallas_gpu,xla --lengths 8192,32768 --heads 32   # on an accelerator
     python -m experiments.bench train [--tiny]      # ~44M-parameter Kimi-Linear, batch 4 x 512, vs transformers
     python -m experiments.bench decode [--contexts 1024,4096,16384] [--tiny]
     python -m experiments.bench convert [--size_gb 3] [--workdir DIR] [--keep]
@@ -9,6 +10,10 @@
 `kda`: our chunked KDA forward (and forward + backward) vs transformers' PyTorch chunked KDA
 (`chunk_kimi_delta_attention`, what a user without fla's Triton kernels runs) and vs our own token-recurrent form,
 fp32, with the analytic FLOPs and the fraction of this machine's measured jitted fp32 matmul peak.
+`kda --impl I1,I2`: our implementations (xla, pallas_tpu, pallas_gpu) on JAX's device (TPU / GPU; on CPU the Pallas
+kernels run in interpret mode), forward and forward + backward, median after warm-up, beside fla's Triton `chunk_kda`
+on the same GPU when flash-linear-attention is installed; then each one's error on the 48B's gates (A_log up to 6.5)
+against a float64 recurrence.
 `train`: train-step tokens/s of the same random model in JAX (our train step, AdamW) and in transformers + torch
 (AdamW), with analytic MFU against the measured matmul peak; then a breakdown: each kind of layer, the KDA mixer,
 the KDA kernel and the MoE under each dispatch, jitted alone at the step's shape (forward and forward + backward).
@@ -299,6 +304,133 @@ def bench_kda(args) -> None:
               f"{ours_fb * 1e3:>8.1f}ms {tfb * 1e3:>8.1f}ms {tfb / ours_fb:>6.1f}x {rec * 1e3:>13.1f}ms", flush=True)
 
 
+def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    return float(np.median(timings(fn, repeats, warmup))) * 1e3
+
+
+def kda_float64(q, k, v, g, beta):
+    """The spec's token recurrence in float64 numpy (l2-normalised q, k; q scaled by K^-0.5): o [B, T, H, V]."""
+    q, k, v, g, beta = (np.asarray(a, np.float64) for a in (q, k, v, g, beta))
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) * q.shape[-1] ** -0.5
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    B, T, H, K = q.shape
+    S = np.zeros((B, H, K, v.shape[-1]))
+    o = np.zeros(v.shape)
+    for t in range(T):
+        S = S * np.exp(g[:, t])[..., None]
+        delta = (v[:, t] - np.einsum("bhk,bhkv->bhv", k[:, t], S)) * beta[:, t, :, None]
+        S = S + k[:, t, :, :, None] * delta[:, :, None, :]
+        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], S)
+    return o
+
+
+def layer_like_gates(rng, B, T, H, K):
+    """The 48B's gate regime: -exp(A_log) softplus(f + dt_bias) with A_log up to 6.5 (single tokens reach -2000)."""
+    a_log = rng.uniform(0.0, 6.5, H)
+    a_log[0] = 6.5
+    z = rng.standard_normal((B, T, H, K)) * 3.0 + rng.standard_normal((H, K))
+    return (-np.exp(a_log)[:, None] * np.logaddexp(0.0, z)).astype(np.float32)
+
+
+def _fla_chunk_kda():
+    """fla's Triton `chunk_kda` (flash-linear-attention) on a CUDA device, or None with the reason."""
+    try:
+        import torch
+        from fla.ops.kda import chunk_kda
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
+        return None, f"fla not importable ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available():
+        return None, "torch sees no CUDA device"
+    return chunk_kda, ""
+
+
+def bench_kda_impls(args) -> None:
+    """Our KDA implementations (`--impl`) on whatever device JAX runs on, median wall times after warm-up, and fla's
+    Triton `chunk_kda` on the same GPU when it is importable; then every implementation's error on the 48B's gates
+    against a float64 recurrence."""
+    import jax
+    import jax.numpy as jnp
+
+    from kimi_jax.ops.kda import kda_chunked, resolve_kda_impl
+
+    impls = [resolve_kda_impl(i) for i in args.impl.split(",")]
+    B, H, K = args.batch, args.heads, args.head_dim
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    device = jax.devices()[0]
+    fla, why = _fla_chunk_kda() if args.reference == "fla" else (None, "--reference none")
+    print(f"KDA core on {device.platform} ({device.device_kind}), jax {jax.__version__}: batch {B}, {H} heads of "
+          f"{K}, {args.dtype} q/k/v, fp32 gates and beta, median of {args.repeats} runs after 2 warm-ups")
+    if device.platform == "cpu" and any(i.startswith("pallas") for i in impls):
+        print("note: on CPU the Pallas kernels run in interpret mode (a correctness path, not a speed one)")
+    if fla is None and args.reference == "fla":
+        print(f"fla: not run, {why}")
+    rng = np.random.default_rng(0)
+    head = f"{'T':>6} {'impl':<11} {'fwd ms':>9} {'fwd+bwd ms':>11}"
+    print(head + ("   fla fwd ms  fla f+b ms  fla/ours fwd  fla/ours f+b" if fla else ""))
+    for T in [int(x) for x in args.lengths.split(",")]:
+        q, k, v = (rng.standard_normal((B, T, H, K), dtype=np.float32) for _ in range(3))
+        g = layer_like_gates(rng, B, T, H, K)
+        beta = (1 / (1 + np.exp(-rng.standard_normal((B, T, H))))).astype(np.float32)
+        xs = [jnp.asarray(a, dtype) for a in (q, k, v)] + [jnp.asarray(g), jnp.asarray(beta)]
+        fla_times = None
+        if fla is not None:
+            import torch
+
+            tq, tk, tv = (torch.from_numpy(a).to("cuda", torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32)
+                          for a in (q, k, v))
+            tg, tb = torch.from_numpy(g).cuda(), torch.from_numpy(beta).cuda()
+
+            def fla_fwd():
+                with torch.no_grad():
+                    fla(q=tq, k=tk, v=tv, g=tg, beta=tb, use_qk_l2norm_in_kernel=True)
+                torch.cuda.synchronize()
+
+            def fla_fb():
+                leaves = [a.detach().clone().requires_grad_(True) for a in (tq, tk, tv, tg, tb)]
+                o, _ = fla(q=leaves[0], k=leaves[1], v=leaves[2], g=leaves[3], beta=leaves[4],
+                           use_qk_l2norm_in_kernel=True)
+                o.float().sum().backward()
+                torch.cuda.synchronize()
+
+            fla_times = (_median_ms(fla_fwd, args.repeats), _median_ms(fla_fb, args.repeats))
+        for impl in impls:
+            fwd = jax.jit(lambda *a, impl=impl: kda_chunked(*a, impl=impl)[0])
+            grad = jax.jit(jax.grad(lambda *a, impl=impl: jnp.sum(kda_chunked(*a, impl=impl)[0]),
+                                    argnums=(0, 1, 2, 3, 4)))
+            t_f = _median_ms(lambda: jax.block_until_ready(fwd(*xs)), args.repeats)
+            t_fb = _median_ms(lambda: jax.block_until_ready(grad(*xs)), args.repeats)
+            row = f"{T:>6} {impl:<11} {t_f:>9.3f} {t_fb:>11.3f}"
+            if fla_times:
+                row += (f"   {fla_times[0]:>10.3f}  {fla_times[1]:>10.3f}  {fla_times[0] / t_f:>11.2f}x "
+                        f"{fla_times[1] / t_fb:>11.2f}x")
+            print(row, flush=True)
+    # Accuracy on the 48B's gate regime: output error relative to the largest |o| of a float64 recurrence.
+    T = args.check_len
+    q, k, v = (rng.standard_normal((1, T, 2, K), dtype=np.float32) for _ in range(3))
+    g = layer_like_gates(rng, 1, T, 2, K)
+    beta = (1 / (1 + np.exp(-rng.standard_normal((1, T, 2))))).astype(np.float32)
+    # The truth takes the inputs as the kernels receive them (rounded to --dtype): the figure is the kernels' own error.
+    q, k, v = (np.asarray(jnp.asarray(a, dtype).astype(jnp.float32)) for a in (q, k, v))
+    truth = kda_float64(q, k, v, g, beta)
+    errs = {}
+    for impl in impls:
+        o = jax.jit(lambda *a, impl=impl: kda_chunked(*a, impl=impl)[0])(
+            *[jnp.asarray(a, dtype) for a in (q, k, v)], jnp.asarray(g), jnp.asarray(beta))
+        errs[impl] = float(np.abs(np.asarray(o, np.float64) - truth).max() / np.abs(truth).max())
+    if fla is not None:
+        import torch
+
+        tdt = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
+        with torch.no_grad():
+            o, _ = fla(q=torch.from_numpy(q).to("cuda", tdt), k=torch.from_numpy(k).to("cuda", tdt),
+                       v=torch.from_numpy(v).to("cuda", tdt), g=torch.from_numpy(g).cuda(),
+                       beta=torch.from_numpy(beta).cuda(), use_qk_l2norm_in_kernel=True)
+        errs["fla chunk_kda"] = float(np.abs(o.float().cpu().numpy().astype(np.float64) - truth).max()
+                                      / np.abs(truth).max())
+    print(f"error vs float64 on the 48B's gates (A_log up to 6.5, min g {g.min():.0f}), T={T}, 2 heads, "
+          f"{args.dtype} inputs, the truth on the same rounded inputs (max |diff| / max |o|): " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
+
+
 def bench_model_config(tiny: bool):
     """The benchmark model: ~44M parameters (8 layers, hidden 512, 8 experts top-2, vocab 8k), or a tiny one."""
     from kimi_jax.config import MLA, KDA, DENSE, MOE, KimiLinearConfig, tiny as tiny_cfg
@@ -575,6 +707,14 @@ def main(argv=None) -> int:
     k.add_argument("--heads", type=int, default=4)
     k.add_argument("--head_dim", type=int, default=128)
     k.add_argument("--tiny", action="store_true")
+    k.add_argument("--impl", default=None, metavar="IMPL[,IMPL]",
+                   help="time these KDA implementations (auto, xla, pallas_tpu, pallas_gpu) on JAX's device, with fla's "
+                        "chunk_kda on the same GPU when importable, in place of the CPU comparison with transformers")
+    k.add_argument("--batch", type=int, default=1)
+    k.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="q/k/v dtype with --impl")
+    k.add_argument("--repeats", type=int, default=10, help="timed runs per figure with --impl, median (default 10)")
+    k.add_argument("--reference", choices=("fla", "none"), default="fla", help="with --impl: fla's chunk_kda or none")
+    k.add_argument("--check_len", type=int, default=1024, help="with --impl: T of the float64 accuracy check")
     t = sub.add_parser("train", help="train-step tokens/s vs transformers + torch")
     t.add_argument("--tiny", action="store_true")
     d = sub.add_parser("decode", help="greedy decode tokens/s vs transformers generate; per-layer cost vs context")
@@ -593,7 +733,14 @@ def main(argv=None) -> int:
     c.add_argument("--workdir", default=None, help="where to write (default: a temp dir, removed afterwards)")
     c.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     args = p.parse_args(argv)
-    if args.what in ("kda", "all"):
+    if args.what == "kda" and args.impl:
+        for flag in ("batch", "heads", "head_dim", "repeats", "check_len"):
+            if getattr(args, flag) < 1:
+                p.error(f"--{flag} must be positive")
+        if args.tiny:
+            args.heads, args.head_dim, args.lengths, args.repeats, args.check_len = 2, 32, "128", 1, 96
+        bench_kda_impls(args)
+    elif args.what in ("kda", "all"):
         if args.what == "all" or args.tiny:
             args.heads, args.head_dim = (2, 32) if args.tiny else (4, 128)
             args.lengths = "128,256" if args.tiny else "1024,4096,16384"

@@ -55,6 +55,7 @@ import sys
 import time
 from typing import Any
 
+from experiments.flags import add_kda_impl_flag
 from experiments.generate import UsageError, left_pad
 from kimi_jax.safe_io import Writes, write_json_atomic
 
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="picks the GSM8K few-shot exemplars (default 1234, lm-eval's seed; decoding is greedy)")
     p.add_argument("--dtype", choices=DTYPES,
                    help="parameter dtype (default: the stored one for orbax folders, float32 for HF folders)")
+    add_kda_impl_flag(p)
     p.add_argument("--max_new_tokens", type=int, default=256, metavar="N",
                    help="new tokens per GSM8K problem and generation prompt (default 256, lm-eval's max_gen_toks)")
     p.add_argument("--num_fewshot", type=int, default=5, metavar="K", help="GSM8K exemplars per prompt (default 5)")
@@ -301,8 +303,8 @@ def _check_stage_sidecar(stage: str, folder: str, rcfg) -> None:
 class _Generator:
     """Batched generation of token rows with one compiled shape ([batch_size, prompt_length], max_new_tokens)."""
 
-    def __init__(self, model, eos, pad, batch_size, prompt_length, max_new_tokens):
-        self.model, self.eos, self.pad = model, eos, pad
+    def __init__(self, model, eos, pad, batch_size, prompt_length, max_new_tokens, opts):
+        self.model, self.eos, self.pad, self.opts = model, eos, pad, opts
         self.batch_size, self.length, self.N = batch_size, prompt_length, max_new_tokens
 
     def batch_inputs(self, rows):
@@ -315,7 +317,7 @@ class _Generator:
         ids, mask = self.batch_inputs(rows)
         t0 = time.perf_counter()
         res = generate_recursive(self.model, sidecar, rcfg, ids, max_new_tokens or self.N, attention_mask=mask,
-                                 eos_token_id=self.eos, pad_token_id=self.pad, diagnostic=diagnostic)
+                                 eos_token_id=self.eos, pad_token_id=self.pad, diagnostic=diagnostic, opts=self.opts)
         return res, time.perf_counter() - t0
 
     def run_all(self, sidecar, rcfg, rows, *, diagnostic, desc, progress):
@@ -342,11 +344,11 @@ def _prefill_fn():
     import jax.numpy as jnp
     from flax import nnx
 
-    @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-    def prefill(graphdef, state, ids_BT, mask_BT, *, cache_len: int):
+    @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "opts"))
+    def prefill(graphdef, state, ids_BT, mask_BT, *, cache_len: int, opts):
         model = nnx.merge(graphdef, state)
         cache = model.init_cache(ids_BT.shape[0], cache_len)
-        h_BTD, cache = model.hidden_states(ids_BT, cache=cache, attention_mask=mask_BT)
+        h_BTD, cache = model.hidden_states(ids_BT, cache=cache, attention_mask=mask_BT, opts=opts)
         return jnp.argmax(model.logits(h_BTD[:, -1:]), axis=-1), cache  # the cache too: nothing is skipped
 
     return prefill
@@ -363,7 +365,7 @@ def measure_prefill(gen: _Generator, rows) -> dict:
     ids, mask = gen.batch_inputs(rows[:gen.batch_size])
     graphdef, state = nnx.split(gen.model)
     prefill = functools.partial(_prefill_fn(), graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
-                                cache_len=ids.shape[1] + gen.N)
+                                cache_len=ids.shape[1] + gen.N, opts=gen.opts)
     timed(prefill)  # warm-up (compiles)
     seconds = min(timed(prefill)[1] for _ in range(TIMING_REPEATS))
     tokens = int(ids.size)
@@ -569,7 +571,10 @@ def evaluate_stage(args: argparse.Namespace, plan: _Plan) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else (
         cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
     base_rcfg = rcfg.replace(recursive_enabled=False)
-    gen = _Generator(model, eos, pad, args.batch_size, prompt_length, args.max_new_tokens)
+    from kimi_jax.model import RunOptions
+
+    gen = _Generator(model, eos, pad, args.batch_size, prompt_length, args.max_new_tokens,
+                     RunOptions(kda_impl=args.kda_impl))
     seconds: dict = {}
 
     # ---- core: perplexity on the clean path
@@ -583,7 +588,7 @@ def evaluate_stage(args: argparse.Namespace, plan: _Plan) -> dict:
                 "path_note": ("the model's clean causal forward without the sidecar: the commit path of the "
                               "recursive generator (unchanged by phases A/B, so it must equal the baseline's)"
                               if use_recursive else "the model's causal forward")}
-        core.update(evaluate_perplexity(docs, model_scorer(model), seq_len=args.seq_len, stride=stride,
+        core.update(evaluate_perplexity(docs, model_scorer(model, gen.opts), seq_len=args.seq_len, stride=stride,
                                         batch_size=args.batch_size, pad_id=pad, progress=progress))
         core.update(prefix_token_id=prefix_id, tokens_fingerprint=tokens_fingerprint(docs), truncated=truncated)
         seconds["core"] = time.perf_counter() - t0
@@ -674,7 +679,7 @@ def evaluate_stage(args: argparse.Namespace, plan: _Plan) -> dict:
         # Without recursion, a zero-init sidecar with one inner step only serves the greedy continuation.
         chunk_sidecar = sidecar if use_recursive else build_sidecar(cfg, chunk_rcfg)
         acc = {"status": "ok", **evaluate_chunk_accuracy(model, chunk_sidecar, chunk_rcfg, rows, starts, max_chunks,
-                                                          progress=progress)}
+                                                          progress=progress, opts=gen.opts)}
         greedy_chunks = {"status": "ok", "chunk_width": acc["chunk_width"], "num_chunks": acc["num_chunks"],
                          "row_length": acc["row_length"], "windows_per_row": acc["windows_per_row"],
                          **acc["baseline_greedy"]}

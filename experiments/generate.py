@@ -35,6 +35,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from experiments.flags import add_kda_impl_flag
+
 if TYPE_CHECKING:
     from kimi_jax.safe_io import Writes
 
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, metavar="B", help="prompts per batch (default: all in one batch)")
     p.add_argument("--dtype", choices=DTYPES,
                    help="parameter dtype (default: the stored one for orbax folders, float32 for HF folders)")
+    add_kda_impl_flag(p)
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="recorded in the output (default 0; generation is greedy, nothing is sampled)")
     p.add_argument("--warmup", action="store_true",
@@ -228,6 +231,7 @@ def run(argv=None, writes: Writes | None = None) -> int:
     from kimi_jax import tokenizer as tokenizer_mod
     from kimi_jax.config import KimiLinearConfig
     from kimi_jax.recursive import io
+    from kimi_jax.model import RunOptions
     from kimi_jax.recursive.generate import generate_recursive
     from kimi_jax.recursive.metrics import recursive_metrics, traces_to_json
 
@@ -286,7 +290,8 @@ def run(argv=None, writes: Writes | None = None) -> int:
         chunk_rows = [rows[i] for i in idx] + [rows[idx[-1]]] * (batch_size - len(idx))
         ids, mask = left_pad(chunk_rows, length, pad)
         return generate_recursive(model, sidecar, rcfg, ids, N, attention_mask=mask, eos_token_id=eos,
-                                  pad_token_id=pad, diagnostic=diagnostic, progress=progress)
+                                  pad_token_id=pad, diagnostic=diagnostic, progress=progress,
+                                  opts=RunOptions(kda_impl=args.kda_impl))
 
     warmup_seconds = None
     if args.warmup:

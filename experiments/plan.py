@@ -39,6 +39,8 @@ import os
 import sys
 import time
 
+from experiments.flags import add_kda_impl_flag
+
 PEAK_TFLOPS = {"v5p": 459.0, "v5e": 197.0, "v6e": 918.0, "v4": 275.0, "h100": 989.0, "h200": 989.0, "a100": 312.0}
 # Interconnect bandwidth per chip in GB/s (1e9 bytes/s), ONE direction: what a chip can send (and at the same time
 # receive) per second over all its links, the rate at which the collective bytes of kimi_jax.hlo_costs (bytes
@@ -85,6 +87,7 @@ def parse_args(argv=None):
                    help="parameter dtype (default bfloat16)")
     p.add_argument("--moe_dispatch", choices=DISPATCHES, default="auto",
                    help="MoE expert dispatch (default auto: grouped-matmul kernels on TPU/GPU, see kimi_jax/layers/moe.py)")
+    add_kda_impl_flag(p)
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
                    help="remat each layer cycle (default on)")
     p.add_argument("--mfu", type=float, default=0.4,
@@ -253,7 +256,7 @@ def main(argv=None) -> int:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     t0 = time.time()
     model = nnx.eval_shape(lambda: KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    opts = RunOptions(remat=args.remat, moe_dispatch=args.moe_dispatch)
+    opts = RunOptions(remat=args.remat, moe_dispatch=args.moe_dispatch, kda_impl=args.kda_impl)
     flops = analytic_flops_per_token(cfg, args.seq_len)
     if rcfg is None:
         trainer, params, opt_state = build_trainer(model, make_optimizer(1e-5), mesh, args.batch_size, opts=opts)

@@ -102,6 +102,8 @@ import signal
 import sys
 import time
 
+from experiments.flags import add_kda_impl_flag
+
 STAGES = ("vanilla", "recursive")
 PHASES = ("a", "b", "c")
 DTYPES = ("float32", "bfloat16")
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rematerialise each layer cycle in the backward pass (default on)")
     g.add_argument("--unroll_layers", action="store_true",
                    help="unroll the scans over layers (faster steps for small models; compile time grows with depth)")
+    add_kda_impl_flag(g)
     g.add_argument("--mesh", help="mesh spec, e.g. data=2,fsdp=-1 (default: fsdp over every device)")
     g.add_argument("--trust_remote_code", action="store_true", help="accepted and ignored")
     d = p.add_argument_group("data")
@@ -621,7 +624,7 @@ class Run:
         from kimi_jax.training import checkpoints as ck
 
         self.mesh = sharding.make_mesh(args.mesh)
-        self.opts = RunOptions(remat=args.remat, unroll_layers=args.unroll_layers)
+        self.opts = RunOptions(remat=args.remat, unroll_layers=args.unroll_layers, kda_impl=args.kda_impl)
         self.dtype = jnp.dtype(self.dtype_name)
         self.root_key = np.asarray(jax.random.PRNGKey(args.seed), np.uint32)
         if self.resume_from is not None:

@@ -448,3 +448,17 @@ def test_hf_folder(runs, model_folder, tmp_path):
     assert base["settings"]["model_format"] == "hf"
     assert tokens_of(base) == tokens_of(rec)
     assert tokens_of(base) != tokens_of(runs["base"][1])  # other weights, other tokens
+
+
+def test_kda_impl_reaches_the_model_and_keeps_the_tokens(runs, model_folder, monkeypatch, tmp_path):
+    """`--kda_impl pallas_gpu` (interpret mode here) is what the KDA layers run, and greedy tokens equal the default's."""
+    from kimi_jax.layers import kda as kda_layer
+
+    seen = []
+    real = kda_layer.resolve_kda_impl
+    monkeypatch.setattr(kda_layer, "resolve_kda_impl", lambda impl, platform=None: seen.append(impl) or real(
+        impl, platform))
+    rc, out, err = cli(*base_args(model_folder, "--kda_impl", "pallas_gpu", "--output_json", tmp_path / "k.json"))
+    assert rc == 0, err
+    assert seen and set(seen) == {"pallas_gpu"}
+    assert tokens_of(read_json(tmp_path / "k.json")) == tokens_of(runs["base"][1])

@@ -248,3 +248,19 @@ def test_ragged_all_to_alls_are_counted_balanced_and_bounded(capsys):
     assert "4.00 GiB above" in out and "32.00 GiB, all collectives 64.00 GiB (communication 0.115 s)" in out
     (_, _, comm, _, bound), = BOUND_LINE.findall(out)
     assert float(comm) == round(36 * gib / 600e9, 3) and float(bound) == float(comm)
+
+
+def test_plan_threads_kda_impl_to_the_layers(tmp_path, capsys, monkeypatch):
+    """`--kda_impl pallas_tpu` reaches every KDA layer (here in interpret mode, per shard on fsdp=4,tensor=2), and the
+    plan compiles."""
+    from kimi_jax.layers import kda as kda_layer
+
+    seen = []
+    real = kda_layer.resolve_kda_impl
+    monkeypatch.setattr(kda_layer, "resolve_kda_impl", lambda impl, platform=None: seen.append(impl) or real(
+        impl, platform))
+    rc = plan.main(["--config", "tiny", "--mesh", "fsdp=4,tensor=2", "--devices", "8", "--batch_size", "8",
+                    "--seq_len", "128", "--kda_impl", "pallas_tpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert seen and set(seen) == {"pallas_tpu"}

@@ -386,13 +386,24 @@ def _gpu_backward(xs, states, do, dstates, dfinal, *, C, scale, interpret):
 
 
 def _cost(N, n, C, K, V, *, backward: bool):
-    """FLOPs per call: per chunk and level, the decays (2 C^2 K each for pre and suf), the quarter products of A and P
-    (2 x 2 C^2 K) and the substitution (2 x 2 C^3); then Din/Dout, U, W, the state's read and update. The backward
-    recomputes the forward's intra-chunk work and does about twice it again."""
+    """The kernels' matmul FLOPs, counted from `chunk_forward` / `chunk_backward` (elementwise work left out), and
+    their HBM traffic, for XLA's and the planner's cost models."""
     levels = C.bit_length() - 1
-    intra = levels * (4 * C * C * K + 4 * C * C * K + 4 * C ** 3) + 4 * C * C * K
-    fwd = intra + 2 * C * C * (V + K) + 2 * C * K * V * 4 + 2 * C * C * V + 2 * K * K * V
-    flops = fwd if not backward else fwd + intra * 2 + 2 * C * K * V * 8 + 2 * C ** 3 * 2
+    mm = lambda m, k, n_: 2 * m * k * n_
+    # per level: pre / suf decays, the A and P quarters, T's substitution; then Din / Dout
+    intra = levels * (2 * mm(C, C, K) + 2 * mm(C, K, C) + 2 * mm(C, C, C)) + 2 * mm(C, C, K)
+    uw = mm(C, C, V) + mm(C, C, K)
+    if not backward:
+        # U, W; W S, (q Din) S, P v_new; the state's decay and update
+        flops = intra + uw + 2 * mm(C, K, V) + mm(C, C, V) + mm(K, K, V) + mm(K, C, V)
+    else:
+        # recomputed intra / U / W / v_new; dv_new; dS_before; d_kO, d_qD, dW; dP; d_rhs; dT; dA; per level the
+        # decays, the rows' and columns' products and the gate sums; the Din / Dout gate sums
+        flops = (intra + uw + mm(C, K, V) + mm(C, K, V) + mm(C, C, V) + mm(K, K, V) + 2 * mm(K, C, V)
+                 + 3 * mm(C, V, K) + mm(C, V, C) + mm(C, C, V) + mm(C, C, K) + mm(C, V, C) + mm(C, K, C)
+                 + 2 * mm(C, C, C) + levels * (2 * mm(C, C, K) + 2 * mm(C, C, K) + 2 * mm(C, C, K)
+                                               + 2 * mm(C, C, K)) + 2 * mm(C, C, K))
+    # reads q, k, g (K wide), v (V), beta, the state; writes o (forward) or every input's gradient (backward)
     io = 4 * (C * (3 * K + V + 1) + K * V) * (2 if backward else 1)
     return pl.CostEstimate(flops=int(N * n * flops), transcendentals=int(N * n * (2 * levels + 2) * C * K),
                            bytes_accessed=int(N * n * io))
