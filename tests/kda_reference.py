@@ -25,14 +25,15 @@ def gates_np(rng, kind, T, H, K):
     return -np.abs(rng.standard_normal((T, H, K))) * GATE_SCALES[kind]
 
 
-def make_inputs(seed, T, kinds=GATE_KINDS, with_state=False, H=H, K=K, V=V):
-    """q, k, v, g, beta (fp32 numpy) and an initial state (or None); batch element b uses gates of kinds[b]."""
+def make_inputs(seed, T, kinds=GATE_KINDS, with_state=False, H=H, K=K, V=V, gates=None):
+    """q, k, v, g, beta (fp32 numpy) and an initial state (or None); batch element b uses gates of kinds[b], drawn by
+    `gates(rng, kind, T, H, K)` (default `gates_np`)."""
     rng = np.random.default_rng(seed)
     B = len(kinds)
     q_BTHK = rng.standard_normal((B, T, H, K))
     k_BTHK = rng.standard_normal((B, T, H, K))
     v_BTHV = rng.standard_normal((B, T, H, V))
-    g_BTHK = np.stack([gates_np(rng, kind, T, H, K) for kind in kinds])
+    g_BTHK = np.stack([(gates or gates_np)(rng, kind, T, H, K) for kind in kinds])
     beta_BTH = 1.0 / (1.0 + np.exp(-rng.standard_normal((B, T, H))))
     state_BHKV = rng.standard_normal((B, H, K, V)) if with_state else None
     f32 = lambda a: None if a is None else a.astype(np.float32)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kda_reference import assert_finite, kda_reference_np, rel_err, softplus_np
+from kda_reference import assert_finite, kda_reference_np, make_inputs, rel_err, softplus_np
 from kimi_jax.config import tiny
 from kimi_jax.model import KimiLinearForCausalLM, RunOptions, forward
 from kimi_jax.ops.kda import kda_chunked, resolve_kda_impl
@@ -50,15 +50,7 @@ def gates(rng, regime: str, T: int, H: int, K: int):
 
 def regime_inputs(seed: int, T: int, H: int, K: int, V: int, with_state: bool):
     """q, k, v, g, beta, state (fp32 numpy; state None without), batch element b in regime REGIMES[b]."""
-    rng = np.random.default_rng(seed)
-    B = len(REGIMES)
-    q, k = rng.standard_normal((B, T, H, K)), rng.standard_normal((B, T, H, K))
-    v = rng.standard_normal((B, T, H, V))
-    g = np.stack([gates(rng, r, T, H, K) for r in REGIMES])
-    beta = 1.0 / (1.0 + np.exp(-rng.standard_normal((B, T, H))))
-    state = rng.standard_normal((B, H, K, V)) if with_state else None
-    f32 = lambda a: None if a is None else a.astype(np.float32)
-    return tuple(map(f32, (q, k, v, g, beta))), f32(state)
+    return make_inputs(seed, T, REGIMES, with_state, H=H, K=K, V=V, gates=gates)
 
 
 def chunk_states_np(states_BTHKV, state0_BHKV, T: int):

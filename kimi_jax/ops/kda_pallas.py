@@ -223,6 +223,18 @@ def chunk_backward(qr, kr, v, g, beta, S, dS_after, do, *, scale: float):
 
 
 # ----------------------------------------------------------------------------------------------------- TPU kernels
+def _dims(xs, C: int):
+    """(N, padded T, K, V, chunks) of the heads-first inputs."""
+    N, Tp, K = xs[0].shape
+    return N, Tp, K, xs[2].shape[-1], Tp // C
+
+
+def _forward_outputs(N, Tp, n, K, V):
+    """o [N, T, V], the state before every chunk [N, chunks, K, V], the final state [N, K, V] (fp32)."""
+    return [jax.ShapeDtypeStruct((N, Tp, V), F32), jax.ShapeDtypeStruct((N, n, K, V), F32),
+            jax.ShapeDtypeStruct((N, K, V), F32)]
+
+
 def _tpu_forward_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, s0_ref, o_ref, states_ref, final_ref, S_scr, *,
                         scale, n_chunks):
     c = pl.program_id(1)
@@ -263,10 +275,7 @@ def _tpu_backward_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, states_ref, do_ref, 
 
 
 def _tpu_forward(xs, S0, *, C, scale, interpret):
-    q, k, v, g, beta = xs
-    N, Tp, K = q.shape
-    V = v.shape[-1]
-    n = Tp // C
+    N, Tp, K, V, n = _dims(xs, C)
     tok = lambda d: pl.BlockSpec((None, C, d), lambda b, c: (b, c, 0))
     whole_state = pl.BlockSpec((None, K, V), lambda b, c: (b, 0, 0))
     return pl.pallas_call(
@@ -274,21 +283,17 @@ def _tpu_forward(xs, S0, *, C, scale, interpret):
         grid=(N, n),
         in_specs=[tok(K), tok(K), tok(V), tok(K), tok(1), whole_state],
         out_specs=[tok(V), pl.BlockSpec((None, None, K, V), lambda b, c: (b, c, 0, 0)), whole_state],
-        out_shape=[jax.ShapeDtypeStruct((N, Tp, V), F32), jax.ShapeDtypeStruct((N, n, K, V), F32),
-                   jax.ShapeDtypeStruct((N, K, V), F32)],
+        out_shape=_forward_outputs(N, Tp, n, K, V),
         scratch_shapes=[pltpu.VMEM((K, V), F32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=_cost(N, n, C, K, V, backward=False),
         interpret=interpret,
         name="kda_chunk_fwd",
-    )(q, k, v, g, beta, S0)
+    )(*xs, S0)
 
 
 def _tpu_backward(xs, states, do, dstates, dfinal, *, C, scale, interpret):
-    q, k, v, g, beta = xs
-    N, Tp, K = q.shape
-    V = v.shape[-1]
-    n = Tp // C
+    N, Tp, K, V, n = _dims(xs, C)
     rev = lambda b, c: (b, n - 1 - c, 0)
     tok = lambda d: pl.BlockSpec((None, C, d), rev)
     chunk_state = pl.BlockSpec((None, None, K, V), lambda b, c: (b, n - 1 - c, 0, 0))
@@ -305,7 +310,7 @@ def _tpu_backward(xs, states, do, dstates, dfinal, *, C, scale, interpret):
         cost_estimate=_cost(N, n, C, K, V, backward=True),
         interpret=interpret,
         name="kda_chunk_bwd",
-    )(q, k, v, g, beta, states, do, dstates, dfinal)
+    )(*xs, states, do, dstates, dfinal)
 
 
 # ----------------------------------------------------------------------------------------------------- GPU kernels
@@ -343,10 +348,7 @@ def _gpu_params():
 
 
 def _gpu_forward(xs, S0, *, C, scale, interpret):
-    q, k, v, g, beta = xs
-    N, Tp, K = q.shape
-    V = v.shape[-1]
-    n = Tp // C
+    N, Tp, K, V, n = _dims(xs, C)
     per_head = lambda *shape: pl.BlockSpec((None,) + shape, lambda b: (b,) + (0,) * len(shape))
     return pl.pallas_call(
         functools.partial(_gpu_forward_kernel, C=C, scale=scale, n_chunks=n),
@@ -354,20 +356,16 @@ def _gpu_forward(xs, S0, *, C, scale, interpret):
         in_specs=[per_head(Tp, K), per_head(Tp, K), per_head(Tp, V), per_head(Tp, K), per_head(Tp, 1),
                   per_head(K, V)],
         out_specs=[per_head(Tp, V), per_head(n, K, V), per_head(K, V)],
-        out_shape=[jax.ShapeDtypeStruct((N, Tp, V), F32), jax.ShapeDtypeStruct((N, n, K, V), F32),
-                   jax.ShapeDtypeStruct((N, K, V), F32)],
+        out_shape=_forward_outputs(N, Tp, n, K, V),
         compiler_params=None if interpret else _gpu_params(),
         cost_estimate=_cost(N, n, C, K, V, backward=False),
         interpret=interpret,
         name="kda_chunk_fwd",
-    )(q, k, v, g, beta, S0)
+    )(*xs, S0)
 
 
 def _gpu_backward(xs, states, do, dstates, dfinal, *, C, scale, interpret):
-    q, k, v, g, beta = xs
-    N, Tp, K = q.shape
-    V = v.shape[-1]
-    n = Tp // C
+    N, Tp, K, V, n = _dims(xs, C)
     per_head = lambda *shape: pl.BlockSpec((None,) + shape, lambda b: (b,) + (0,) * len(shape))
     shapes = [(N, Tp, K), (N, Tp, K), (N, Tp, V), (N, Tp, K), (N, Tp, 1), (N, K, V)]
     return pl.pallas_call(
@@ -382,7 +380,7 @@ def _gpu_backward(xs, states, do, dstates, dfinal, *, C, scale, interpret):
         cost_estimate=_cost(N, n, C, K, V, backward=True),
         interpret=interpret,
         name="kda_chunk_bwd",
-    )(q, k, v, g, beta, states, do, dstates, dfinal)
+    )(*xs, states, do, dstates, dfinal)
 
 
 def _cost(N, n, C, K, V, *, backward: bool):
