@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Iterator, Mapping
 
 import jax
@@ -133,11 +134,14 @@ def drop_orbax_failure_echoes() -> None:
     started; each one then reports "Event loop is closed" through sys.unraisablehook (hundreds of tracebacks for a
     large checkpoint, from background threads, some before and some after the caller learns of the failure), and
     orbax's abandoned coroutines, tasks and futures report their exceptions again when they are collected
-    (sys.unraisablehook, the asyncio logger), often at exit. The caller reports the failure itself in one line, so
+    (sys.unraisablehook, the asyncio logger, unawaited-coroutine warnings), often at exit. The caller reports the failure itself in one line, so
     these are noise. Call it before a background write starts; a no-op while the filters are in place."""
     asyncio_logger = logging.getLogger("asyncio")
     if not any(isinstance(f, _DropAbandonedOrbaxTasks) for f in asyncio_logger.filters):
         asyncio_logger.addFilter(_DropAbandonedOrbaxTasks())
+    # The coroutines a failed write abandons (e.g. its fragment writers) are collected unawaited, and Python warns
+    # of each ("RuntimeWarning: coroutine '...' was never awaited", plus a tracemalloc hint), sometimes at exit.
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     if getattr(sys.unraisablehook, "drops_orbax_failure_echoes", False):
         return
     previous = sys.unraisablehook
