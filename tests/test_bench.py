@@ -12,6 +12,7 @@ def test_kda_flop_count_matches_the_issue_figure():
     assert 170e3 < bench.kda_flops_per_token_head(64, 128) < 185e3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what,expect", [
     ("kda", ["ours fwd", "torch fwd", "% peak", "ours recurrent"]),
     ("train", ["ours (jax, AdamW)", "ours, unrolled layers", "transformers + torch", "analytic MFU", "ratio", "step breakdown",
@@ -28,6 +29,7 @@ def test_benchmark_harness_runs_tiny(what, expect, capsys):
     assert "nan" not in out.lower()
 
 
+@pytest.mark.slow
 def test_convert_benchmark_harness_runs_small(tmp_path, capsys):
     assert bench.main(["convert", "--size_gb", "0.02", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

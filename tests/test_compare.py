@@ -33,6 +33,7 @@ def answer(stdout: str, number: int) -> str:
     return next(line for line in stdout.splitlines() if line.startswith(f"{number}. "))
 
 
+@pytest.mark.slow
 def test_surgery_verdict_yes_on_the_real_zero_init_runs(evaluation_runs, tmp_path):
     out = evaluation_runs["out"]
     report = tmp_path / "report.md"

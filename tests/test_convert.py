@@ -171,6 +171,7 @@ ROUND_TRIPS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, layout, shards, exports", ROUND_TRIPS,
                          ids=[f"{n}-{l}-{s}" for n, l, s, _ in ROUND_TRIPS])
 def test_round_trip(reference_factory, tmp_path, name, layout, shards, exports):
@@ -348,6 +349,7 @@ def test_mixed_source_dtypes_are_stored_losslessly_and_named(small, small_f32, t
 
 
 # ---------------------------------------------------------------------------------------------------- self-contained
+@pytest.mark.slow
 def test_output_folders_are_self_contained(small, tmp_path):
     """Real command lines (subprocess): tokenizer files travel HF -> orbax -> HF; neither output needs its source."""
     src = copy_checkpoint(small.folder("hub"), tmp_path / "src")
@@ -530,6 +532,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(small, tmp_path, capsys, kind)
     assert not stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["missing-shard", "inconsistent-offsets"])
 def test_subprocess_error_exit_code(small, tmp_path, kind):
     """The real command line: exit 2 (bad input) and exactly one stderr line. In-process runs cannot see what orbax's
@@ -762,6 +765,7 @@ def signal_run(small, tmp_path_factory, request):
     return request.param, run_signalled(small, out, request.param), out
 
 
+@pytest.mark.slow
 def test_signal_exit_code_and_nothing_left(small, signal_run):
     signame, proc, out = signal_run
     calls = re.search(r"calls=(\d+)", proc.stdout)
@@ -908,6 +912,7 @@ echo "keep: $(cat "$DISK/out/keep.txt")"
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["hf_to_orbax", "orbax_to_hf"])
 def test_full_disk_is_one_line_and_keeps_the_old_output(small, small_f32, tmp_path, command):
     """--output on a 512 KiB file system (the float32 output needs ~1 MB, so the write fails part way): one error
@@ -977,6 +982,7 @@ def _max_diff(stdout: str) -> float:
     return float(m.group(2))
 
 
+@pytest.mark.slow
 def test_check_logits_subprocess_passes(small, small_f32):
     proc = run_subprocess("convert.check_logits", "--hf_path", small.folder("hub"), "--ckpt", small_f32,
                           "--num_tokens", 16, "--seed", 3)

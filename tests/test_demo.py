@@ -25,6 +25,7 @@ def demo(tmp_path_factory):
     return workdir, proc.stdout
 
 
+@pytest.mark.slow
 def test_demo_produces_every_stage_report_and_plot(demo):
     workdir, stdout = demo
     results = workdir / "eval_results"

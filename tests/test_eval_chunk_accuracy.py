@@ -71,6 +71,7 @@ def _run(model, sidecar, rcfg, row):
                                         jnp.asarray([[W]], jnp.int32), rcfg=rcfg, opts=RunOptions()))
 
 
+@pytest.mark.slow
 def test_zero_init_proposals_are_the_baseline_greedy(model):
     from kimi_jax.generate import generate_greedy
 

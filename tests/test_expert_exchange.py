@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from kimi_jax.ops import expert_exchange as ex
@@ -39,6 +40,7 @@ def run_exchange(experts, values, mesh):
     return go(jnp.asarray(experts), jnp.asarray(values))
 
 
+@pytest.mark.slow
 def test_rows_arrive_at_their_experts_in_source_order_and_come_back():
     mesh = Mesh(np.array(jax.devices()[:N]), ("expert",))
     experts, values = routed_rows(0)
@@ -54,6 +56,7 @@ def test_rows_arrive_at_their_experts_in_source_order_and_come_back():
     np.testing.assert_array_equal(back, values)  # the reversed plan brings every row home
 
 
+@pytest.mark.slow
 def test_exchange_gradient_is_the_reversed_exchange():
     mesh = Mesh(np.array(jax.devices()[:N]), ("expert",))
     experts, values = routed_rows(1)

@@ -67,6 +67,7 @@ def compare(layer, mesh_spec, dispatch, x, batch_axes="auto"):
     return float(jnp.abs(out - ref_out).max()) / scale, worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4", "fsdp=2,expert=4"])
 @pytest.mark.parametrize("routing", ["balanced", "skewed", "two_experts"])
 def test_all_to_all_equals_one_device(mesh_spec, routing):
@@ -120,6 +121,7 @@ def test_balanced_routing_fills_the_share_of_the_receive_buffer_the_planner_assu
         assert filled / R == pytest.approx(balanced_fill(k, n, E_loc))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec, B", [("data=2,expert=4", 8), ("data=2,expert=4", 2), ("expert=8", 1)])
 def test_prefill_and_decode_on_an_expert_mesh_equal_one_device(mesh_spec, B):
     """The whole model with its caches, experts split over the mesh: prefill logits, four decode steps' logits and

@@ -95,6 +95,7 @@ def runs(model_folder, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_zero_init_surgery_with_verified_commits_reproduces_greedy(runs):
     base, rec = runs["base"][1], runs["rec"][1]
     assert not base["use_recursive"] and rec["use_recursive"]
@@ -187,6 +188,7 @@ def test_window_flags_without_recursion_say_so(runs, model_folder):
     assert "notice: --chunk_width, --diagnostic have no effect without recursion (pass --use_recursive)" in err
 
 
+@pytest.mark.slow
 def test_trained_sidecar_with_baseline_verified_reproduces_greedy(runs, model_folder, tmp_path):
     """A saved sidecar with random non-zero weights (a "trained" checkpoint): its own recursive_config.json is used,
     the proposals differ from greedy, and baseline_verified still commits exactly the greedy tokens."""

@@ -108,6 +108,7 @@ def test_outputs_and_states_match_float64_per_gate_regime(impl, with_state):
         assert np.all(e <= TOL), (name, dict(zip(REGIMES, e)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_every_gradient_matches_float64_per_gate_regime(impl, with_state):
@@ -182,6 +183,7 @@ def test_impl_resolution_and_checks():
     assert [padded_dim(d) for d in (8, 16, 24, 64, 72, 128)] == [16, 16, 32, 64, 128, 128]
 
 
+@pytest.mark.slow
 def test_model_logits_equal_the_xla_path():
     """The tiny model (KDA, MLA, MoE) with a left-padded row: logits with either kernel equal the XLA scan's."""
     model = KimiLinearForCausalLM(tiny(num_hidden_layers=3, mla_layers=(1,), first_k_dense=1), rngs=nnx.Rngs(0))

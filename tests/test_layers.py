@@ -523,6 +523,7 @@ def test_softplus_thresholded_matches_torch_formula():
     assert np.all(np.isfinite(np.asarray(jax.grad(g_of_z)(jnp.array([100.0, 1e4, -1e4], jnp.float32)))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ["skewed", "one_expert", "exact_tiles", "single_token", "few_tokens"])
 def test_moe_tiled_dispatch_equals_dense_values_and_grads(routing):
     """The tiled dispatch on routings that stress its bookkeeping: empty experts, one expert holding everything,

@@ -424,6 +424,7 @@ def test_generate_until_context_is_cut_to_fit(adapter, lm):
         lm.generate_until([FakeInstance(("x", {"do_sample": True}))])
 
 
+@pytest.mark.slow
 def test_recursive_zero_init_surgery_generates_the_same(rec_lm, reference_generations, stop_strings):
     assert rec_lm.rcfg.recursive_enabled and rec_lm.rcfg.commit_mode == "verified"
     assert rec_lm.load_info["sidecar"] == "fresh"
@@ -551,6 +552,7 @@ def _run_cli(*args, timeout=600):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @needs_lm_eval
 def test_cli_wrapper_end_to_end(model_folder, task_dir, tmp_path):
     out_dir = tmp_path / "out"
@@ -565,6 +567,7 @@ def test_cli_wrapper_end_to_end(model_folder, task_dir, tmp_path):
     assert 0.0 <= results["results"]["kimi_local_mc"]["acc,none"] <= 1.0
 
 
+@pytest.mark.slow
 @needs_lm_eval
 def test_cli_wrapper_bad_model_args_is_one_error_line(tmp_path, task_dir):
     proc = _run_cli("--model", "kimi_jax", "--model_args", f"path={tmp_path / 'nope'}", "--tasks", "kimi_local_mc",

@@ -238,6 +238,7 @@ def _grads(model, ids, opts):
     return nnx.grad(lambda m: _loss(m, ids, opts))(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", [RunOptions(remat=True), RunOptions(unroll_layers=True)], ids=["remat", "unrolled"])
 def test_run_option_gradients_equal_default(small, small_ids, opts):
     m = small.model()

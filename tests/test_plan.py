@@ -43,6 +43,7 @@ def run_plan(argv, capsys, monkeypatch):
     return rc, capsys.readouterr().out, texts[0] if texts else None
 
 
+@pytest.mark.slow
 def test_plan_compiles_a_scaled_config_on_8_devices(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(tiny(num_hidden_layers=5, mla_layers=(3,)).to_hf_dict()))
@@ -59,6 +60,7 @@ def test_plan_compiles_a_scaled_config_on_8_devices(tmp_path, capsys):
     assert float(counted) > float(xla) and float(ratio) == pytest.approx(float(counted) / float(analytic), abs=0.01)
 
 
+@pytest.mark.slow
 def test_plan_counts_the_collectives_of_an_fsdp_step(tmp_path, capsys, monkeypatch):
     """tiny on fsdp=8: the parameters are all-gathered for use (and again in the remat'ed backward), inside the layer
     scans, whose bodies count their trip counts: more than cost analysis' single body. Two more scanned layers add
@@ -94,6 +96,7 @@ def test_plan_counts_the_collectives_of_an_fsdp_step(tmp_path, capsys, monkeypat
     assert deeper.bytes["all-gather"] - stats.bytes["all-gather"] == pytest.approx(2 * body)
 
 
+@pytest.mark.slow
 def test_plan_compiles_recursive_phase_a_on_8_devices(tmp_path, capsys):
     """The recursive phase-A step (frozen sharded base, replicated sidecar, K scanned inner steps over every
     window) compiles from shapes alone."""
@@ -109,6 +112,7 @@ def test_plan_compiles_recursive_phase_a_on_8_devices(tmp_path, capsys):
     assert_communication_lines(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["b", "c"])
 def test_plan_compiles_recursive_phases_b_and_c_on_8_devices(phase, capsys, monkeypatch):
     """Phases b (LoRA on the noisy stream) and c (the every_4th block, here layer 3, trained with L2-SP) compile
@@ -250,6 +254,7 @@ def test_ragged_all_to_alls_are_counted_balanced_and_bounded(capsys):
     assert float(comm) == round(36 * gib / 600e9, 3) and float(bound) == float(comm)
 
 
+@pytest.mark.slow
 def test_plan_threads_kda_impl_to_the_layers(tmp_path, capsys, monkeypatch):
     """`--kda_impl pallas_tpu` reaches every KDA layer (here in interpret mode, per shard on fsdp=4,tensor=2), and the
     plan compiles."""

@@ -39,6 +39,7 @@ def prompts(n: int, seed: int, min_len: int = 3, max_len: int = 20):
 T3_CASES = [(64, 2, "leftover", 1, 48), (64, 4, "mask", 2, 32), (128, 1, "ar", 3, 150), (128, 4, "leftover", 5, 40)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width,K,seed_mode,prompt_seed,n_new", T3_CASES)
 def test_t3_verified_generation_equals_greedy(model, width, K, seed_mode, prompt_seed, n_new):
     """T3: with the zero-init sidecar and verified commits, chunked generation is baseline greedy, token for token,
@@ -57,6 +58,7 @@ def test_t3_verified_generation_equals_greedy(model, width, K, seed_mode, prompt
         assert m["avg_refine_steps"] == 1 and m["fixed_point_rate"] == 1.0
 
 
+@pytest.mark.slow
 def test_baseline_verified_is_greedy_whatever_the_sidecar(model):
     """baseline_verified uses the (here: live, random) sidecar only as a drafter and commits baseline tokens."""
     rcfg = small_rcfg(max_inner_steps=3, commit_mode="baseline_verified", seed="leftover")
@@ -67,6 +69,7 @@ def test_baseline_verified_is_greedy_whatever_the_sidecar(model):
     np.testing.assert_array_equal(result.tokens, greedy)
 
 
+@pytest.mark.slow
 def test_live_sidecar_with_verified_commits_changes_the_text(model):
     """Verified commits follow the *refined* window's argmax: a live sidecar produces different text (the edits
     reach generation), unlike baseline_verified above."""
@@ -78,6 +81,7 @@ def test_live_sidecar_with_verified_commits_changes_the_text(model):
     assert not np.array_equal(result.tokens, greedy)
 
 
+@pytest.mark.slow
 def test_eos_and_max_new_tokens_per_sample(model):
     """EOS ends each sample separately (EOS kept, pad after), the rest run to exactly max_new_tokens, and the output
     equals greedy decoding with the same EOS."""
@@ -106,6 +110,7 @@ def test_recursion_disabled_is_plain_greedy(model):
     assert result.metrics == {} and result.traces == [[], [], []]
 
 
+@pytest.mark.slow
 def test_diagnostic_mode_runs_k_steps_with_the_same_output(model):
     rcfg = small_rcfg(max_inner_steps=3, seed="ar")  # stops at step 1 (fixed point) unless diagnostic
     sidecar = build_sidecar(model.config, rcfg)
@@ -162,6 +167,7 @@ def test_learned_commit_with_known_halting_and_lengths(model):
     assert (result.num_tokens == 23).all()
 
 
+@pytest.mark.slow
 def test_never_halting_runs_to_the_cap_or_the_fixed_point(model):
     """Halt head forced to 'never' (p ~ 0), learned mode: below min_commit_threshold it falls back to the verified
     length; each chunk stops at the fixed point or at K = 2, and is voluntary exactly when it reached v = W."""

@@ -115,6 +115,7 @@ def test_window_grid():
         num_windows(100, 128)
 
 
+@pytest.mark.slow
 def test_phase_a_objective_end_to_end():
     """On a tiny base: finite losses, and at the zero init the gradient reaches the output matrices and the heads
     (and nothing upstream of the edits)."""

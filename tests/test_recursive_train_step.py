@@ -53,6 +53,7 @@ def changed(before: dict, after: dict) -> set:
     return {k for k in before if not np.array_equal(before[k], after[k])}
 
 
+@pytest.mark.slow
 def test_phase_a_trains_the_sidecar_only():
     _, _, base0, side0, base1, side1, history = run_phase("a")
     assert not changed(base0, base1)  # the base is bit-identical
@@ -61,6 +62,7 @@ def test_phase_a_trains_the_sidecar_only():
     assert not any(k.startswith("lora") for k in side0)
 
 
+@pytest.mark.slow
 def test_phase_b_trains_lora_and_sidecar_only():
     rcfg, _, base0, side0, base1, side1, _ = run_phase("b")
     assert not changed(base0, base1)
@@ -70,6 +72,7 @@ def test_phase_b_trains_lora_and_sidecar_only():
     assert side1["lora.kda.qkv_b"].shape[0] == 2 and side1["lora.mla.q_b"].shape[0] == 1
 
 
+@pytest.mark.slow
 def test_phase_c_trains_exactly_the_chosen_rows():
     rcfg, trainer, base0, side0, base1, side1, history = run_phase("c", unfreeze_layers=[2, 5])
     rows = trainer.rows
@@ -118,6 +121,7 @@ def test_phase_b_needs_lora_in_the_sidecar():
         build_recursive_trainer(model, build_sidecar(CFG, rcfg_a), rcfg_b, make_recursive_optimizer(rcfg_b), mesh, 2)
 
 
+@pytest.mark.slow
 def test_expert_parallel_mesh_gives_the_single_device_step():
     """Phase a on data=2,expert=4 (the base's experts split over 4 devices, routed rows by all-to-all, the sidecar
     trained): metrics and every parameter after the step equal one device's. (Phase c's unfrozen rows, after one
@@ -132,6 +136,7 @@ def test_expert_parallel_mesh_gives_the_single_device_step():
         assert worst <= 1e-5, worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["b", "c"])
 def test_phases_b_and_c_on_an_expert_parallel_mesh_give_the_single_device_gradients(phase):
     """Phases b (LoRA + sidecar) and c (unfrozen base rows too) on data=2,expert=4 with plain SGD at lr 1, so the
@@ -154,6 +159,7 @@ def test_phases_b_and_c_on_an_expert_parallel_mesh_give_the_single_device_gradie
     assert worst <= 1e-5 * scale, (worst, scale)
 
 
+@pytest.mark.slow
 def test_phase_a_step_on_the_pallas_kda_kernel():
     """Phase a with `kda_impl="pallas_tpu"` (interpret mode; the windows' states come from the kernel's per-chunk
     states) on data=4,tensor=2 (the kernel per shard): metrics and every parameter after the step equal one device's

@@ -101,6 +101,7 @@ STARTS = np.array([[0, 64, 128], [128, 0, 64]], np.int32)
 
 
 # ---------------------------------------------------------------------------------------------- T1 / T2
+@pytest.mark.slow
 def test_t1_zero_sidecar_equals_gated_off_bitwise(model, ids):
     """T1: in one compiled program, the zeroed sidecar (b = 0) and the sidecar gated off give identical bits; so does
     a non-zero sidecar gated off (the gate multiplies every edit by exactly 0)."""
@@ -201,6 +202,7 @@ def _scan_loss(sidecar, model, rcfg, ids, starts, drafts):
     return loss, ys
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_sidecar_parameter(model, ids):
     rcfg = small_rcfg(max_inner_steps=3)
     side = randomize_sidecar(build_sidecar(model.config, rcfg), 6, scale=0.05)
@@ -221,6 +223,7 @@ def test_gradients_reach_every_sidecar_parameter(model, ids):
     assert not missing, f"no gradient reaches {missing}"
 
 
+@pytest.mark.slow
 def test_gradients_at_zero_init_reach_the_output_matrices(model, ids):
     """At the surgery (b = 0) the first gradient is on b (and the heads): training can leave the zero point."""
     rcfg = small_rcfg(max_inner_steps=2)
@@ -255,6 +258,7 @@ def test_scan_steps_rewind_and_carry_proposals(sharp_model, ids):
 
 
 # ---------------------------------------------------------------------------------------------- masked commits
+@pytest.mark.slow
 def test_right_padded_commit_equals_exact_prefill(model, ids):
     """A commit pass over W positions with only the first B' valid leaves exactly the cache of a prefill of those
     B' tokens: KDA states and conv tails equal, and the next decode step gives the same logits."""

@@ -55,6 +55,7 @@ def reference():
     return logits, {k: float(v) for k, v in metrics.items()}, stepped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec", MESHES)
 def test_forward_step_and_shardings_match_single_device(reference, mesh_spec):
     ref_logits, ref_metrics, ref_params = reference
@@ -134,6 +135,7 @@ def test_restore_directly_into_a_mesh(tmp_path):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec", ["fsdp=2,expert=4", "data=2,fsdp=4", "data=2,expert=4"])
 def test_no_involuntary_rematerialization(mesh_spec, capfd):
     """GSPMD's "Involuntary full rematerialization" (a tensor replicated whole to reach a sharding) must not occur
@@ -171,6 +173,7 @@ def reference_gradients():
     return {k: before[k] - np.asarray(v[...]) for k, v in nnx.to_flat_state(params)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4", "fsdp=2,expert=4"])
 def test_every_gradient_matches_single_device_with_experts_split(reference_gradients, mesh_spec):
     """Every parameter's gradient on the expert meshes (routed rows by all-to-all) equals one device's: the largest
@@ -191,6 +194,7 @@ def test_every_gradient_matches_single_device_with_experts_split(reference_gradi
     assert diffs[worst] <= 1e-5 * scale
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec, kda_impl", [("fsdp=2,tensor=4", "pallas_tpu"), ("data=4,tensor=2", "pallas_gpu")])
 def test_kda_kernels_inside_the_sharded_model(reference, reference_gradients, mesh_spec, kda_impl):
     """The Pallas KDA kernels (interpret mode here) run per shard inside `shard_map` (batch over data/fsdp, heads over

@@ -257,6 +257,7 @@ def changed_keys(before: dict, after: dict) -> set:
 
 
 # -------------------------------------------------------------------------------------------------- vanilla
+@pytest.mark.slow
 def test_vanilla_training_lowers_the_held_out_loss(runs, work):
     from kimi_jax.training.logging import vanilla_lr
 
@@ -307,6 +308,7 @@ def test_vanilla_checkpoints_are_complete_model_folders(runs, work):
     assert len(changed_keys(hf_params(work), trained)) > 0.9 * len(trained)  # full fine-tuning moved everything
 
 
+@pytest.mark.slow
 def test_expert_parallel_run_resumes_and_matches_the_single_device_run(runs, work):
     finished(runs, "vanilla")
     finished(runs, "sharded")
@@ -321,6 +323,7 @@ def test_expert_parallel_run_resumes_and_matches_the_single_device_run(runs, wor
     assert state["mesh"]["data"] == 2 and state["mesh"]["expert"] == 4 and state["devices"] == 8
 
 
+@pytest.mark.slow
 def test_restricted_groups_and_a_non_finite_loss_stop_the_run_cleanly(runs, work):
     from kimi_jax.checkpoint import param_key
     from kimi_jax.model import KimiLinearForCausalLM
@@ -346,6 +349,7 @@ def test_restricted_groups_and_a_non_finite_loss_stop_the_run_cleanly(runs, work
 
 
 # -------------------------------------------------------------------------------------------------- recursive
+@pytest.mark.slow
 def test_recursive_phase_a_trains_the_sidecar_and_keeps_the_base(runs, work):
     from kimi_jax.recursive import io
     from kimi_jax.recursive.config import RecursiveConfig
@@ -402,6 +406,7 @@ def test_tensorboard_has_every_tag(runs, work):
     assert {"train/loss/total", "train/loss/final_ce", "train/lr", "evaluation/perplexity"} <= set(vanilla)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduce_the_uninterrupted_run(runs, work):
     from kimi_jax.training import checkpoints as ck
     from kimi_jax.training.logging import read_scalars
@@ -631,6 +636,7 @@ def outputs(out) -> dict:
             for root, _, names in os.walk(out) for name in names if name != ".lock"}
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_dir_is_refused_and_deletes_nothing(runs, work, tmp_path):
     """Run A holds --output_dir (stopped after its first step, before any checkpoint); B with the same --output_dir is
     refused, naming A. After A is killed, C reports A's stale lock and refuses to delete A's outputs without
@@ -752,6 +758,7 @@ echo "TMP $(find "$out" -name '.*tmp*' | tr '\\n' ' ')"
 """
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_nothing_partial(runs, work, tmp_path):
     """The vanilla run, resumed from step_10 on a nearly full disk: saving step_20 fails. One error line naming the
     checkpoint, exit 1, step_10 and `latest` untouched, no `.step_20.tmp` or temporary files left."""

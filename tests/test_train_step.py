@@ -34,6 +34,7 @@ def one_step(tx, **kw):
     return before, jax.tree.map(np.asarray, params), metrics
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_the_full_batch():
     """With SGD the update is linear in the gradient, so 2 micro-batches must reproduce the full-batch step."""
     _, full, m_full = one_step(optax.sgd(1.0))
@@ -63,6 +64,7 @@ def test_every_parameter_has_a_group_and_bad_inputs_fail():
         build_trainer(model, optax.sgd(1.0), mesh, 4, grad_accum=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("T, tokens_per_step", [(37, 16), (64, 512), (5, 2)])
 def test_chunked_cross_entropy_equals_full_logits(T, tokens_per_step):
     """The scan over sequence chunks (with padding when C does not divide T) gives the full-logits NLL, token
