@@ -48,6 +48,7 @@ def test_surgery_verdict_yes_on_the_real_zero_init_runs(evaluation_runs, tmp_pat
     assert "not answered: needs baseline and finetuned_vanilla" in answer(stdout, 2)
 
 
+@pytest.mark.slow
 def test_a_non_zero_sidecar_makes_the_surgery_verdict_say_no(evaluation_runs, tmp_path):
     """The finetuned_recursive run has random non-zero refine-cell outputs: presented as after_surgery, its
     generations differ from the baseline's, so the surgery did not preserve the baseline."""
@@ -60,6 +61,7 @@ def test_a_non_zero_sidecar_makes_the_surgery_verdict_say_no(evaluation_runs, tm
     assert "differ" in answer(stdout, 1)
 
 
+@pytest.mark.slow
 def test_all_four_questions_and_highlighting(evaluation_runs, tmp_path):
     runs = evaluation_runs
     write_stage(tmp_path, "baseline", runs["baseline"]["json"])
@@ -79,6 +81,7 @@ def test_all_four_questions_and_highlighting(evaluation_runs, tmp_path):
     assert rows["perplexity"][1][2] == "+"  # lower perplexity than the first stage: better
 
 
+@pytest.mark.slow
 def test_missing_stages_are_reported_and_skipped(evaluation_runs, tmp_path):
     write_stage(tmp_path, "baseline", evaluation_runs["baseline"]["json"])
     rc, stdout, _ = run(*compare.STAGES, "--eval_dir", tmp_path)
@@ -98,6 +101,7 @@ def test_corrupt_or_foreign_files_are_one_line_errors(tmp_path, content, message
     assert stderr.startswith("error: ") and "baseline_results.json" in stderr
 
 
+@pytest.mark.slow
 def test_schema_violations_and_wrong_stage_files(evaluation_runs, tmp_path):
     broken = copy.deepcopy(evaluation_runs["baseline"]["json"])
     broken["core"]["perplexity"] = "low"
@@ -140,6 +144,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, w
     assert sorted(os.listdir(tmp_path)) == ["baseline_results.json", "notes.txt"]
 
 
+@pytest.mark.slow
 def test_a_failed_plot_or_report_write_is_one_line_and_keeps_the_old_files(evaluation_runs, tmp_path, monkeypatch):
     import errno
 

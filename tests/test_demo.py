@@ -37,6 +37,7 @@ def test_demo_produces_every_stage_report_and_plot(demo):
     assert "tensorboard --logdir" in stdout
 
 
+@pytest.mark.slow
 def test_demo_surgery_verdict_and_the_recursive_stage_trained(demo):
     workdir, stdout = demo
     verdict = next(line for line in stdout.splitlines() if line.startswith("1. Does surgery"))
@@ -55,6 +56,7 @@ def test_demo_surgery_verdict_and_the_recursive_stage_trained(demo):
     assert float(np.abs(np.asarray(arrays["cells.b"])).max()) > 0
 
 
+@pytest.mark.slow
 def test_demo_rerun_reuses_finished_steps(demo):
     workdir, _ = demo
     env = child_env()

@@ -70,6 +70,7 @@ def completions_of(result):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_every_result_validates_and_records_its_identity(runs, folders):
     for stage in ("baseline", "after_surgery", "finetuned_recursive"):
         result = runs[stage]["json"]
@@ -99,6 +100,7 @@ def test_every_result_validates_and_records_its_identity(runs, folders):
         assert base[key] == surgery[key] == trained[key]
 
 
+@pytest.mark.slow
 def test_surgery_preserves_the_baseline(runs):
     base, surgery = runs["baseline"]["json"], runs["after_surgery"]["json"]
     assert base["core"]["path"] == "baseline" and surgery["core"]["path"] == "clean"
@@ -132,6 +134,7 @@ def test_surgery_preserves_the_baseline(runs):
     assert base["performance"]["recursive"] is None
 
 
+@pytest.mark.slow
 def test_a_trained_sidecar_changes_the_recursive_generations_but_not_the_clean_path(runs):
     base, trained = runs["baseline"]["json"], runs["finetuned_recursive"]["json"]
     drop = lambda core: {k: v for k, v in core.items() if k not in ("path", "path_note")}
@@ -145,6 +148,7 @@ def test_a_trained_sidecar_changes_the_recursive_generations_but_not_the_clean_p
         "baseline_greedy"]  # the comparison column is the same model's greedy continuation
 
 
+@pytest.mark.slow
 def test_reasoning_section(runs):
     result = runs["baseline"]["json"]["reasoning"]
     if result["status"] == "skipped":
@@ -160,6 +164,7 @@ def test_reasoning_section(runs):
         assert item["strict_correct"] == (item["strict_answer"] == item["gold"])
 
 
+@pytest.mark.slow
 def test_step_checkpoint_files_and_tensorboard(runs):
     out = runs["out"]
     assert read_json(out / "finetuned_recursive_step_7_results.json") == read_json(
@@ -200,6 +205,7 @@ CORRUPTIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt,message", CORRUPTIONS)
 def test_a_corrupted_result_fails_validation_naming_the_field(runs, corrupt, message):
     result = copy.deepcopy(runs["after_surgery"]["json"])
@@ -210,6 +216,7 @@ def test_a_corrupted_result_fails_validation_naming_the_field(runs, corrupt, mes
     assert str(e.value).startswith(message), str(e.value)
 
 
+@pytest.mark.slow
 def test_a_baseline_result_must_not_carry_recursive_fields(runs):
     result = copy.deepcopy(runs["baseline"]["json"])
     result["recursive"] = runs["after_surgery"]["json"]["recursive"]
@@ -222,6 +229,7 @@ def _stub_evaluation(monkeypatch, result):
     monkeypatch.setattr(evaluate, "evaluate_stage", lambda args, plan: copy.deepcopy(result))
 
 
+@pytest.mark.slow
 def test_tensorboard_default_folder_is_announced(runs, folders, tmp_path, monkeypatch):
     _stub_evaluation(monkeypatch, runs["baseline"]["json"])
     monkeypatch.chdir(tmp_path)
@@ -237,6 +245,7 @@ def test_tensorboard_default_folder_is_announced(runs, folders, tmp_path, monkey
     assert rc == 0 and "TensorBoard" not in out and not (tmp_path / "tb").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_an_interrupt_after_the_results_file_was_replaced_says_so(runs, folders, tmp_path, monkeypatch,
                                                                  signal_name):
@@ -273,6 +282,7 @@ def test_an_interrupt_before_any_write_says_nothing_was_written(folders, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_write_is_one_line_naming_the_file(runs, folders, tmp_path, monkeypatch):
     import errno
 
@@ -296,6 +306,7 @@ def test_a_failed_write_is_one_line_naming_the_file(runs, folders, tmp_path, mon
     assert sorted(os.listdir(out)) == [latest.name]
 
 
+@pytest.mark.slow
 def test_results_are_written_atomically(runs, tmp_path, monkeypatch):
     assert not [n for n in os.listdir(runs["out"]) if n.startswith(".")]  # no temporary files left behind
     path = str(tmp_path / "baseline_results.json")

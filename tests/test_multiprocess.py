@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from kimi_jax import checkpoint, sharding
@@ -26,6 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
     port = free_port()
     env = child_env()  # each worker sets its own 2 devices

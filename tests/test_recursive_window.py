@@ -118,6 +118,7 @@ def test_t1_zero_sidecar_equals_gated_off_bitwise(model, ids):
     np.testing.assert_array_equal(np.asarray(on[0]), np.asarray(live_off[0]))
 
 
+@pytest.mark.slow
 def test_t2_uncorrupted_window_equals_clean_causal_logits(model, ids):
     """T2: a window whose draft is the true continuation reproduces the clean causal logits (fp32, <= 1e-5)."""
     rcfg = small_rcfg()
@@ -133,6 +134,7 @@ def test_t2_uncorrupted_window_equals_clean_causal_logits(model, ids):
             np.testing.assert_allclose(window_logits[b, n], full[b, s:s + W], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_one_pass_equals_rewind_inference_with_live_sidecar(model, ids):
     """All windows of a batch in one pass == chunk-by-chunk rewind inference, with a non-zero sidecar, corrupted
     drafts and the [Z] slot (<= 1e-5 on logits, halt and length logits)."""

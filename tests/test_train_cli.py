@@ -280,6 +280,7 @@ def test_vanilla_training_lowers_the_held_out_loss(runs, work):
     assert "done: step 30" in result.stdout and "tokens/s" in result.stdout
 
 
+@pytest.mark.slow
 def test_vanilla_checkpoints_are_complete_model_folders(runs, work):
     from kimi_jax.recursive import io
     from kimi_jax.training import checkpoints as ck
@@ -386,6 +387,7 @@ def test_recursive_phase_a_trains_the_sidecar_and_keeps_the_base(runs, work):
     assert "cells.b" in moved and "halt_head.w2" in moved
 
 
+@pytest.mark.slow
 def test_tensorboard_has_every_tag(runs, work):
     from kimi_jax.training.logging import read_scalars
 
@@ -441,6 +443,7 @@ def test_kill_and_resume_reproduce_the_uninterrupted_run(runs, work):
                                [v for _, v in reference_scalars["train/loss/total"]], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_recursive_checkpoint_generates(runs, work):
     finished(runs, "rec_a")
     result = runs["generate"].result()
@@ -452,6 +455,7 @@ def test_recursive_checkpoint_generates(runs, work):
     assert out["samples"][0]["num_tokens"] >= 1
 
 
+@pytest.mark.slow
 def test_phase_b_trains_only_lora_and_the_sidecar(runs, work):
     from kimi_jax.recursive import io
     from kimi_jax.recursive.config import RecursiveConfig
@@ -476,6 +480,7 @@ def test_phase_b_trains_only_lora_and_the_sidecar(runs, work):
     assert any(k.startswith("lora.") for k in moved) and "cells.b" in moved
 
 
+@pytest.mark.slow
 def test_phase_c_trains_only_the_unfrozen_blocks(runs, work):
     from flax import nnx
 
@@ -568,6 +573,7 @@ def test_bad_flags_are_one_error_line(name, work, tmp_path):
     assert not os.path.exists(os.path.join(work["hf"], "run"))
 
 
+@pytest.mark.slow
 def test_resuming_with_other_settings_is_refused(runs, work):
     finished(runs, "vanilla")
     out = str(work["root"] / "vanilla")
@@ -591,6 +597,7 @@ def test_defaults_follow_the_evaluation_plan(tmp_path, monkeypatch):
     assert s.log_dir == os.path.join(s.output_dir, "logs") and s.warmup_steps == 5 and s.schedule == "cosine"
 
 
+@pytest.mark.slow
 def test_finished_run_resumes_to_nothing_on_another_mesh(runs, work, tmp_path):
     """Resuming the finished single-device run on 8 devices restores every array into the new shardings and stops."""
     import shutil
@@ -604,6 +611,7 @@ def test_finished_run_resumes_to_nothing_on_another_mesh(runs, work, tmp_path):
     assert [r["step"] for r in train_records(out)] == list(range(1, 31))
 
 
+@pytest.mark.slow
 def test_no_resume_deletes_nothing_when_the_run_cannot_start(runs, work, tmp_path):
     import shutil
 
@@ -684,6 +692,7 @@ def copy_of_vanilla_run(work, tmp_path, name="vanilla") -> str:
     return out
 
 
+@pytest.mark.slow
 def test_resuming_never_rewrites_a_later_step_folder(runs, work, tmp_path):
     """step_30 without its training state (kept as a model folder) is not a checkpoint to resume from; resuming from
     step_20 would have to write step_30 again: refused before anything changes."""
@@ -714,6 +723,7 @@ def _damage_checkpoint(folder: str, how: str) -> str:
     return os.path.join(folder, target)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["empty params folder", "zeroed train_state file"])
 def test_resuming_from_a_damaged_checkpoint_is_one_error_line(runs, work, tmp_path, how):
     finished(runs, "vanilla")
@@ -727,6 +737,7 @@ def test_resuming_from_a_damaged_checkpoint_is_one_error_line(runs, work, tmp_pa
     assert len(train_records(out)) == 30  # the logs are untouched
 
 
+@pytest.mark.slow
 def test_resuming_from_a_truncated_checkpoint_prints_no_traceback(runs, work, tmp_path):
     """A truncated data file fails one read of many that orbax runs at once; the others must not echo (as a
     subprocess: the echoes came from background threads, also after the error line)."""
