@@ -238,6 +238,12 @@ def batch_axes(activation_sharding) -> tuple[str, ...]:
     return spec_axes(activation_sharding.spec[0])
 
 
+def target_platform(mesh) -> str:
+    """The platform a program runs on: the mesh's devices' (a TPU topology compiled from a CPU host is "tpu"), else
+    JAX's default backend."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def batch_shards(activation_sharding) -> int:
     """How many ways the activations' batch (dim 0) is split; 1 without a mesh."""
     return math.prod(activation_sharding.mesh.shape[a] for a in batch_axes(activation_sharding))

@@ -22,7 +22,7 @@ from kimi_jax.config import KimiLinearConfig
 from kimi_jax.layers.init import kda_a_log, kda_dt_bias, normal_param
 from kimi_jax.layers.norms import gated_rms_norm
 from kimi_jax.ops.kda import kda_chunked, kda_recurrent, resolve_kda_impl
-from kimi_jax.sharding import Resolver, batch_axes, spec_axes
+from kimi_jax.sharding import Resolver, batch_axes, spec_axes, target_platform
 
 F32 = jnp.float32
 
@@ -37,7 +37,7 @@ def chunked_core(impl: str, sharding, chunk_size: int, return_chunk_states: bool
     kernel is the whole computation for its rows and heads. Interpret mode wherever the target is not a TPU / GPU.
     """
     mesh = sharding.mesh if sharding is not None else None
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    platform = target_platform(mesh)
     impl = resolve_kda_impl(impl, platform)
     interpret = platform not in ("tpu", "gpu", "cuda", "rocm")
     kernel = functools.partial(kda_chunked, chunk_size=chunk_size, return_chunk_states=return_chunk_states,

@@ -42,7 +42,7 @@ from kimi_jax.layers.init import normal_param
 from kimi_jax.ops.expert_exchange import default_emulate
 from kimi_jax.layers.mlp import SwiGLU, swiglu
 from kimi_jax.ops.grouped_matmul import grouped_matmul, hopper_gpu
-from kimi_jax.sharding import batch_axes
+from kimi_jax.sharding import batch_axes, target_platform
 
 F32 = jnp.float32
 DISPATCHES = ("auto", "gmm", "ragged", "tiled", "dense")
@@ -166,12 +166,6 @@ def expert_parallel_size(mesh, num_experts: int) -> int:
         return 1
     ep = mesh.shape[EXPERT_AXIS]
     return ep if ep > 1 and num_experts % ep == 0 else 1
-
-
-def target_platform(mesh) -> str:
-    """The platform a program runs on: the mesh's devices' (a TPU topology compiled from a CPU host is "tpu"), else
-    JAX's default backend."""
-    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def resolve_dispatch(dispatch: str, num_experts: int, num_tokens: int | None = None, top_k: int = 1,
