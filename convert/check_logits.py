@@ -47,9 +47,9 @@ def parse_args(argv=None):
 
 def _hf_param_dtypes(folder: str) -> dict[str, set]:
     """{parameter key: dtypes of the HF tensors it is assembled from} of an HF folder (headers only)."""
-    from convert import mapping
-    from convert.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader
-    from kimi_jax.checkpoint import param_key
+    from kimi_jax.hf import mapping
+    from kimi_jax.hf.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader
+    from kimi_jax.orbax_model import param_key
     from kimi_jax.config import KimiLinearConfig
 
     reader = SafetensorsReader(folder)
@@ -65,11 +65,11 @@ def _hf_param_dtypes(folder: str) -> dict[str, set]:
 def storage_note(hf_path: str, ckpt: str) -> str | None:
     """A note when `ckpt` stores a parameter in a dtype that rounds the source's values (None when it holds them all
     exactly): then logits differ by far more than a conversion error would make them."""
-    from kimi_jax import checkpoint
+    from kimi_jax import orbax_model
 
     source = _hf_param_dtypes(hf_path)
-    if checkpoint.is_checkpoint(ckpt):
-        stored = {key: {np.dtype(s.dtype)} for key, s in checkpoint.stored_arrays(ckpt).items()}
+    if orbax_model.is_checkpoint(ckpt):
+        stored = {key: {np.dtype(s.dtype)} for key, s in orbax_model.stored_arrays(ckpt).items()}
     else:
         stored = _hf_param_dtypes(ckpt)
     rounded: dict[tuple, list[str]] = {}  # (stored dtype, source dtype) -> parameter keys
@@ -125,13 +125,13 @@ def main(argv=None) -> int:
     from transformers import KimiLinearForCausalLM as TorchModel
 
     import kimi_jax
-    from kimi_jax import checkpoint
+    from kimi_jax import orbax_model
     from kimi_jax.config import KimiLinearConfig
 
     cfg = KimiLinearConfig.from_pretrained(args.hf_path)
     inputs = token_inputs(args, cfg.vocab_size)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
-    ours = (checkpoint.load_model(args.ckpt, dtype=dtype) if checkpoint.is_checkpoint(args.ckpt)
+    ours = (orbax_model.load_model(args.ckpt, dtype=dtype) if orbax_model.is_checkpoint(args.ckpt)
             else kimi_jax.from_pretrained(args.ckpt, dtype=dtype))
     torch_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     reference = TorchModel.from_pretrained(args.hf_path, dtype=torch_dtype).eval()

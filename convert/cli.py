@@ -55,8 +55,8 @@ def one_line(e: BaseException) -> str:
 def run_main(main, argv=None) -> int:
     """Run `main(argv)` with SIGTERM raised like Ctrl-C, turning expected failures into one line on stderr and the
     exit codes of the module docstring."""
-    from convert.safetensors_io import CheckpointError
-    from kimi_jax.checkpoint import CheckpointFormatError
+    from kimi_jax.hf.safetensors_io import CheckpointError
+    from kimi_jax.orbax_model import CheckpointFormatError
     from kimi_jax.config import ConfigError
 
     _OUTPUTS.clear()

@@ -13,7 +13,7 @@ written one layer at a time. Peak host memory is therefore about the largest *pe
 over (the tensor read, its transposed copy, the cast) plus orbax/tensorstore buffers: for Kimi-Linear-48B in bf16
 that is one layer's routed-expert stack, 256 x 2304 x 1024 x 2 B = 1.1 GiB, never the 91.5 GiB checkpoint.
 Writing to --dtype float32 doubles it; nothing else grows with model size. Assembly overlaps the writes: up to
-512 MiB of assembled blocks may wait for tensorstore (kimi_jax.checkpoint.WRITE_AHEAD_BYTES), which compresses
+512 MiB of assembled blocks may wait for tensorstore (kimi_jax.orbax_model.WRITE_AHEAD_BYTES), which compresses
 64 MiB chunks on every core.
 
 The output is built in a hidden temporary sibling folder and renamed into place only when complete, with config.json
@@ -34,13 +34,13 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from convert import mapping
+from kimi_jax.hf import mapping
 from convert.cli import (ArgumentParser, UsageError, copy_sidecar_files, holds_exactly, human_bytes, listing, notice,
                          output_folder, progress_bar, relative_rounding, require_folder, run_main)
-from convert.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader
-from kimi_jax import checkpoint
+from kimi_jax.hf.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader
+from kimi_jax import orbax_model
 from kimi_jax.config import KimiLinearConfig
-from kimi_jax.loading import abstract_model, validate_checkpoint
+from kimi_jax.hf.loading import abstract_model, validate_checkpoint
 from kimi_jax.model import keeps_fp32
 from kimi_jax.safe_io import refuse_overlap
 
@@ -92,18 +92,18 @@ def convert(hf_path: str, output: str, dtype: str = SOURCE, overwrite: bool = Fa
         with progress_bar(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="hf -> orbax",
                           disable=not progress) as bar:
             params, counted = lazy_params(cfg, specs, abstract_state, reader, bar)
-            checkpoint.save_params(os.path.join(tmp, checkpoint.PARAMS_DIR), params)
+            orbax_model.save_params(os.path.join(tmp, orbax_model.PARAMS_DIR), params)
         copied = copy_sidecar_files(hf_path, tmp)
         shutil.copy2(os.path.join(hf_path, "config.json"), os.path.join(tmp, "config.json"))
         num_params = int(sum(p.size for p in params.values()))
-        checkpoint.write_meta(tmp, dtype=stored, num_params=num_params, source=os.path.abspath(hf_path),
+        orbax_model.write_meta(tmp, dtype=stored, num_params=num_params, source=os.path.abspath(hf_path),
                               source_layout=layout, copied_files=copied)
     return {"tensors": len(counted), "bytes_read": total_bytes, "seconds": time.time() - t0, "params": num_params,
             "layout": layout, "dtype": stored}
 
 
 def lazy_params(cfg: KimiLinearConfig, specs: list[mapping.ParamSpec], abstract_state: dict,
-                reader: SafetensorsReader, bar) -> tuple[dict[str, checkpoint.LazyParam], set[str]]:
+                reader: SafetensorsReader, bar) -> tuple[dict[str, orbax_model.LazyParam], set[str]]:
     """{parameter key: LazyParam assembling it from the HF tensors when orbax writes it}, and the set of tensor names
     read so far (filled as the write goes)."""
     available = set(reader.names())
@@ -118,15 +118,15 @@ def lazy_params(cfg: KimiLinearConfig, specs: list[mapping.ParamSpec], abstract_
             bar.set_postfix(tensors=f"{len(counted)}/{len(available)}", refresh=False)
         return array
 
-    def lazy(spec: mapping.ParamSpec, target) -> checkpoint.LazyParam:
+    def lazy(spec: mapping.ParamSpec, target) -> orbax_model.LazyParam:
         def blocks():
             for r, names in enumerate(spec.hf_names):
                 out = spec.rule.to_jax([read(n) for n in names], cfg)[spec.output_index]
                 yield (r if spec.layers else None), np.asarray(out).astype(target.dtype)
 
-        return checkpoint.LazyParam(target.shape, target.dtype, blocks, stacked=bool(spec.layers))
+        return orbax_model.LazyParam(target.shape, target.dtype, blocks, stacked=bool(spec.layers))
 
-    return {checkpoint.param_key(spec.path): lazy(spec, abstract_state[spec.path]) for spec in specs}, counted
+    return {orbax_model.param_key(spec.path): lazy(spec, abstract_state[spec.path]) for spec in specs}, counted
 
 
 # ------------------------------------------------------------------------------------------------ dtypes
@@ -145,7 +145,7 @@ def source_tensors(specs: list[mapping.ParamSpec], reader: SafetensorsReader) ->
     available = set(reader.names())
     fp32_only: dict[str, bool] = {}
     for spec in specs:
-        kept = keeps_fp32(checkpoint.param_key(spec.path))
+        kept = keeps_fp32(orbax_model.param_key(spec.path))
         for name in _resolved_names(spec, available):
             fp32_only[name] = fp32_only.get(name, True) and kept
     return {name: SourceTensor(np.dtype(SAFETENSORS_DTYPES[reader.entries[name][1]]), kept)

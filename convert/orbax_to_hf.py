@@ -26,11 +26,11 @@ import time
 
 import numpy as np
 
-from convert import mapping
+from kimi_jax.hf import mapping
 from convert.cli import (ArgumentParser, UsageError, copy_sidecar_files, human_bytes, output_folder, progress_bar,
                          require_folder, run_main)
-from convert.safetensors_io import PlannedSafetensorsWriter
-from kimi_jax import checkpoint
+from kimi_jax.hf.safetensors_io import PlannedSafetensorsWriter
+from kimi_jax import orbax_model
 from kimi_jax.config import KimiLinearConfig
 from kimi_jax.model import keeps_fp32
 from kimi_jax.safe_io import refuse_overlap
@@ -83,25 +83,25 @@ def export(ckpt: str, output: str, layout: str = mapping.HUB, dtype: str = "stor
         raise UsageError(f"--layout {layout}: choose one of {mapping.LAYOUTS}")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {DTYPES}")
-    checkpoint.read_meta(ckpt)  # a clear error if this is not a kimi_jax checkpoint
+    orbax_model.read_meta(ckpt)  # a clear error if this is not a kimi_jax checkpoint
     cfg = KimiLinearConfig.from_pretrained(ckpt)
-    stored = checkpoint.stored_arrays(ckpt)
+    stored = orbax_model.stored_arrays(ckpt)
     specs = mapping.plan(cfg, layout)
-    wanted = {checkpoint.param_key(s.path) for s in specs}
+    wanted = {orbax_model.param_key(s.path) for s in specs}
     if wanted != set(stored):
         missing, unknown = sorted(wanted - set(stored)), sorted(set(stored) - wanted)
-        raise checkpoint.CheckpointFormatError(f"{ckpt}: parameters do not match config.json: missing {missing[:3]}, "
+        raise orbax_model.CheckpointFormatError(f"{ckpt}: parameters do not match config.json: missing {missing[:3]}, "
                                                f"unexpected {unknown[:3]}")
 
     @functools.lru_cache(maxsize=2)  # a rule reads at most 2 parameters (fused native gate/up); keep only those
     def restore(key: str) -> np.ndarray:
-        return checkpoint.restore_arrays(ckpt, {key: stored[key]})[key]
+        return orbax_model.restore_arrays(ckpt, {key: stored[key]})[key]
 
     # Every output tensor's name, shape and dtype is known from the config, so the shard layout is planned first
     # and each tensor is written at its offset as soon as it is produced: memory holds one parameter, not a shard.
     expected = mapping.expected_hf_tensors(cfg, layout)
     weight_dtype = _weight_dtype(stored, dtype)
-    fp32_names = {name.split("|")[0] for spec in specs if keeps_fp32(checkpoint.param_key(spec.path))
+    fp32_names = {name.split("|")[0] for spec in specs if keeps_fp32(orbax_model.param_key(spec.path))
                   for names in spec.hf_names for name in names}
     plan = [(name, shape, np.dtype(np.float32) if name in fp32_names else weight_dtype)
             for name, shape in expected.items()]
@@ -112,7 +112,7 @@ def export(ckpt: str, output: str, layout: str = mapping.HUB, dtype: str = "stor
         with progress_bar(total=total_params, unit="param", unit_scale=True, desc="orbax -> hf",
                           disable=not progress) as bar:
             writer = PlannedSafetensorsWriter(tmp, plan, max_shard_size, metadata={"format": "pt"})
-            for name, tensor in mapping.disassemble(cfg, layout, lambda path: restore(checkpoint.param_key(path))):
+            for name, tensor in mapping.disassemble(cfg, layout, lambda path: restore(orbax_model.param_key(path))):
                 writer.write(name, tensor.astype(writer.slots[name][3]))
                 bar.update(tensor.size)
             weight_map = writer.close()
@@ -145,7 +145,7 @@ def _weight_dtype(stored: dict, dtype: str) -> np.dtype:
     if dtype == "stored":
         dtypes = {np.dtype(s.dtype) for key, s in stored.items() if not keeps_fp32(key)}
         if len(dtypes) != 1:
-            raise checkpoint.CheckpointFormatError(f"weights are stored in several dtypes {sorted(map(str, dtypes))};"
+            raise orbax_model.CheckpointFormatError(f"weights are stored in several dtypes {sorted(map(str, dtypes))};"
                                                    " pass --dtype bfloat16 or float32")
         return dtypes.pop()
     import ml_dtypes

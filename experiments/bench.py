@@ -55,7 +55,7 @@ elif mode == "load":
     import kimi_jax, jax.numpy as jnp
     model = kimi_jax.from_pretrained(rest[0], dtype=jnp.bfloat16)
 elif mode == "idle":
-    import kimi_jax, kimi_jax.checkpoint, convert.hf_to_orbax
+    import kimi_jax, kimi_jax.orbax_model, convert.hf_to_orbax
 """
 
 
@@ -96,8 +96,8 @@ def write_synthetic_checkpoint(folder: str, config: dict, shard_bytes: int = 1 <
     """Stream random weights into hub-named bf16 shards (never more than one shard in memory). Returns bytes."""
     import ml_dtypes
 
-    from convert import mapping
-    from convert.safetensors_io import write_safetensors
+    from kimi_jax.hf import mapping
+    from kimi_jax.hf.safetensors_io import write_safetensors
     from kimi_jax.config import KimiLinearConfig
 
     os.makedirs(folder, exist_ok=True)

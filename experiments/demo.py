@@ -121,7 +121,7 @@ class Demo:
         """A real Kimi-format tokenizer trained on the train split, and a randomly initialised tiny Kimi-Linear."""
         from flax import nnx
 
-        from kimi_jax import checkpoint, tokenizer as tokenizer_mod
+        from kimi_jax import orbax_model, tokenizer as tokenizer_mod
         from kimi_jax.data import demo_corpus
         from kimi_jax.model import KimiLinearForCausalLM
         from kimi_jax.tokenizer_fixtures import build_kimi_format_tokenizer
@@ -136,7 +136,7 @@ class Demo:
         tok = tokenizer_mod.load(tmp)
         cfg = tiny_config(tok, self.s)
         model = KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0))
-        checkpoint.save_model(tmp, model, source="experiments.demo random init")
+        orbax_model.save_model(tmp, model, source="experiments.demo random init")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         print(f"  tiny Kimi-Linear: {model.num_params() / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers "

@@ -890,8 +890,8 @@ def _print_summary(result: dict, written: list[str], logdir: str | None) -> None
 def main(argv=None) -> int:
     """Run the command; expected failures become one `error:` line on stderr and exit status 2; a failed write is
     one line and exit status 1; Ctrl-C (130) and SIGTERM (143) say which files were written before they came."""
-    from convert.safetensors_io import CheckpointError
-    from kimi_jax.checkpoint import CheckpointFormatError
+    from kimi_jax.hf.safetensors_io import CheckpointError
+    from kimi_jax.orbax_model import CheckpointFormatError
     from kimi_jax.config import ConfigError
     from kimi_jax.data import DataError
     from kimi_jax.recursive.config import RecursiveConfigError

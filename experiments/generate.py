@@ -363,8 +363,8 @@ def run(argv=None, writes: Writes | None = None) -> int:
 def main(argv=None) -> int:
     """Run the command; expected failures become one `error:` line on stderr and exit status 2, a failed write of
     --output_json one line and exit status 1; Ctrl-C (130) and SIGTERM (143) say whether --output_json was written."""
-    from convert.safetensors_io import CheckpointError
-    from kimi_jax.checkpoint import CheckpointFormatError
+    from kimi_jax.hf.safetensors_io import CheckpointError
+    from kimi_jax.orbax_model import CheckpointFormatError
     from kimi_jax.config import ConfigError
     from kimi_jax.recursive.config import RecursiveConfigError
     from kimi_jax.recursive.io import LoadError

@@ -383,7 +383,7 @@ class Run:
 
     def _load_config_and_tokenizer(self) -> None:
         s, args = self.s, self.args
-        from kimi_jax import checkpoint as ckpt_lib
+        from kimi_jax import orbax_model as ckpt_lib
         from kimi_jax import tokenizer as tokenizer_mod
         from kimi_jax.config import KimiLinearConfig
         from kimi_jax.recursive import io
@@ -424,12 +424,12 @@ class Run:
         the arrays shows (a truncated or corrupt orbax data file) is caught where they are read."""
         path = self.s.model_path
         if self.format == "hf":
-            from convert.safetensors_io import SafetensorsReader
-            from kimi_jax.loading import validate_checkpoint
+            from kimi_jax.hf.safetensors_io import SafetensorsReader
+            from kimi_jax.hf.loading import validate_checkpoint
 
             validate_checkpoint(self.cfg, SafetensorsReader(path), path)
         else:
-            from kimi_jax.checkpoint import check_stored_params
+            from kimi_jax.orbax_model import check_stored_params
 
             check_stored_params(path, self.cfg)
 
@@ -603,7 +603,7 @@ class Run:
     @contextlib.contextmanager
     def _reading_resume_checkpoint(self, folder: str):
         """A damaged checkpoint to resume from: one line naming the file or array, and what the user can do."""
-        from kimi_jax.checkpoint import CheckpointFormatError
+        from kimi_jax.orbax_model import CheckpointFormatError
         from kimi_jax.training.checkpoints import TrainCheckpointError
 
         try:
@@ -643,8 +643,8 @@ class Run:
         check_process_rows(self.trainer.batch_sharding, args.batch_size, args.seq_len, "--batch_size")
 
     def _load_model(self, folder: str, fmt: str):
-        from kimi_jax.checkpoint import load_model
-        from kimi_jax.loading import from_pretrained
+        from kimi_jax.orbax_model import load_model
+        from kimi_jax.hf.loading import from_pretrained
 
         if fmt == "orbax":
             return load_model(folder, self.dtype, mesh=self.mesh)
@@ -826,7 +826,7 @@ class Run:
     def save(self, step: int, last_record: dict | None) -> None:
         import jax
 
-        from kimi_jax.checkpoint import model_param_arrays
+        from kimi_jax.orbax_model import model_param_arrays
         from kimi_jax.training import checkpoints as ck
         from kimi_jax.training.logging import to_python
 
@@ -1140,8 +1140,8 @@ def main(argv=None) -> int:
     expected: tuple[type[BaseException], ...] = (UsageError,)
     runtime: tuple[type[BaseException], ...] = ()
     try:
-        from convert.safetensors_io import CheckpointError
-        from kimi_jax.checkpoint import CheckpointFormatError
+        from kimi_jax.hf.safetensors_io import CheckpointError
+        from kimi_jax.orbax_model import CheckpointFormatError
         from kimi_jax.config import ConfigError
         from kimi_jax.data import DataError
         from kimi_jax.recursive.config import RecursiveConfigError

@@ -8,6 +8,6 @@ __all__ = ["ConfigError", "KimiLinearConfig", "KimiLinearForCausalLM", "RunOptio
 
 def from_pretrained(path, dtype=None, **kwargs):
     """Load an HF Kimi-Linear checkpoint folder (hub or transformers-native names) into a Flax model."""
-    from kimi_jax.loading import from_pretrained as _load
+    from kimi_jax.hf.loading import from_pretrained as _load
 
     return _load(path, dtype=dtype, **kwargs)

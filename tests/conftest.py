@@ -253,7 +253,7 @@ def evaluation_folders(tmp_path_factory):
     """{"model": orbax folder + tokenizer, "rc": small after_surgery config, "run": training output folder whose
     step_7 holds a trained (non-zero) sidecar, "root": a scratch folder}. Shared by test_evaluate.py and
     test_compare.py."""
-    from kimi_jax import checkpoint, tokenizer as tokenizer_mod
+    from kimi_jax import orbax_model, tokenizer as tokenizer_mod
     from kimi_jax.model import KimiLinearForCausalLM
     from kimi_jax.recursive import io
     from kimi_jax.recursive.config import load_preset
@@ -266,7 +266,7 @@ def evaluation_folders(tmp_path_factory):
     tok = tokenizer_mod.load(model)
     cfg = tiny(num_hidden_layers=2, mla_layers=(1,), first_k_dense=0, vocab_size=tok.vocab_size,
                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    checkpoint.save_model(model, KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(3)), source="test")
+    orbax_model.save_model(model, KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(3)), source="test")
     rcfg = load_preset("after_surgery").replace(**EVAL_SMALL_SIDECAR)
     rc = rcfg.to_json(str(root / "rc.json"))
     step = str(root / "run" / "step_7")

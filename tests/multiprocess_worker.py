@@ -23,7 +23,7 @@ assert distributed.maybe_initialize()
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from kimi_jax import checkpoint, sharding  # noqa: E402
+from kimi_jax import orbax_model, sharding  # noqa: E402
 from kimi_jax.model import KimiLinearForCausalLM  # noqa: E402
 from kimi_jax.train_step import build_trainer, make_optimizer  # noqa: E402
 
@@ -38,7 +38,7 @@ full = make_batch()
 rows = distributed.local_batch_slice(BATCH)
 batch = distributed.global_batch({k: v[rows] for k, v in full.items()}, trainer.batch_sharding)
 params, opt_state, metrics = trainer.step_fn(params, opt_state, batch)
-checkpoint.save_model(os.path.join(out_dir, "ckpt"), nnx.merge(trainer.graphdef, params))
+orbax_model.save_model(os.path.join(out_dir, "ckpt"), nnx.merge(trainer.graphdef, params))
 if distributed.is_main_process():
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump({k: float(np.asarray(v)) for k, v in metrics.items()}, f)

@@ -46,7 +46,7 @@ def empty_folder(folder: str) -> str:
 
 def _edit_largest_safetensors(folder: str, edit) -> str:
     """Rewrite the largest safetensors file of an HF folder with `edit(tensors)` applied; returns what to name."""
-    from convert.safetensors_io import SafetensorsReader, write_safetensors
+    from kimi_jax.hf.safetensors_io import SafetensorsReader, write_safetensors
 
     path = largest_file(folder, ".safetensors")
     reader = SafetensorsReader(folder)
@@ -132,10 +132,10 @@ def folders(tmp_path_factory):
     """A tiny HF model with a Kimi-format tokenizer (one file and three shards), its orbax conversion, and a data
     folder."""
     pytest.importorskip("torch")
-    from kimi_jax import checkpoint
+    from kimi_jax import orbax_model
     from kimi_jax import tokenizer as tokenizer_mod
     from kimi_jax.config import tiny
-    from kimi_jax.loading import from_pretrained
+    from kimi_jax.hf.loading import from_pretrained
     from kimi_jax.reference import build_reference, save_reference
     from kimi_jax.tokenizer_fixtures import build_kimi_format_tokenizer, local_corpus
 
@@ -150,7 +150,7 @@ def folders(tmp_path_factory):
     out = {"hf": save_reference(ref, str(root / "hf")),
            "hf_shards": save_reference(ref, str(root / "hf_shards"), num_shards=3)}
     out["orbax"] = str(root / "orbax")
-    checkpoint.save_model(out["orbax"], from_pretrained(out["hf"]), source=out["hf"])
+    orbax_model.save_model(out["orbax"], from_pretrained(out["hf"]), source=out["hf"])
     for folder in out.values():
         for name in os.listdir(tokenizer):
             shutil.copy(os.path.join(tokenizer, name), os.path.join(folder, name))

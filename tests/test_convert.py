@@ -27,9 +27,9 @@ from safetensors.numpy import load_file, save_file
 import kimi_jax
 from convert import check_logits, hf_to_orbax, mapping, orbax_to_hf
 from convert.cli import run_main
-from convert.safetensors_io import (PlannedSafetensorsWriter, SafetensorsReader, read_safetensors_header,
+from kimi_jax.hf.safetensors_io import (PlannedSafetensorsWriter, SafetensorsReader, read_safetensors_header,
                                    write_safetensors)
-from kimi_jax import checkpoint
+from kimi_jax import orbax_model
 from kimi_jax.config import tiny
 from kimi_jax.safe_io import Terminated
 
@@ -83,8 +83,8 @@ def to_hf(ckpt, out, *flags) -> None:
 
 def all_arrays(folder) -> tuple[dict, dict]:
     """(stored {key: ShapeDtypeStruct}, {key: numpy array in the stored dtype})."""
-    stored = checkpoint.stored_arrays(str(folder))
-    return stored, checkpoint.restore_arrays(str(folder), stored)
+    stored = orbax_model.stored_arrays(str(folder))
+    return stored, orbax_model.restore_arrays(str(folder), stored)
 
 
 def assert_same_arrays(a_folder, b_folder) -> None:
@@ -179,14 +179,14 @@ def test_round_trip(reference_factory, tmp_path, name, layout, shards, exports):
     src = case.folder(layout, shards)
     first = tmp_path / "orbax"
     to_orbax(src, first, "--dtype", "float32")
-    meta = checkpoint.read_meta(str(first))
+    meta = orbax_model.read_meta(str(first))
     assert meta["source_layout"] == layout and meta["dtype"] == "float32"
-    assert {str(s.dtype) for s in checkpoint.stored_arrays(str(first)).values()} == {"float32"}
+    assert {str(s.dtype) for s in orbax_model.stored_arrays(str(first)).values()} == {"float32"}
 
     # HF -> orbax -> kimi_jax matches transformers on the original.
     ids = case.random_ids(2, 12)
     want = case.ref_logits(ids)
-    model = checkpoint.load_model(str(first))
+    model = orbax_model.load_model(str(first))
     diff = max_abs_diff(jax_logits(model, ids), want)
     print(f"\n{name} {layout}x{shards}: orbax -> kimi_jax vs transformers max |diff| {diff:.3e}")
     assert diff <= FP32_TOL
@@ -230,14 +230,14 @@ def test_round_trip(reference_factory, tmp_path, name, layout, shards, exports):
         # HF -> orbax of the export is bit-identical to the first conversion.
         second = tmp_path / f"orbax-again-{export_layout}-{max_shard}"
         to_orbax(hf, second, "--dtype", "float32")
-        assert checkpoint.read_meta(str(second))["source_layout"] == export_layout
+        assert orbax_model.read_meta(str(second))["source_layout"] == export_layout
         assert_same_arrays(first, second)
 
 
 # ---------------------------------------------------------------------------------------------------- bf16
 def test_bfloat16_storage_and_export(small, small_f32, small_bf16, tmp_path):
     ckpt = small_bf16
-    assert checkpoint.read_meta(str(ckpt))["dtype"] == "bfloat16"
+    assert orbax_model.read_meta(str(ckpt))["dtype"] == "bfloat16"
     stored, arrays = all_arrays(ckpt)
     _, arrays_f32 = all_arrays(small_f32)
     kept = [k for k in stored if k.endswith(KEEP_FP32_KEYS)]
@@ -309,7 +309,7 @@ def test_default_dtype_is_the_sources(small, small_f32, small_bf16, tmp_path, ca
     out = tmp_path / "from-f32"
     rc, stdout, err = cli(hf_to_orbax.main, ["--hf_path", small.folder("hub"), "--output", out, "--quiet"], capsys)
     assert rc == 0 and err == "" and "stored in float32" in stdout
-    assert checkpoint.read_meta(str(out))["dtype"] == "float32"
+    assert orbax_model.read_meta(str(out))["dtype"] == "float32"
     assert_same_arrays(out, small_f32)
 
     # Every tensor bfloat16 (the float32-kept ones too, which are widened exactly: no notice for those).
@@ -317,7 +317,7 @@ def test_default_dtype_is_the_sources(small, small_f32, small_bf16, tmp_path, ca
     out = tmp_path / "from-bf16"
     rc, stdout, err = cli(hf_to_orbax.main, ["--hf_path", src, "--output", out, "--quiet"], capsys)
     assert rc == 0 and err == "" and "stored in bfloat16" in stdout
-    assert checkpoint.read_meta(str(out))["dtype"] == "bfloat16"
+    assert orbax_model.read_meta(str(out))["dtype"] == "bfloat16"
     stored, arrays = all_arrays(out)
     _, want = all_arrays(small_bf16)  # the same float32 weights rounded to bfloat16 by --dtype bfloat16
     for key, s in stored.items():
@@ -341,7 +341,7 @@ def test_mixed_source_dtypes_are_stored_losslessly_and_named(small, small_f32, t
     stored, arrays = all_arrays(out)
     assert {np.dtype(s.dtype) for s in stored.values()} == {np.dtype(np.float32)}
     _, want = all_arrays(small_f32)
-    keys = {n: checkpoint.param_key(spec.path) for spec in mapping.plan(small.cfg, mapping.HUB)
+    keys = {n: orbax_model.param_key(spec.path) for spec in mapping.plan(small.cfg, mapping.HUB)
             for group in spec.hf_names for n in group}
     for key in stored:
         expected = want[key].astype(np.float16).astype(np.float32) if key == keys[f16] else want[key]
@@ -372,9 +372,9 @@ def test_output_folders_are_self_contained(small, tmp_path):
         assert (ckpt / name).read_bytes() == data
     with open(ckpt / "config.json") as f:
         assert json.load(f) == src_config
-    meta = checkpoint.read_meta(str(ckpt))
+    meta = orbax_model.read_meta(str(ckpt))
     assert meta["dtype"] == "float32" and set(sidecars) <= set(meta["copied_files"])
-    assert meta["num_params"] == sum(s.size for s in checkpoint.stored_arrays(str(ckpt)).values())
+    assert meta["num_params"] == sum(s.size for s in orbax_model.stored_arrays(str(ckpt)).values())
     assert leftovers(ckpt) == ["ckpt"]
 
     shutil.rmtree(src)  # the checkpoint must not refer back to its source
@@ -681,7 +681,7 @@ def test_interrupted_run_leaves_nothing(small, small_f32, tmp_path, capsys, monk
     if where == "reader-get":
         seen = _interrupt_after(monkeypatch, SafetensorsReader, "get", 20)  # mid-stream, inside the orbax write
     elif where == "after-save-params":
-        real = checkpoint.save_params
+        real = orbax_model.save_params
         seen = []
 
         def save_then_interrupt(directory, params):
@@ -715,7 +715,7 @@ SIGNAL_SCRIPT = r"""
 import os, signal, sys, threading, time
 from convert import hf_to_orbax
 from convert.cli import run_main
-from convert.safetensors_io import SafetensorsReader
+from kimi_jax.hf.safetensors_io import SafetensorsReader
 
 signum = getattr(signal, sys.argv[1])
 read = SafetensorsReader.get
@@ -810,7 +810,7 @@ def test_overwrite_onto_a_symlink_replaces_the_link_only(small, small_f32, tmp_p
     assert rc == 0, err
     assert err.strip().splitlines() == [f"notice: replaced the symbolic link {out} (what it pointed to, {target}, is "
                                         "untouched)"]
-    assert not os.path.islink(out) and checkpoint.is_checkpoint(str(out))
+    assert not os.path.islink(out) and orbax_model.is_checkpoint(str(out))
     assert os.listdir(target) == ["keep.txt"] and (target / "keep.txt").read_text() == "not ours"
     assert leftovers(out) == ["out"]  # no .out.old-* link left behind
     assert_same_arrays(out, small_f32)
@@ -947,19 +947,19 @@ def test_missing_folders_and_not_a_checkpoint(small, small_f32, tmp_path, capsys
     # An HF folder is not a kimi_jax checkpoint.
     rc, _, err = cli(orbax_to_hf.main, ["--ckpt", small.folder("hub"), "--output", out], capsys)
     line = assert_one_line_error(err)
-    assert rc == 2 and small.folder("hub") in line and checkpoint.META_FILE in line
+    assert rc == 2 and small.folder("hub") in line and orbax_model.META_FILE in line
     assert leftovers(out) == []
     # kimi_jax.json without params/, and a foreign kimi_jax.json format.
     fake = tmp_path / "fake"
     shutil.copytree(small.folder("hub"), fake)
-    shutil.copy(os.path.join(small_f32, checkpoint.META_FILE), fake)
+    shutil.copy(os.path.join(small_f32, orbax_model.META_FILE), fake)
     rc, _, err = cli(orbax_to_hf.main, ["--ckpt", fake, "--output", out], capsys)
     line = assert_one_line_error(err)
     assert rc == 2 and str(fake) in line and "params/" in line
-    (fake / checkpoint.META_FILE).write_text(json.dumps({"format": "something.else"}))
+    (fake / orbax_model.META_FILE).write_text(json.dumps({"format": "something.else"}))
     rc, _, err = cli(orbax_to_hf.main, ["--ckpt", fake, "--output", out], capsys)
     line = assert_one_line_error(err)
-    assert rc == 2 and str(fake / checkpoint.META_FILE) in line and "something.else" in line
+    assert rc == 2 and str(fake / orbax_model.META_FILE) in line and "something.else" in line
     assert leftovers(out) == []
 
 

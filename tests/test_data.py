@@ -363,7 +363,7 @@ def model_folder(tok, tmp_path_factory):
     check the tensors' names, shapes and dtypes, then read the data; no test here gets as far as the weights)."""
     from safetensors.numpy import save_file
 
-    from convert import mapping
+    from kimi_jax.hf import mapping
     from kimi_jax.config import tiny
 
     folder = tmp_path_factory.mktemp("data-model")

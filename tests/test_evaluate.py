@@ -23,7 +23,7 @@ import pytest
 from flax import nnx
 
 from experiments import evaluate
-from kimi_jax import checkpoint
+from kimi_jax import orbax_model
 from kimi_jax import tokenizer as tokenizer_mod
 from kimi_jax.config import tiny
 from kimi_jax.evaluation.schema import SchemaError, validate_results

@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 from experiments.generate import main
-from kimi_jax import checkpoint
+from kimi_jax import orbax_model
 from kimi_jax import tokenizer as tokenizer_mod
 from kimi_jax.config import tiny
 from kimi_jax.model import KimiLinearForCausalLM
@@ -50,7 +50,7 @@ def model_folder(tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("gen") / "model")
     build_kimi_format_tokenizer([" ".join(local_corpus())[:100_000]], folder, vocab_size=300)
     tok = tokenizer_mod.load(folder)
-    checkpoint.save_model(folder, KimiLinearForCausalLM(tiny_config(tok), rngs=nnx.Rngs(3)), source="test")
+    orbax_model.save_model(folder, KimiLinearForCausalLM(tiny_config(tok), rngs=nnx.Rngs(3)), source="test")
     return folder
 
 
@@ -194,7 +194,7 @@ def test_trained_sidecar_with_baseline_verified_reproduces_greedy(runs, model_fo
     the proposals differ from greedy, and baseline_verified still commits exactly the greedy tokens."""
     folder = shutil.copytree(model_folder, tmp_path / "trained")
     rcfg = load_preset("phase_a").replace(**SMALL_SIDECAR)
-    sidecar = build_sidecar(checkpoint.load_model(folder).config, rcfg)
+    sidecar = build_sidecar(orbax_model.load_model(folder).config, rcfg)
     rng = np.random.default_rng(0)
     nnx.update(sidecar, jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5, a.dtype),
                                      nnx.state(sidecar, nnx.Param)))
@@ -359,7 +359,7 @@ def test_bad_input_from_the_command_line(model_folder):
 # ------------------------------------------------------------------------------------------ load_for_generation
 def small_trained(folder, **changes):
     rcfg = load_preset("after_surgery").replace(**{**SMALL_SIDECAR, **changes})
-    sidecar = build_sidecar(checkpoint.load_model(folder).config, rcfg)
+    sidecar = build_sidecar(orbax_model.load_model(folder).config, rcfg)
     sidecar.cells.b[...] = jnp.full(sidecar.cells.b.shape, 0.25, jnp.float32)
     io.save_sidecar(folder, sidecar, rcfg)
     return sidecar, rcfg
@@ -423,7 +423,7 @@ def test_load_for_generation_bad_folders(model_folder, tmp_path):
     shutil.copytree(model_folder, small, ignore=shutil.ignore_patterns("params", "kimi_jax.json", "config.json"))
     tok = tokenizer_mod.load(small)
     cfg = tiny_config(tok, vocab_size=tok.vocab_size - 1, pad_token_id=0)
-    checkpoint.save_model(small, KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    orbax_model.save_model(small, KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0)))
     with pytest.raises(io.LoadError, match=f"the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size "
                                            f"is {tok.vocab_size - 1}"):
         io.load_for_generation(small, notice=None)

@@ -8,7 +8,7 @@ zero-init surgery with verified commits must reproduce them token for token.
 
 With lm-eval installed the local tasks (a 5-item multiple-choice task, a 3-item generate_until task and a 2-document
 perplexity task, all from jsonl files in a tmp dir: no hub) run through `lm_eval.simple_evaluate` and through the
-`python -m kimi_jax.evaluation.lm_eval_cli` wrapper. Without lm-eval those tests skip, and the request-handling tests
+`python -m experiments.lm_eval` wrapper. Without lm-eval those tests skip, and the request-handling tests
 still run on the adapter over a minimal stand-in for lm-eval's `LM` base class, with fake `Instance` objects.
 """
 
@@ -31,7 +31,7 @@ import pytest
 from flax import nnx
 
 import kimi_jax
-from kimi_jax import checkpoint
+from kimi_jax import orbax_model
 from kimi_jax import tokenizer as tokenizer_mod
 from kimi_jax.config import tiny
 from kimi_jax.model import KimiLinearForCausalLM
@@ -119,7 +119,7 @@ def model_folder(tmp_path_factory) -> str:
     tok = tokenizer_mod.load(folder)
     cfg = tiny(num_hidden_layers=2, mla_layers=(1,), first_k_dense=0, vocab_size=tok.vocab_size,
                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    checkpoint.save_model(folder, KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(5)), source="test")
+    orbax_model.save_model(folder, KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(5)), source="test")
     return folder
 
 
@@ -548,7 +548,7 @@ def test_simple_evaluate_by_name_and_recursive(rec_lm, model_folder, task_manage
 
 def _run_cli(*args, timeout=600):
     env = child_env(PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **OFFLINE_ENV)  # one device
-    return subprocess.run([sys.executable, "-m", "kimi_jax.evaluation.lm_eval_cli", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "experiments.lm_eval", *map(str, args)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -582,7 +582,7 @@ def test_importing_without_lm_eval():
     code = ("import sys; sys.modules['lm_eval'] = None\n"
             "import kimi_jax, kimi_jax.evaluation\n"
             "try:\n    import kimi_jax.evaluation.lm_eval_adapter\nexcept ImportError as e:\n    print('MSG', e)\n"
-            "from kimi_jax.evaluation.lm_eval_cli import main\nsys.exit(main(['--help']))\n")
+            "from experiments.lm_eval import main\nsys.exit(main(['--help']))\n")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)

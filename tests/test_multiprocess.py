@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kimi_jax import checkpoint, sharding
+from kimi_jax import orbax_model, sharding
 from kimi_jax.model import KimiLinearForCausalLM
 from kimi_jax.train_step import build_trainer, make_optimizer, shard_batch
 from conftest import child_env
@@ -53,7 +53,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
     assert abs(two["loss"] - float(metrics["loss"])) <= 1e-5
     assert abs(two["grad_norm"] - float(metrics["grad_norm"])) <= 1e-5 * max(1.0, float(metrics["grad_norm"]))
 
-    restored = checkpoint.load_model(str(tmp_path / "ckpt"))
+    restored = orbax_model.load_model(str(tmp_path / "ckpt"))
     one = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(params)}
     diffs = [float(np.abs(np.asarray(v[...]) - one[k]).max())
              for k, v in nnx.to_flat_state(nnx.state(restored, nnx.Param))]

@@ -133,9 +133,9 @@ def test_overwrite_is_atomic(saved, monkeypatch):
     assert hidden_leftovers(folder) == []
 
     # A save that dies half-way (after orbax wrote part of the temporary folder) leaves the previous one intact.
-    from kimi_jax import checkpoint
+    from kimi_jax import orbax_model
 
-    real = checkpoint.save_params
+    real = orbax_model.save_params
 
     def dying(directory, params):
         real(directory, dict(list(params.items())[:3]))

@@ -123,12 +123,12 @@ def test_every_parameter_has_logical_axes():
 
 
 def test_restore_directly_into_a_mesh(tmp_path):
-    from kimi_jax import checkpoint
+    from kimi_jax import orbax_model
 
     model = KimiLinearForCausalLM(make_config(), rngs=nnx.Rngs(1))
-    checkpoint.save_model(str(tmp_path / "ckpt"), model)
+    orbax_model.save_model(str(tmp_path / "ckpt"), model)
     mesh = sharding.make_mesh("fsdp=4,tensor=2")
-    restored = checkpoint.load_model(str(tmp_path / "ckpt"), mesh=mesh)
+    restored = orbax_model.load_model(str(tmp_path / "ckpt"), mesh=mesh)
     assert param_specs(nnx.state(restored, nnx.Param)) == EXPECTED["fsdp=4,tensor=2"]
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
                                  nnx.to_flat_state(nnx.state(restored, nnx.Param))):

@@ -49,10 +49,10 @@ def _pick_documents():
 def work(tmp_path_factory):
     """Model folders (HF and orbax, same weights), a data folder, recursive configs and a compile cache."""
     pytest.importorskip("torch")
-    from kimi_jax import checkpoint
+    from kimi_jax import orbax_model
     from kimi_jax import tokenizer as tokenizer_mod
     from kimi_jax.config import tiny
-    from kimi_jax.loading import from_pretrained
+    from kimi_jax.hf.loading import from_pretrained
     from kimi_jax.recursive.config import load_preset
     from kimi_jax.reference import build_reference, save_reference
     from kimi_jax.tokenizer_fixtures import build_kimi_format_tokenizer, local_corpus
@@ -65,7 +65,7 @@ def work(tmp_path_factory):
                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     save_reference(build_reference(cfg, 0), hf)
     orbax = str(root / "orbax")
-    checkpoint.save_model(orbax, from_pretrained(hf), source=hf)
+    orbax_model.save_model(orbax, from_pretrained(hf), source=hf)
     for name in ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json"):
         with open(os.path.join(hf, name), "rb") as src, open(os.path.join(orbax, name), "wb") as dst:
             dst.write(src.read())
@@ -238,7 +238,7 @@ def flat_params(folder) -> dict[str, np.ndarray]:
     """Every parameter array of a kimi_jax model folder, read with orbax alone (no model is built)."""
     import jax
 
-    from kimi_jax.checkpoint import restore_arrays, stored_arrays
+    from kimi_jax.orbax_model import restore_arrays, stored_arrays
 
     targets = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in stored_arrays(folder).items()}
     return {k: np.asarray(v) for k, v in restore_arrays(folder, targets).items()}
@@ -326,7 +326,7 @@ def test_expert_parallel_run_resumes_and_matches_the_single_device_run(runs, wor
 
 @pytest.mark.slow
 def test_restricted_groups_and_a_non_finite_loss_stop_the_run_cleanly(runs, work):
-    from kimi_jax.checkpoint import param_key
+    from kimi_jax.orbax_model import param_key
     from kimi_jax.model import KimiLinearForCausalLM
     from kimi_jax.train_step import param_group
     from kimi_jax.training import checkpoints as ck

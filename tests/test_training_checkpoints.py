@@ -47,7 +47,7 @@ def test_flatten_unflatten_round_trips_an_optimizer_state():
 
 
 def test_writer_saves_async_atomically_keeps_the_newest_and_restores_exactly(tmp_path):
-    from kimi_jax.checkpoint import load_model, model_param_arrays
+    from kimi_jax.orbax_model import load_model, model_param_arrays
 
     out = str(tmp_path / "run")
     model = KimiLinearForCausalLM(CFG, rngs=nnx.Rngs(1))
@@ -80,7 +80,7 @@ def test_writer_saves_async_atomically_keeps_the_newest_and_restores_exactly(tmp
 
 
 def test_params_are_hard_linked_when_unchanged_and_written_when_linking_fails(tmp_path):
-    from kimi_jax.checkpoint import model_param_arrays, save_model
+    from kimi_jax.orbax_model import model_param_arrays, save_model
 
     source = str(tmp_path / "source")
     model = KimiLinearForCausalLM(CFG, rngs=nnx.Rngs(2))
@@ -104,7 +104,7 @@ def test_params_are_hard_linked_when_unchanged_and_written_when_linking_fails(tm
 
 
 def test_a_failed_save_leaves_earlier_checkpoints_and_no_partial_folder(tmp_path, monkeypatch):
-    from kimi_jax.checkpoint import model_param_arrays
+    from kimi_jax.orbax_model import model_param_arrays
 
     model = KimiLinearForCausalLM(CFG, rngs=nnx.Rngs(3))
     opt = optax.sgd(1.0).init(nnx.split(model)[1])
@@ -127,7 +127,7 @@ def test_a_failed_save_leaves_earlier_checkpoints_and_no_partial_folder(tmp_path
 
 
 def test_an_existing_step_folder_is_never_replaced(tmp_path):
-    from kimi_jax.checkpoint import model_param_arrays
+    from kimi_jax.orbax_model import model_param_arrays
 
     model = KimiLinearForCausalLM(CFG, rngs=nnx.Rngs(3))
     opt = optax.sgd(1.0).init(nnx.split(model)[1])

@@ -1,13 +1,13 @@
 """lm-evaluation-harness (lm-eval 0.4.13) model adapter: `--model kimi_jax`.
 
-    python -m kimi_jax.evaluation.lm_eval_cli --model kimi_jax \\
+    python -m experiments.lm_eval --model kimi_jax \\
         --model_args path=DIR[,use_recursive=True][,recursive_config=PRESET_OR_JSON][,chunk_width=W]
                      [,max_inner_steps=K][,commit_mode=...][,draft_seed=...][,dtype=bfloat16][,batch_size=B]
                      [,max_length=L][,max_gen_toks=N][,length_multiple=M][,diagnostic=True] \\
         --tasks hellaswag,gsm8k [--include_path DIR_OF_TASK_YAMLS] [--output_path out/] [--log_samples]
 
 lm-eval 0.4.13 finds models only in its own registry (no plugin entry points), so the model name "kimi_jax" exists
-once this module is imported: `python -m kimi_jax.evaluation.lm_eval_cli` imports it and then runs lm-eval's own
+once this module is imported: `python -m experiments.lm_eval` imports it and then runs lm-eval's own
 command line (every lm-eval flag works); in Python, import this module and pass `model="kimi_jax"` or a
 :class:`KimiJaxLM` instance to `lm_eval.simple_evaluate`.
 

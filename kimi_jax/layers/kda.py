@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from kimi_jax.config import KimiLinearConfig
 from kimi_jax.layers.init import kda_a_log, kda_dt_bias, normal_param
+from kimi_jax.layers.lora import lora_apply
 from kimi_jax.layers.norms import gated_rms_norm
 from kimi_jax.ops.kda import kda_chunked, kda_recurrent, resolve_kda_impl
 from kimi_jax.sharding import Resolver, batch_axes, spec_axes, target_platform
@@ -103,12 +104,6 @@ def _shifted_taps_bwd(residuals, dy_BTC):
 
 
 _shifted_taps.defvjp(_shifted_taps_fwd, _shifted_taps_bwd)
-
-
-def lora_apply(x, a, b, down: str, up: str):
-    """A low-rank update x -> (x a) b in float32, cast back to x's dtype."""
-    low = jnp.einsum(down, x.astype(jnp.float32), a.astype(jnp.float32))
-    return jnp.einsum(up, low, b.astype(jnp.float32)).astype(x.dtype)
 
 
 def last_valid_tail(full_BSC, mask_BT, width: int):

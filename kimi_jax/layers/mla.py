@@ -19,7 +19,7 @@ from flax import nnx
 
 from kimi_jax.config import KimiLinearConfig
 from kimi_jax.layers.init import normal_param
-from kimi_jax.layers.kda import lora_apply
+from kimi_jax.layers.lora import lora_apply
 from kimi_jax.layers.norms import rms_norm
 
 F32 = jnp.float32

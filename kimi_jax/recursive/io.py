@@ -143,7 +143,7 @@ def save_sidecar(folder: str | os.PathLike, sidecar: Sidecar, rcfg: RecursiveCon
     if not isinstance(rcfg, RecursiveConfig):
         raise TypeError(f"save_sidecar: rcfg must be a RecursiveConfig, got {type(rcfg).__name__}")
     _check_consistent(sidecar, rcfg)
-    from kimi_jax.checkpoint import save_params
+    from kimi_jax.orbax_model import save_params
 
     folder = os.path.abspath(os.fspath(folder))
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -284,7 +284,7 @@ def latest_step_folder(folder: str | os.PathLike) -> str | None:
     `.../recursive_finetune/step_5000`; a folder that is not a model itself but holds step folders means its latest
     step. Folders still being written (no kimi_jax.json yet, or orbax temporaries) are skipped.
     """
-    from kimi_jax.checkpoint import is_checkpoint
+    from kimi_jax.orbax_model import is_checkpoint
 
     folder = os.fspath(folder)
     steps = []
@@ -306,7 +306,7 @@ def resolve_model_folder(folder: str | os.PathLike) -> str:
 
 def model_format(folder: str | os.PathLike) -> str:
     """"orbax" for a kimi_jax checkpoint folder, "hf" for config.json + safetensors; else a LoadError."""
-    from kimi_jax.checkpoint import is_checkpoint
+    from kimi_jax.orbax_model import is_checkpoint
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
@@ -368,8 +368,8 @@ def load_for_generation(model_path: str | os.PathLike, *, recursive_config=None,
     `dtype` is the parameter dtype (default: the stored one for orbax folders, float32 for HF folders).
     """
     from kimi_jax import tokenizer as tokenizer_mod
-    from kimi_jax.checkpoint import load_model
-    from kimi_jax.loading import from_pretrained
+    from kimi_jax.orbax_model import load_model
+    from kimi_jax.hf.loading import from_pretrained
 
     folder = resolve_model_folder(model_path)
     fmt = model_format(folder)

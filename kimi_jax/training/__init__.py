@@ -1,7 +1,7 @@
 """Training support for `python -m experiments.train`: checkpoint folders with the full training state, and logs.
 
 * :mod:`kimi_jax.training.checkpoints`: every `step_N` folder is a complete model folder (loadable by
-  `experiments.generate` / `kimi_jax.checkpoint.load_model` / `kimi_jax.recursive.io`) plus the optimizer, data
+  `experiments.generate` / `kimi_jax.orbax_model.load_model` / `kimi_jax.recursive.io`) plus the optimizer, data
   iterator, RNG and trainable state needed to resume exactly; written asynchronously and atomically.
 * :mod:`kimi_jax.training.logging`: the per-step JSONL log, TensorBoard scalars (tensorboardX) and a reader for the
   event files, memory and learning-rate helpers.

@@ -6,7 +6,7 @@ Layout of one checkpoint (everything a model folder has, then the training state
       config.json              the model's HF config
       kimi_jax.json            kimi_jax's checkpoint metadata, with a "training" entry (stage, phase, step, ...)
       params/                  the model's parameters (orbax PyTree, keys = parameter paths joined by dots; phase C:
-                               the unfrozen blocks merged in), exactly the format of `kimi_jax.checkpoint.save_model`
+                               the unfrozen blocks merged in), exactly the format of `kimi_jax.orbax_model.save_model`
       tiktoken.model, tokenizer_config.json, ...   the tokenizer files of the model the run started from
       recursive_config.json    (recursive stage) the RecursiveConfig, as `kimi_jax.recursive.io.save_sidecar` writes it
       sidecar/                 (recursive stage) the sidecar (with phase-B/C LoRA inside), io.save_sidecar's format
@@ -117,7 +117,7 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> tuple[int, str] | None:
 def resolve_model_folder(path: str | os.PathLike) -> str:
     """A model folder for `path`: `path` itself when it is one (orbax or HF), else its newest training checkpoint
     (`path` is a training `--output_dir`, as in `--model_path ./checkpoints/vanilla_finetune`)."""
-    from kimi_jax.checkpoint import is_checkpoint
+    from kimi_jax.orbax_model import is_checkpoint
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -311,7 +311,7 @@ class CheckpointWriter:
              link_params_from: str | None = None) -> None:
         """Start writing checkpoint `step`. Returns once the arrays are copied to host memory.
 
-        `params` ({key: array}, kimi_jax.checkpoint's keys) may be None when `link_params_from` names a folder whose
+        `params` ({key: array}, kimi_jax.orbax_model's keys) may be None when `link_params_from` names a folder whose
         `params/` holds exactly this model; with both, the link is tried first and `params` written if it fails.
         """
         from kimi_jax.orbax_failures import HeldLogRecords
@@ -363,7 +363,7 @@ class CheckpointWriter:
 
     def _prepare(self, step: int, final: str, tmp: str, config: dict, meta: dict, state_json: dict,
                  link_params_from: str | None) -> int:
-        from kimi_jax.checkpoint import FORMAT as MODEL_FORMAT
+        from kimi_jax.orbax_model import FORMAT as MODEL_FORMAT
 
         if os.path.lexists(final):  # not this run's (it saves each step once): never replaced
             raise CheckpointSaveError(f"{final} already exists; this run does not replace it (move it away, or "

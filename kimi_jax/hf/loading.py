@@ -12,8 +12,8 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
-from convert import mapping
-from convert.safetensors_io import CheckpointError, SafetensorsReader
+from kimi_jax.hf import mapping
+from kimi_jax.hf.safetensors_io import CheckpointError, SafetensorsReader
 from kimi_jax.config import KimiLinearConfig
 from kimi_jax.model import KimiLinearForCausalLM
 

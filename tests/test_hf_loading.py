@@ -14,9 +14,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import kimi_jax
-from convert import mapping
+from kimi_jax.hf import mapping
 from kimi_jax.config import DENSE, ConfigError
-from kimi_jax.loading import CheckpointError
+from kimi_jax.hf.loading import CheckpointError
 
 from conftest import flat_params
 
@@ -204,7 +204,7 @@ def test_bf16_checkpoint_reads_exact_values_and_runs(small, checkpoint_copy):
     """The hub checkpoint is bf16; numpy has no bf16, so the reader decodes it itself (no torch)."""
     from safetensors.torch import load_file as load_torch, save_file as save_torch
 
-    from kimi_jax.loading import SafetensorsReader
+    from kimi_jax.hf.loading import SafetensorsReader
 
     folder = checkpoint_copy(small.folder("hub"))
     path = os.path.join(folder, "model.safetensors")

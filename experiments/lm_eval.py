@@ -1,12 +1,12 @@
 """lm-eval's command line with the `kimi_jax` model registered.
 
-    python -m kimi_jax.evaluation.lm_eval_cli --model kimi_jax \\
+    python -m experiments.lm_eval --model kimi_jax \\
         --model_args path=./models/Kimi-Linear-48B-A3B-Instruct,dtype=bfloat16 \\
         --tasks hellaswag --batch_size 8 --output_path ./eval_results/lm_eval
-    python -m kimi_jax.evaluation.lm_eval_cli run --model kimi_jax \\
+    python -m experiments.lm_eval run --model kimi_jax \\
         --model_args path=./checkpoints/recursive_finetune,use_recursive=True,chunk_width=128,max_inner_steps=4 \\
         --tasks my_task --include_path ./my_tasks
-    python -m kimi_jax.evaluation.lm_eval_cli ls tasks
+    python -m experiments.lm_eval ls tasks
 
 lm-eval 0.4.13 discovers models only through its own registry (there is no plugin entry point), so the plain
 `lm_eval` command does not know `kimi_jax`; this wrapper imports kimi_jax.evaluation.lm_eval_adapter (which
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lm_eval.__main__ import cli_evaluate
 
-    from convert.safetensors_io import CheckpointError
-    from kimi_jax.checkpoint import CheckpointFormatError
+    from kimi_jax.hf.safetensors_io import CheckpointError
+    from kimi_jax.orbax_model import CheckpointFormatError
     from kimi_jax.config import ConfigError
     from kimi_jax.recursive.config import RecursiveConfigError
     from kimi_jax.recursive.io import LoadError

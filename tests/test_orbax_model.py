@@ -15,8 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from kimi_jax import checkpoint
-from kimi_jax.checkpoint import CheckpointFormatError
+from kimi_jax import orbax_model
+from kimi_jax.orbax_model import CheckpointFormatError
 from kimi_jax.config import tiny
 from kimi_jax.model import KimiLinearForCausalLM
 
@@ -47,12 +47,12 @@ def model():
 @pytest.fixture(scope="module")
 def saved(model, tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    checkpoint.save_model(folder, model)
+    orbax_model.save_model(folder, model)
     return folder
 
 
 def _stored_chunk_shapes(folder) -> dict[str, tuple]:
-    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(os.path.abspath(folder), checkpoint.PARAMS_DIR))
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(os.path.abspath(folder), orbax_model.PARAMS_DIR))
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     return {k: tuple(v.storage.chunk_shape) for k, v in dict(tree).items()}
@@ -60,18 +60,18 @@ def _stored_chunk_shapes(folder) -> dict[str, tuple]:
 
 # ------------------------------------------------------------------------------------------------ round trip
 def test_save_load_round_trip_is_exact(model, saved):
-    assert checkpoint.is_checkpoint(saved)
-    assert sorted(os.listdir(saved)) == ["config.json", checkpoint.META_FILE, checkpoint.PARAMS_DIR]
+    assert orbax_model.is_checkpoint(saved)
+    assert sorted(os.listdir(saved)) == ["config.json", orbax_model.META_FILE, orbax_model.PARAMS_DIR]
     want = flat_params(model)
-    meta = checkpoint.read_meta(saved)
-    assert meta["format"] == checkpoint.FORMAT and meta["dtype"] == "float32"
+    meta = orbax_model.read_meta(saved)
+    assert meta["format"] == orbax_model.FORMAT and meta["dtype"] == "float32"
     assert meta["num_params"] == sum(a.size for a in want.values())
     with open(os.path.join(saved, "config.json")) as f:
         assert json.load(f) == model.config.to_hf_dict()
-    stored = checkpoint.stored_arrays(saved)
-    assert sorted(stored) == sorted(checkpoint.param_key(p) for p in want)
+    stored = orbax_model.stored_arrays(saved)
+    assert sorted(stored) == sorted(orbax_model.param_key(p) for p in want)
 
-    loaded = checkpoint.load_model(saved)
+    loaded = orbax_model.load_model(saved)
     assert loaded.config == model.config
     got = flat_params(loaded)
     assert sorted(got) == sorted(want)
@@ -84,7 +84,7 @@ def test_save_load_round_trip_is_exact(model, saved):
 
 def test_load_as_bfloat16_keeps_fp32_params(model, saved):
     want = flat_params(model)
-    got = flat_params(checkpoint.load_model(saved, dtype=jnp.bfloat16))
+    got = flat_params(orbax_model.load_model(saved, dtype=jnp.bfloat16))
     assert sorted(got) == sorted(want)
     kept = {p[-1] for p in want if _kept_fp32(p)}
     assert kept == set(FP32_PARAMS)
@@ -98,17 +98,17 @@ def test_load_as_bfloat16_keeps_fp32_params(model, saved):
 
 
 def test_restore_with_sharding_returns_jax_array(model, saved):
-    stored = checkpoint.stored_arrays(saved)
+    stored = orbax_model.stored_arrays(saved)
     key = next(k for k, s in stored.items() if k.startswith("segments.") and len(s.shape) >= 3)
-    want = np.asarray(checkpoint.model_param_arrays(model)[key])
+    want = np.asarray(orbax_model.model_param_arrays(model)[key])
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.ShapeDtypeStruct(stored[key].shape, stored[key].dtype, sharding=sharding)
-    out = checkpoint.restore_arrays(saved, {key: target})[key]
+    out = orbax_model.restore_arrays(saved, {key: target})[key]
     assert isinstance(out, jax.Array)
     assert out.sharding == sharding and out.shape == want.shape and out.dtype == want.dtype
     assert np.array_equal(np.asarray(out), want)
     # Without a sharding it is numpy; a different target dtype is a cast on restore.
-    plain = checkpoint.restore_arrays(saved, {key: jax.ShapeDtypeStruct(want.shape, jnp.bfloat16)})[key]
+    plain = orbax_model.restore_arrays(saved, {key: jax.ShapeDtypeStruct(want.shape, jnp.bfloat16)})[key]
     assert isinstance(plain, np.ndarray) and plain.dtype == ml_dtypes.bfloat16
     assert np.array_equal(plain, want.astype(ml_dtypes.bfloat16))
 
@@ -121,7 +121,7 @@ def test_params_that_do_not_match_config(saved, tmp_path):
     with open(os.path.join(folder, "config.json"), "w") as f:  # one more layer than the stored parameters hold
         json.dump(tiny(num_hidden_layers=cfg.num_hidden_layers + 1).to_hf_dict(), f)
     with pytest.raises(CheckpointFormatError) as info:
-        checkpoint.load_model(folder)
+        orbax_model.load_model(folder)
     msg = str(info.value)
     assert folder in msg and "config.json" in msg and "segments." in msg
 
@@ -129,7 +129,7 @@ def test_params_that_do_not_match_config(saved, tmp_path):
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(tiny(moe_intermediate_size=16).to_hf_dict(), f)
     with pytest.raises(CheckpointFormatError) as info:
-        checkpoint.load_model(folder)
+        orbax_model.load_model(folder)
     msg = str(info.value)
     assert folder in msg and "ffn." in msg and "config.json" in msg
 
@@ -137,30 +137,30 @@ def test_params_that_do_not_match_config(saved, tmp_path):
 def test_read_meta_and_missing_pieces(saved, tmp_path):
     folder = str(tmp_path / "ckpt")
     shutil.copytree(saved, folder)
-    meta_path = os.path.join(folder, checkpoint.META_FILE)
+    meta_path = os.path.join(folder, orbax_model.META_FILE)
 
     os.remove(meta_path)
-    assert not checkpoint.is_checkpoint(folder)
-    for call in (checkpoint.read_meta, checkpoint.load_model):
+    assert not orbax_model.is_checkpoint(folder)
+    for call in (orbax_model.read_meta, orbax_model.load_model):
         with pytest.raises(CheckpointFormatError) as info:
             call(folder)
-        assert folder in str(info.value) and checkpoint.META_FILE in str(info.value)
+        assert folder in str(info.value) and orbax_model.META_FILE in str(info.value)
 
     with open(meta_path, "w") as f:
         f.write("{not json")
     with pytest.raises(CheckpointFormatError, match="not valid JSON") as info:
-        checkpoint.read_meta(folder)
+        orbax_model.read_meta(folder)
     assert meta_path in str(info.value)
 
     with open(meta_path, "w") as f:
         json.dump({"format": "kimi_jax.params.v0"}, f)
     with pytest.raises(CheckpointFormatError, match="kimi_jax.params.v0") as info:
-        checkpoint.read_meta(folder)
+        orbax_model.read_meta(folder)
     assert meta_path in str(info.value)
 
-    shutil.rmtree(os.path.join(folder, checkpoint.PARAMS_DIR))
+    shutil.rmtree(os.path.join(folder, orbax_model.PARAMS_DIR))
     with pytest.raises(CheckpointFormatError) as info:
-        checkpoint.stored_arrays(folder)
+        orbax_model.stored_arrays(folder)
     assert folder in str(info.value) and "params/" in str(info.value)
 
 
@@ -173,7 +173,7 @@ def test_stacked_params_are_written_per_layer(reference_factory, tmp_path):
     irregular = reference_factory("irregular")
     out = str(tmp_path / "irregular")
     convert(irregular.folder("hub"), out, "float32", progress=False)
-    stored = checkpoint.stored_arrays(out)
+    stored = orbax_model.stored_arrays(out)
     stacked = sorted(k for k, s in stored.items() if k.startswith("segments.") and s.shape[0] > 1)
     assert any(".blocks.0." in k for k in stacked), stacked
     assert any(k.endswith("mixer.qkv_proj") for k in stacked) and any(k.endswith("ffn.w_up") for k in stacked)
@@ -182,9 +182,9 @@ def test_stacked_params_are_written_per_layer(reference_factory, tmp_path):
     for key in stacked:
         assert chunks[key] == (1,) + tuple(stored[key].shape[1:]), (key, chunks[key])
 
-    in_memory = {k: np.asarray(v) for k, v in checkpoint.model_param_arrays(irregular.model()).items()}
+    in_memory = {k: np.asarray(v) for k, v in orbax_model.model_param_arrays(irregular.model()).items()}
     assert sorted(in_memory) == sorted(stored)
-    restored = checkpoint.restore_arrays(out, stored)
+    restored = orbax_model.restore_arrays(out, stored)
     for key in stored:
         assert restored[key].dtype == in_memory[key].dtype, key
         assert np.array_equal(restored[key], in_memory[key]), key
@@ -204,19 +204,19 @@ def test_lazy_params_blocks_in_any_order(tmp_path):
             calls.append(r)
             yield r, stacked[r]
 
-    params = {"a.stacked": checkpoint.LazyParam(stacked.shape, np.float32, stacked_blocks, stacked=True),
-              "b.whole": checkpoint.LazyParam(whole.shape, whole.dtype, lambda: iter([(None, whole)]), stacked=False),
+    params = {"a.stacked": orbax_model.LazyParam(stacked.shape, np.float32, stacked_blocks, stacked=True),
+              "b.whole": orbax_model.LazyParam(whole.shape, whole.dtype, lambda: iter([(None, whole)]), stacked=False),
               "c.plain": stacked[0] * 2}
     folder = tmp_path / "lazy"
     folder.mkdir()
-    checkpoint.save_params(str(folder / checkpoint.PARAMS_DIR), params)
+    orbax_model.save_params(str(folder / orbax_model.PARAMS_DIR), params)
     assert calls == [2, 0, 1]
-    stored = checkpoint.stored_arrays(str(folder))
+    stored = orbax_model.stored_arrays(str(folder))
     assert {k: (s.shape, np.dtype(s.dtype)) for k, s in stored.items()} == {
         "a.stacked": ((3, 4, 5), np.dtype(np.float32)), "b.whole": ((4, 5), np.dtype(ml_dtypes.bfloat16)),
         "c.plain": ((4, 5), np.dtype(np.float32))}
     assert _stored_chunk_shapes(folder)["a.stacked"] == (1, 4, 5)
-    out = checkpoint.restore_arrays(str(folder), stored)
+    out = orbax_model.restore_arrays(str(folder), stored)
     assert np.array_equal(out["a.stacked"], stacked)
     assert out["b.whole"].dtype == ml_dtypes.bfloat16 and np.array_equal(out["b.whole"], whole)
     assert np.array_equal(out["c.plain"], stacked[0] * 2)
@@ -230,12 +230,12 @@ def test_lazy_params_with_small_chunks_and_any_write_ahead(tmp_path, monkeypatch
     monkeypatch.setattr(checkpoint, "WRITE_AHEAD_BYTES", write_ahead)
     rng = np.random.default_rng(2)
     stacked = rng.standard_normal((6, 4, 5)).astype(np.float32)
-    params = {"s": checkpoint.LazyParam(stacked.shape, np.float32, lambda: ((r, stacked[r]) for r in range(6)),
+    params = {"s": orbax_model.LazyParam(stacked.shape, np.float32, lambda: ((r, stacked[r]) for r in range(6)),
                                         stacked=True)}
     folder = tmp_path / "chunks"
     folder.mkdir()
-    checkpoint.save_params(str(folder / checkpoint.PARAMS_DIR), params)
+    orbax_model.save_params(str(folder / orbax_model.PARAMS_DIR), params)
     chunk = _stored_chunk_shapes(folder)["s"]
     assert chunk[0] == 1 and np.prod(chunk) < 4 * 5
-    out = checkpoint.restore_arrays(str(folder), checkpoint.stored_arrays(str(folder)))
+    out = orbax_model.restore_arrays(str(folder), orbax_model.stored_arrays(str(folder)))
     assert np.array_equal(out["s"], stacked)
