@@ -25,11 +25,12 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import kimi_jax
-from convert import check_logits, hf_to_orbax, mapping, orbax_to_hf
+from convert import check_logits, hf_to_orbax, orbax_to_hf
 from convert.cli import run_main
-from kimi_jax.hf.safetensors_io import (PlannedSafetensorsWriter, SafetensorsReader, read_safetensors_header,
-                                   write_safetensors)
 from kimi_jax import orbax_model
+from kimi_jax.hf import mapping
+from kimi_jax.hf.safetensors_io import (PlannedSafetensorsWriter, SafetensorsReader, read_safetensors_header,
+                                        write_safetensors)
 from kimi_jax.config import tiny
 from kimi_jax.safe_io import Terminated
 
@@ -689,7 +690,7 @@ def test_interrupted_run_leaves_nothing(small, small_f32, tmp_path, capsys, monk
             seen.append(1)
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(checkpoint, "save_params", save_then_interrupt)
+        monkeypatch.setattr(orbax_model, "save_params", save_then_interrupt)
     else:
         seen = _interrupt_after(monkeypatch, PlannedSafetensorsWriter, "write", 10)
     if where == "export-write":

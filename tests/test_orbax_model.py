@@ -226,8 +226,8 @@ def test_lazy_params_blocks_in_any_order(tmp_path):
 def test_lazy_params_with_small_chunks_and_any_write_ahead(tmp_path, monkeypatch, write_ahead):
     """Blocks split into several on-disk chunks (compressed in parallel) and any write-ahead budget (0: every
     write waits for the one before; 1 GiB: all blocks in flight) store the same values."""
-    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4 * 5 * 4 // 2)  # half a block of [4, 5] float32
-    monkeypatch.setattr(checkpoint, "WRITE_AHEAD_BYTES", write_ahead)
+    monkeypatch.setattr(orbax_model, "CHUNK_BYTES", 4 * 5 * 4 // 2)  # half a block of [4, 5] float32
+    monkeypatch.setattr(orbax_model, "WRITE_AHEAD_BYTES", write_ahead)
     rng = np.random.default_rng(2)
     stacked = rng.standard_normal((6, 4, 5)).astype(np.float32)
     params = {"s": orbax_model.LazyParam(stacked.shape, np.float32, lambda: ((r, stacked[r]) for r in range(6)),

@@ -141,7 +141,7 @@ def test_overwrite_is_atomic(saved, monkeypatch):
         real(directory, dict(list(params.items())[:3]))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_params", dying)
+    monkeypatch.setattr(orbax_model, "save_params", dying)
     new_rcfg = small_rcfg(refine_rank=4)
     with pytest.raises(OSError, match="No space left"):
         io.save_sidecar(folder, build_sidecar(CFG, new_rcfg), new_rcfg)
