@@ -581,14 +581,15 @@ def evaluate_stage(args: argparse.Namespace, plan: _Plan) -> dict:
     if args.skip_perplexity:
         core = {"status": "skipped", "reason": "--skip_perplexity"}
     else:
-        from kimi_jax.evaluation.perplexity import evaluate_perplexity, model_scorer
+        from kimi_jax.evaluation.perplexity import evaluate_perplexity
+        from kimi_jax.scoring import make_scorer
 
         t0 = time.perf_counter()
         core = {"status": "ok", "path": "clean" if use_recursive else "baseline",
                 "path_note": ("the model's clean causal forward without the sidecar: the commit path of the "
                               "recursive generator (unchanged by phases A/B, so it must equal the baseline's)"
                               if use_recursive else "the model's causal forward")}
-        core.update(evaluate_perplexity(docs, model_scorer(model, gen.opts), seq_len=args.seq_len, stride=stride,
+        core.update(evaluate_perplexity(docs, make_scorer(model, gen.opts), seq_len=args.seq_len, stride=stride,
                                         batch_size=args.batch_size, pad_id=pad, progress=progress))
         core.update(prefix_token_id=prefix_id, tokens_fingerprint=tokens_fingerprint(docs), truncated=truncated)
         seconds["core"] = time.perf_counter() - t0

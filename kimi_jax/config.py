@@ -21,6 +21,7 @@ import os
 import types
 import typing
 from typing import Any, Literal
+from kimi_jax.errors import KimiJaxError
 
 KDA = "kda"
 MLA = "mla"
@@ -31,7 +32,7 @@ MixerKind = Literal["kda", "mla"]
 FfnKind = Literal["dense", "moe"]
 
 
-class ConfigError(ValueError):
+class ConfigError(KimiJaxError, ValueError):
     """A config.json (or preset override) that cannot describe a Kimi-Linear model."""
 
 

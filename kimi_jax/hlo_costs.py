@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from kimi_jax.errors import KimiJaxError
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 COLLECTIVE_OPCODES = {
@@ -64,7 +65,7 @@ CALL_ATTRS = ("to_apply", "calls", "condition", "body", "true_computation", "fal
               "branch_computations")
 
 
-class HloParseError(ValueError):
+class HloParseError(KimiJaxError, ValueError):
     """HLO text the analysis cannot read (no ENTRY computation, a call to an unknown computation)."""
 
 

@@ -33,13 +33,14 @@ from orbax.checkpoint._src.serialization import type_handlers as orbax_serializa
 from kimi_jax.config import KimiLinearConfig, read_json_object
 from kimi_jax.model import KimiLinearForCausalLM
 from kimi_jax.orbax_failures import orbax_reading, read_array_metadata, storage_os_error
+from kimi_jax.errors import KimiJaxError
 
 FORMAT = "kimi_jax.params.v1"
 PARAMS_DIR = "params"
 META_FILE = "kimi_jax.json"
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(KimiJaxError, ValueError):
     """A folder that is not a readable kimi_jax orbax checkpoint."""
 
 

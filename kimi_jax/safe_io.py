@@ -25,6 +25,7 @@ import socket
 import tempfile
 import threading
 from typing import Callable, Iterator, Mapping
+from kimi_jax.errors import KimiJaxError
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname() or "host")[:40]
@@ -35,7 +36,7 @@ _STORAGE_PHRASES = ("no space left on device", "disk quota exceeded", "read-only
                     "input/output error", "resource_exhausted")
 
 
-class OutputError(ValueError):
+class OutputError(KimiJaxError, ValueError):
     """An output path that would overwrite or sit inside an input, or that cannot be written."""
 
 

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from kimi_jax.errors import KimiJaxError
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -75,7 +76,7 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
 }
 
 
-class ShardingError(ValueError):
+class ShardingError(KimiJaxError, ValueError):
     """A mesh spec or rule set that cannot be applied."""
 
 

@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import AbstractSet, Any, Literal
+from kimi_jax.errors import KimiJaxError
 
 # Kimi's pre-tokenizer regex (spec section 7): eight alternatives joined with "|". A functional constant.
 KIMI_PAT = r"""[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -42,7 +43,7 @@ _CHAT_ROLES = {
 AllowedSpecial = Literal["all"] | AbstractSet[str]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(KimiJaxError, ValueError):
     """A tokenizer folder or file that cannot be loaded."""
 
 

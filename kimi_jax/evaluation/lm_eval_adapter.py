@@ -31,15 +31,15 @@ Request types:
   cut before the first of the `until` strings. The context keeps its last `max_length - max_gen_toks` tokens.
   `do_sample=True` is rejected (this adapter only decodes greedily); other sampling keys are ignored with a warning.
 
-Scores come from the base model's logits (`kimi_jax.forward`, fp32); the sidecar acts only in generation (a
-fine-tuned checkpoint's base weights are the ones loaded from `path`). Requests are sorted by length and run in
-batches of exactly `batch_size` rows (the last one topped up with copies) left-padded with an attention mask to a
+Scores come from the base model's fp32 logits, one block of positions at a time (`kimi_jax.scoring`); the sidecar
+acts only in generation (a fine-tuned checkpoint's base weights are the ones loaded from `path`). Requests are
+sorted by length and run in batches of exactly `batch_size` rows (the last one topped up with copies) left-padded with an attention mask to a
 multiple of `length_multiple` tokens, so XLA compiles once per length bucket, not once per request. After each
 `generate_until` call `generation_stats` holds the throughput and, with recursion, the recursive metrics
 (avg_refine_steps, commit_rate, avg_chunk_length, ...).
 
-Sizing: a scoring batch materialises fp32 logits of batch_size x padded length x vocab (for the 48B's 163,840-token
-vocabulary, batch_size 8 at 2048 tokens is 10.7 GB on the device); `max_length` (default 2048) bounds contexts and
+Sizing: scoring never holds the [batch, length, vocab] logits (10.7 GB for the 48B's 163,840-token vocabulary at
+batch_size 8 and 2048 tokens), only blocks of about 1,024 tokens (671 MB); `max_length` (default 2048) bounds contexts and
 rolling windows. `batch_size` may come from model_args or from lm-eval's `--batch_size` (model_args win; "auto" is
 refused: the shapes are static). lm-eval's `--device` is accepted and ignored: JAX places the model on its default
 backend (choose it with JAX_PLATFORMS). One process only (no lm-eval data parallelism).
@@ -61,9 +61,10 @@ import logging
 import os
 from typing import Any, Iterable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from kimi_jax.errors import KimiJaxError
+from kimi_jax.scoring import make_scorer
 
 MODEL_NAME = "kimi_jax"
 DEFAULT_MAX_LENGTH = 2048
@@ -77,7 +78,7 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetit
 eval_logger = logging.getLogger(__name__)
 
 
-class AdapterError(ValueError):
+class AdapterError(KimiJaxError, ValueError):
     """Bad model_args or a request this adapter cannot serve; always one line."""
 
 
@@ -228,14 +229,6 @@ def _as_choice(name: str, value: Any, choices: Sequence[str]) -> str | None:
     return value
 
 
-@jax.jit
-def _target_scores(logits_BTV, targets_BT):
-    """(log p(target) [B, T], argmax == target [B, T]) from fp32 logits, without bringing [B, T, V] to the host."""
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return picked_BT - lse_BT, jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32) == targets_BT
-
-
 # ----------------------------------------------------------------------------------------------------- the model
 @register_model(MODEL_NAME)
 class KimiJaxLM(LM):
@@ -325,6 +318,7 @@ class KimiJaxLM(LM):
     def _setup(self, model, tok, sidecar, rcfg, *, path, load_info, batch_size, max_length, max_gen_toks,
                length_multiple, diagnostic) -> None:
         self.model, self.tokenizer, self.sidecar, self.rcfg = model, tok, sidecar, rcfg
+        self.scorer = make_scorer(model)
         self.path = path
         self.load_info = dict(load_info)
         self.batch_size, self.max_length, self.max_gen_toks = batch_size, max_length, max_gen_toks
@@ -399,8 +393,6 @@ class KimiJaxLM(LM):
         """Per row: (float64 log-probabilities of the scored targets, bool greedy matches), in the rows' order."""
         from tqdm import tqdm
 
-        import kimi_jax
-
         vocab = self.model.config.vocab_size
         for row in rows:
             bad = [t for t in row.inputs + row.targets if not 0 <= t < vocab]
@@ -413,8 +405,8 @@ class KimiJaxLM(LM):
             T = round_up(len(batch[0].inputs), self.length_multiple)
             ids, mask = left_pad([r.inputs for r in batch], T, self.pad_token_id)
             targets, _ = left_pad([r.targets for r in batch], T, 0)
-            logits = kimi_jax.forward(self.model, ids, attention_mask=mask)
-            logp, greedy = jax.device_get(_target_scores(logits, jnp.asarray(targets)))
+            nll, greedy = self.scorer(ids, targets, mask)
+            logp = -nll
             for b, i in enumerate(idx):
                 n = rows[i].n_scored
                 out[i] = (np.asarray(logp[b, T - n:], np.float64), np.asarray(greedy[b, T - n:], bool))

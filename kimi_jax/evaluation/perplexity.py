@@ -20,15 +20,14 @@ Over all scored targets t of all documents (never averaging per-document or per-
     token_accuracy = sum_t 1[argmax p(. | context) == x_t] / N
 
 A *scorer* maps a batch of windows (``ids [B, T]``, ``targets [B, T]``, right-padded to ``T = seq_len``) to the
-per-position NLL and top-1 correctness; `model_scorer` is the jitted one for a Kimi-Linear model (the clean causal
-forward: for a recursive stage, exactly the baseline/commit path, without the sidecar), and tests plug in scorers
+per-position NLL and top-1 correctness; `kimi_jax.scoring.make_scorer` is the jitted one for a Kimi-Linear model (the
+clean causal forward, without [B, T, V] logits: for a recursive stage, exactly the baseline/commit path, without the sidecar), and tests plug in scorers
 with known probabilities. Right padding never changes the scored positions (the model is causal).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 from typing import Callable, Sequence
@@ -38,7 +37,7 @@ import numpy as np
 Scorer = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 __all__ = ["ScoredDocument", "Scorer", "bits_per_byte", "document_from_record", "documents_from_records",
-           "evaluate_perplexity", "model_scorer", "prefix_token_id", "rolling_windows", "tokens_fingerprint",
+           "evaluate_perplexity", "prefix_token_id", "rolling_windows", "tokens_fingerprint",
            "truncate_documents"]
 
 
@@ -248,58 +247,3 @@ def evaluate_perplexity(docs: Sequence[ScoredDocument], scorer: Scorer, *, seq_l
         "seq_len": int(seq_len),
         "stride": int(stride),
     }
-
-
-# ------------------------------------------------------------------------------------------------ the model
-def _block_size(T: int) -> int:
-    for block in (512, 256, 128, 64):
-        if T % block == 0:
-            return block
-    return T
-
-
-@functools.lru_cache(maxsize=None)
-def _score_fn():
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    @functools.partial(jax.jit, static_argnames=("graphdef", "block", "opts"))
-    def score(graphdef, state, ids_BT, targets_BT, *, block: int, opts):
-        model = nnx.merge(graphdef, state)
-        h_BTD, _ = model.hidden_states(ids_BT, opts=opts)
-        B, T, D = h_BTD.shape
-        h_NBtD = h_BTD.reshape(B, T // block, block, D).swapaxes(0, 1)
-        t_NBt = targets_BT.reshape(B, T // block, block).swapaxes(0, 1)
-
-        def one(args):  # logits of one block of positions at a time: never [B, T, V] at once
-            h, t = args
-            logits = model.logits(h)
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            nll = -jnp.take_along_axis(logp, t[..., None], axis=-1)[..., 0]
-            return nll, jnp.argmax(logits, axis=-1) == t
-
-        nll, hit = jax.lax.map(one, (h_NBtD, t_NBt))
-        return nll.swapaxes(0, 1).reshape(B, T), hit.swapaxes(0, 1).reshape(B, T)
-
-    return score
-
-
-def model_scorer(model, opts=None) -> Scorer:
-    """The jitted scorer of a Kimi-Linear model's clean causal forward (fp32 log-softmax of fp32 logits)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from kimi_jax.model import RunOptions
-
-    opts = RunOptions() if opts is None else opts
-    graphdef, state = nnx.split(model)
-    fn = _score_fn()
-
-    def score(ids_BT: np.ndarray, targets_BT: np.ndarray):
-        T = ids_BT.shape[1]
-        nll, hit = fn(graphdef, state, jnp.asarray(ids_BT, jnp.int32), jnp.asarray(targets_BT, jnp.int32),
-                      block=_block_size(T), opts=opts)
-        return np.asarray(nll, np.float64), np.asarray(hit)
-
-    return score

@@ -19,6 +19,7 @@ import math
 import os
 import re
 from typing import Any
+from kimi_jax.errors import KimiJaxError
 
 SCHEMA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.json")
 
@@ -30,7 +31,7 @@ _KEYWORDS = {"type", "enum", "const", "properties", "required", "additionalPrope
 __all__ = ["SchemaError", "load_schema", "validate", "validate_results"]
 
 
-class SchemaError(ValueError):
+class SchemaError(KimiJaxError, ValueError):
     """A document that does not match the schema (the message names the first offending field)."""
 
 

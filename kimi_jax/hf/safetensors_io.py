@@ -13,8 +13,9 @@ import struct
 
 import ml_dtypes
 import numpy as np
+from kimi_jax.errors import KimiJaxError
 
-class CheckpointError(ValueError):
+class CheckpointError(KimiJaxError, ValueError):
     """A checkpoint folder that does not hold the tensors its config.json describes."""
 
 

@@ -29,6 +29,7 @@ import tempfile
 from typing import Any, Sequence
 
 from kimi_jax.config import read_json_object
+from kimi_jax.errors import KimiJaxError
 
 DEFAULT_SOURCE = "recursive config"
 KDA_CHUNK = 64  # the chunked KDA kernel's chunk size (kimi_jax/ops/kda.py)
@@ -49,7 +50,7 @@ DEFAULT_CORRUPTION_MIX = (("mask", 0.0), ("sampled", 0.45), ("tf_argmax", 0.45),
 PRESET_NAMES = ("baseline", "after_surgery", "phase_a", "phase_b", "phase_c")
 
 
-class RecursiveConfigError(ValueError):
+class RecursiveConfigError(KimiJaxError, ValueError):
     """A recursive-refinement config (JSON file, preset or keyword arguments) with an invalid field."""
 
 

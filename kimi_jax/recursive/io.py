@@ -33,6 +33,7 @@ from flax import nnx
 from kimi_jax.config import KimiLinearConfig
 from kimi_jax.recursive.config import RecursiveConfig, RecursiveConfigError, load_preset, resolve
 from kimi_jax.recursive.sidecar import Sidecar, build_sidecar
+from kimi_jax.errors import KimiJaxError
 
 CONFIG_FILE = "recursive_config.json"
 SIDECAR_DIR = "sidecar"
@@ -46,7 +47,7 @@ SHAPE_FIELDS = ("chunk_width", "layers_to_refine", "phase", "lora_rank", "lora_l
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
-class LoadError(ValueError):
+class LoadError(KimiJaxError, ValueError):
     """A model folder that cannot be loaded for generation (missing, not a model, tokenizer that does not fit)."""
 
 

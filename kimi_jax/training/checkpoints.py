@@ -52,6 +52,7 @@ import numpy as np
 
 from kimi_jax.safe_io import (describe_write_error, remove_path, storage_error, write_json_atomic,
                               write_text_atomic)
+from kimi_jax.errors import KimiJaxError, WriteError
 
 FORMAT = "kimi_jax.train_state.v1"
 STEP_PREFIX = "step_"
@@ -67,11 +68,11 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 ASYNC_TIMEOUT_S = 3600
 
 
-class TrainCheckpointError(ValueError):
+class TrainCheckpointError(KimiJaxError, ValueError):
     """A training checkpoint (or output folder) that cannot be read or resumed from."""
 
 
-class TrainWriteError(RuntimeError):
+class TrainWriteError(WriteError):
     """Writing a run's outputs failed (a full disk, a quota, permissions): not the user's flags (exit status 1)."""
 
 
