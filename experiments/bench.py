@@ -582,7 +582,7 @@ def bench_decode(args) -> None:
     import torch
     from flax import nnx
 
-    from kimi_jax.generate import generate_greedy
+    from kimi_jax.decoding import generate_greedy
     from kimi_jax.model import DecoderLayer
 
     torch.set_num_threads(os.cpu_count() or 1)

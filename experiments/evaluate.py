@@ -312,7 +312,7 @@ class _Generator:
         return left_pad(padded, self.length, self.pad)
 
     def run_batch(self, sidecar, rcfg, rows, diagnostic=False, max_new_tokens=None):
-        from kimi_jax.recursive.generate import generate_recursive
+        from kimi_jax.recursive.chunked_generation import generate_recursive
 
         ids, mask = self.batch_inputs(rows)
         t0 = time.perf_counter()

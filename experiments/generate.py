@@ -232,7 +232,7 @@ def run(argv=None, writes: Writes | None = None) -> int:
     from kimi_jax.config import KimiLinearConfig
     from kimi_jax.recursive import io
     from kimi_jax.model import RunOptions
-    from kimi_jax.recursive.generate import generate_recursive
+    from kimi_jax.recursive.chunked_generation import generate_recursive
     from kimi_jax.recursive.metrics import recursive_metrics, traces_to_json
 
     def notice(message: str) -> None:

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
     import kimi_jax
     from kimi_jax.config import ConfigError
-    from kimi_jax.generate import generate_greedy
+    from kimi_jax.decoding import generate_greedy
     from kimi_jax.reference import build_reference, reference_logits, save_reference
 
     try:

@@ -73,7 +73,7 @@ def _run(model, sidecar, rcfg, row):
 
 @pytest.mark.slow
 def test_zero_init_proposals_are_the_baseline_greedy(model):
-    from kimi_jax.generate import generate_greedy
+    from kimi_jax.decoding import generate_greedy
 
     rcfg = load_preset("after_surgery").replace(**SMALL)
     zero = build_sidecar(model.config, rcfg)

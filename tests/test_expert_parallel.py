@@ -127,7 +127,7 @@ def test_prefill_and_decode_on_an_expert_mesh_equal_one_device(mesh_spec, B):
     """The whole model with its caches, experts split over the mesh: prefill logits, four decode steps' logits and
     greedy generation equal one device. B = 8 splits tokens over the expert axis too (all-to-all in prefill and in
     every one-token decode step); B = 2 and 1 replicate them over it (partial outputs summed)."""
-    from kimi_jax.generate import generate_greedy
+    from kimi_jax.decoding import generate_greedy
     from kimi_jax.model import KimiLinearForCausalLM, RunOptions
 
     cfg = tiny(num_experts=16, num_experts_per_token=3)

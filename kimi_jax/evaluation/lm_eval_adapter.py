@@ -26,7 +26,7 @@ Request types:
 * `loglikelihood_rolling` (text,): the document after a BOS prefix is cut into windows of `max_length` inputs; the
   first predicts its first `max_length` tokens, every later window predicts the next `max_length` (or the rest) with
   a full `max_length`-token context; every token is scored exactly once. Returns the sum.
-* `generate_until` (context, gen_kwargs): greedy decoding through `kimi_jax.recursive.generate.generate_recursive`
+* `generate_until` (context, gen_kwargs): greedy decoding through `kimi_jax.recursive.chunked_generation.generate_recursive`
   (chunked recursive refinement when enabled, plain greedy otherwise) for `max_gen_toks` tokens or until EOS, then
   cut before the first of the `until` strings. The context keeps its last `max_length - max_gen_toks` tokens.
   `do_sample=True` is rejected (this adapter only decodes greedily); other sampling keys are ignored with a warning.
@@ -455,7 +455,7 @@ class KimiJaxLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from tqdm import tqdm
 
-        from kimi_jax.recursive.generate import generate_recursive
+        from kimi_jax.recursive.chunked_generation import generate_recursive
         from kimi_jax.recursive.metrics import recursive_metrics
 
         items = []

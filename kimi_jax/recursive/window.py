@@ -6,7 +6,7 @@ predicts target a + i, so all W targets y_0 .. y_{W-1} are refinable (the Dream 
 from the same snapshot (rewind semantics): the cache a window pass returns is always discarded.
 
 Two ways to obtain snapshots, equal within float tolerance:
-  * inference: the decode cache after prefilling / committing the prefix (`kimi_jax.recursive.generate`);
+  * inference: the decode cache after prefilling / committing the prefix (`kimi_jax.recursive.chunked_generation`);
   * training, one pass: a clean causal forward over whole sequences exports, per layer, the state every window
     needs (`window_snapshots`): KDA boundary states of the chunked scan plus conv tails, MLA latents of the prefix.
     All windows of all sequences are then refined at once, folded into the batch ([B * N, W (+1)]).

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.generate import generate_greedy
-from kimi_jax.recursive import generate as rgen
-from kimi_jax.recursive.generate import generate_recursive
+from kimi_jax.decoding import generate_greedy
+from kimi_jax.recursive import chunked_generation as rgen
+from kimi_jax.recursive.chunked_generation import generate_recursive
 from kimi_jax.recursive.sidecar import build_sidecar
 from test_recursive_window import make_model, randomize_sidecar, small_rcfg
 

@@ -1,4 +1,4 @@
-"""Greedy generation (kimi_jax.generate) vs transformers' greedy `generate`, EOS handling, retracing, bad inputs.
+"""Greedy generation (kimi_jax.decoding) vs transformers' greedy `generate`, EOS handling, retracing, bad inputs.
 
 All irregular-model calls use the same shapes (B=2, prompt 70 tokens, 10 new tokens, one EOS id) so they share a
 single compile of the jitted prefill+scan.
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import forward
-from kimi_jax import generate as gen_mod
-from kimi_jax.generate import generate_greedy
+from kimi_jax import decoding as gen_mod
+from kimi_jax.decoding import generate_greedy
 
 torch = pytest.importorskip("torch")
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kimi_jax.generate import generate_greedy, prepare_inputs
+from kimi_jax.decoding import generate_greedy, prepare_inputs
 from kimi_jax.model import KimiLinearForCausalLM, RunOptions
 from kimi_jax.recursive.config import RecursiveConfig
 from kimi_jax.recursive.metrics import ChunkTrace, recursive_metrics
