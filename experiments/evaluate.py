@@ -57,6 +57,7 @@ from typing import Any
 
 from experiments.flags import add_kda_impl_flag
 from experiments.generate import UsageError, left_pad
+from kimi_jax import model_folder
 from kimi_jax.safe_io import Writes, write_json_atomic
 
 STAGES = ("baseline", "finetuned_vanilla", "after_surgery", "finetuned_recursive")
@@ -70,7 +71,6 @@ DEFAULT_GENERATION_PROMPTS = 8
 PROMPT_ALIGN = 64  # generation prompts are left-padded to a multiple of this (one compiled shape per setting)
 SCHEMA_VERSION = 1
 TIMING_REPEATS = 2  # timed runs after the warm-up; the fastest counts
-STEP_RE = re.compile(r"^step_(\d+)$")
 NOTHING_WRITTEN = "no results file was written"
 _STEP_SUFFIX_RE = re.compile(r"_step_\d+_results\.json$")
 
@@ -163,36 +163,9 @@ def _check_args(args) -> None:
         raise UsageError("--eval_data must be 'demo' or a path")
 
 
-def resolve_model_folder(path: str) -> tuple[str, str | None]:
-    """(model folder, notice): `path` itself when it is a model folder, else the highest complete-looking `step_N`
-    model folder inside it (a training output folder)."""
-    from kimi_jax.recursive import io
-
-    if not os.path.isdir(path):
-        raise UsageError(f"--model_path {path}: no such folder")
-    try:
-        io.model_format(path)
-        return path, None
-    except io.LoadError as not_a_model:
-        steps = []
-        for name in os.listdir(path):
-            match = STEP_RE.match(name)
-            sub = os.path.join(path, name)
-            if match and os.path.isdir(sub):
-                try:
-                    io.model_format(sub)
-                except io.LoadError:
-                    continue
-                steps.append((int(match.group(1)), sub))
-        if not steps:
-            raise not_a_model from None
-        step, folder = max(steps)
-        return folder, f"{path} is a training output folder: evaluating its newest checkpoint {folder}"
-
-
 def checkpoint_step(folder: str) -> int | None:
     """N for a `.../step_N` folder; else the `training.step` of its kimi_jax.json, if any; else None."""
-    match = STEP_RE.match(os.path.basename(os.path.normpath(folder)))
+    match = model_folder.STEP_RE.match(os.path.basename(os.path.normpath(folder)))
     if match:
         return int(match.group(1))
     meta = os.path.join(folder, "kimi_jax.json")
@@ -459,7 +432,9 @@ def _prepare(argv: list[str]) -> tuple[argparse.Namespace, _Plan]:
     args = build_parser().parse_args(argv)
     _check_args(args)
     t_start = time.perf_counter()
-    folder, resolved_notice = resolve_model_folder(args.model_path)
+    if not os.path.isdir(args.model_path):
+        raise UsageError(f"--model_path {args.model_path}: no such folder")
+    folder, resolved_notice = model_folder.resolve(args.model_path)
     if resolved_notice:
         notice(resolved_notice)
     step = checkpoint_step(folder)
@@ -468,7 +443,6 @@ def _prepare(argv: list[str]) -> tuple[argparse.Namespace, _Plan]:
     from kimi_jax.config import KimiLinearConfig
     from kimi_jax.recursive import io
 
-    io.model_format(folder)
     KimiLinearConfig.from_pretrained(folder)  # config.json checked before anything is loaded
     overrides = {field: getattr(args, "draft_seed" if field == "seed" else field) for field in OVERRIDE_FLAGS}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -567,9 +541,7 @@ def evaluate_stage(args: argparse.Namespace, plan: _Plan) -> dict:
     too_big = [t for r in gen_rows + gsm_rows for t in r if t >= cfg.vocab_size]
     if too_big:
         raise UsageError(f"token id {too_big[0]} is outside the model's vocabulary ({cfg.vocab_size})")
-    eos = list(dict.fromkeys(list(cfg.eos_token_ids) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (
-        cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    eos, pad = model_folder.special_tokens(cfg, tok)
     base_rcfg = rcfg.replace(recursive_enabled=False)
     from kimi_jax.model import RunOptions
 

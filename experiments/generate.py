@@ -228,7 +228,7 @@ def run(argv=None, writes: Writes | None = None) -> int:
 
     import numpy as np
 
-    from kimi_jax import tokenizer as tokenizer_mod
+    from kimi_jax import model_folder, tokenizer as tokenizer_mod
     from kimi_jax.config import KimiLinearConfig
     from kimi_jax.recursive import io
     from kimi_jax.model import RunOptions
@@ -238,8 +238,11 @@ def run(argv=None, writes: Writes | None = None) -> int:
     def notice(message: str) -> None:
         print(f"notice: {message}", file=sys.stderr, flush=True)
 
-    io.model_format(args.model_path)  # a folder that is no model at all: fail before anything is loaded
-    KimiLinearConfig.from_pretrained(args.model_path)  # and a config.json that cannot describe one
+    folder, resolved = model_folder.resolve(args.model_path)  # no model folder at all: fail before loading anything
+    if resolved:
+        notice(resolved)
+    args.model_path = folder
+    KimiLinearConfig.from_pretrained(folder)  # and a config.json that cannot describe one
     overrides = {field: getattr(args, "draft_seed" if field == "seed" else field) for field in OVERRIDE_FLAGS}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.use_recursive:
@@ -270,9 +273,7 @@ def run(argv=None, writes: Writes | None = None) -> int:
                                                        overrides=overrides, dtype=args.dtype, notice=notice,
                                                        info=info)
     cfg = model.config
-    eos = list(dict.fromkeys(list(cfg.eos_token_ids) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (
-        cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    eos, pad = model_folder.special_tokens(cfg, tok)
     too_big = [(i, t) for i, row in enumerate(rows, 1) for t in row if t >= cfg.vocab_size]
     if too_big:
         raise UsageError(f"prompt {too_big[0][0]}: token id {too_big[0][1]} is outside the model's vocabulary "

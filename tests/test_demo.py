@@ -48,9 +48,10 @@ def test_demo_surgery_verdict_and_the_recursive_stage_trained(demo):
     losses = [r["loss"] for r in rows if r.get("type") == "train"]
     assert losses and all(np.isfinite(losses))
     from kimi_jax.config import KimiLinearConfig
+    from kimi_jax import model_folder
     from kimi_jax.recursive import io
 
-    step = io.latest_step_folder(workdir / "checkpoints" / "recursive_finetune")
+    step, _ = model_folder.resolve(workdir / "checkpoints" / "recursive_finetune")
     sidecar, _ = io.load_sidecar(step, KimiLinearConfig.from_pretrained(step))
     arrays = io.sidecar_arrays(sidecar)
     assert float(np.abs(np.asarray(arrays["cells.b"])).max()) > 0

@@ -23,7 +23,7 @@ import pytest
 from flax import nnx
 
 from experiments import evaluate
-from kimi_jax import orbax_model
+from kimi_jax import model_folder, orbax_model
 from kimi_jax import tokenizer as tokenizer_mod
 from kimi_jax.config import tiny
 from kimi_jax.evaluation.schema import SchemaError, validate_results
@@ -342,11 +342,11 @@ def test_training_output_folder_resolves_to_its_newest_step(folders, tmp_path):
         os.makedirs(run / f"step_{step}" / "params")
     os.makedirs(run / "step_40")  # not a model folder: ignored
     os.makedirs(run / ".step_50.tmp")
-    folder, note = evaluate.resolve_model_folder(str(run))
+    folder, note = model_folder.resolve(str(run))
     assert folder == str(run / "step_12") and "newest checkpoint" in note
-    assert evaluate.resolve_model_folder(folders["model"]) == (folders["model"], None)
-    with pytest.raises(io.LoadError, match="not a model folder"):
-        evaluate.resolve_model_folder(str(tmp_path / "run" / "step_40"))
+    assert model_folder.resolve(folders["model"]) == (folders["model"], None)
+    with pytest.raises(model_folder.ModelFolderError, match="not a model folder"):
+        model_folder.resolve(str(tmp_path / "run" / "step_40"))
 
 
 def test_the_latest_file_keeps_a_later_step_of_the_same_run(tmp_path):

@@ -193,17 +193,3 @@ def test_a_truncated_sidecar_file_names_the_array(tmp_path, saved):
     assert "truncated data" in message and "\n" not in message
 
 
-def test_training_output_folder_resolves_to_its_latest_step(tmp_path):
-    """The plan evaluates `--model_path ./checkpoints/vanilla_finetune` (the output folder): its newest complete
-    step folder is used; an incomplete one (no kimi_jax.json yet) is skipped."""
-    for step, complete in ((100, True), (2000, True), (30000, False)):
-        d = tmp_path / f"step_{step}"
-        (d / "params").mkdir(parents=True)
-        if complete:
-            (d / "kimi_jax.json").write_text("{}")
-            (d / "config.json").write_text("{}")
-    (tmp_path / "step_x").mkdir()
-    assert io.latest_step_folder(tmp_path) == str(tmp_path / "step_2000")
-    assert io.resolve_model_folder(tmp_path) == str(tmp_path / "step_2000")
-    assert io.resolve_model_folder(tmp_path / "step_100") == str(tmp_path / "step_100")
-    assert io.latest_step_folder(tmp_path / "step_x") is None

@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
+from kimi_jax import model_folder
 from kimi_jax.config import tiny
 from kimi_jax.model import KimiLinearForCausalLM
 from kimi_jax.training import checkpoints as ck
@@ -64,7 +65,7 @@ def test_writer_saves_async_atomically_keeps_the_newest_and_restores_exactly(tmp
     with open(os.path.join(out, "latest")) as f:
         assert f.read() == "step_15\n"
     assert (os.stat(os.path.join(out, "latest")).st_mode & 0o044) == 0o044  # readable like any other output file
-    folder = ck.resolve_model_folder(out)
+    folder, _ = model_folder.resolve(out)
     assert folder == ck.step_folder(out, 15)
     with open(os.path.join(folder, "tiktoken.model"), "rb") as f:
         assert f.read() == b"abc 0\n"
@@ -148,8 +149,8 @@ def test_discovery_ignores_incomplete_and_stale_folders(tmp_path):
     (out / ".latest.abc.tmp").write_text("x")
     (out / "notes.txt").write_text("keep")
     assert ck.list_checkpoints(out) == [] and ck.latest_checkpoint(out) is None
-    with pytest.raises(ck.TrainCheckpointError, match="neither a model folder"):
-        ck.resolve_model_folder(out)
+    with pytest.raises(model_folder.ModelFolderError, match="nor is it a training output folder"):
+        model_folder.resolve(out)
     assert ck.remove_stale(str(out)) == [".latest.abc.tmp", ".step_9.tmp"]  # named, for the run's notice
     assert sorted(os.listdir(out)) == ["notes.txt", "step_7"]
     removed = ck.remove_run_outputs(str(out), extra_files=("metrics.jsonl",))

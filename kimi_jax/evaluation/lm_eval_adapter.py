@@ -64,6 +64,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from kimi_jax.errors import KimiJaxError
+from kimi_jax.model_folder import special_tokens
 from kimi_jax.scoring import make_scorer
 
 MODEL_NAME = "kimi_jax"
@@ -268,12 +269,13 @@ class KimiJaxLM(LM):
             dtype = _as_choice("dtype", dtype, DTYPES)
         settings = self._check_settings(batch_size, max_length, max_gen_toks, length_multiple, diagnostic)
 
+        from kimi_jax import model_folder
         from kimi_jax.recursive import io
 
         def notice(message: str) -> None:
             eval_logger.info("kimi_jax: %s", message)
 
-        io.model_format(path)  # not a model folder at all: one line before anything is loaded
+        path, _ = model_folder.resolve(path)  # no model folder at all: one line before anything is loaded
         rcfg, _ = io.resolve_generation_config(path, recursive_config, overrides)  # validate before loading
         if not rcfg.recursive_enabled:
             unused = [k for k in ("chunk_width", "max_inner_steps", "commit_mode", "seed") if k in overrides]
@@ -325,10 +327,7 @@ class KimiJaxLM(LM):
         self.length_multiple = length_multiple
         self.diagnostic = diagnostic and rcfg.recursive_enabled
         cfg = model.config
-        eos = list(cfg.eos_token_ids) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-        self.eos_token_ids = list(dict.fromkeys(eos))
-        self.pad_token_id = next(p for p in (tok.pad_token_id, cfg.pad_token_id,
-                                             self.eos_token_ids[0] if self.eos_token_ids else 0) if p is not None)
+        self.eos_token_ids, self.pad_token_id = special_tokens(cfg, tok)
         prefix = tok.bos_token_id if tok.bos_token_id is not None else (
             self.eos_token_ids[0] if self.eos_token_ids else None)
         if prefix is None:

@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kimi_jax import model_folder
 from kimi_jax.config import KimiLinearConfig
+from kimi_jax.model_folder import ModelFolderError
 from kimi_jax.recursive.config import RecursiveConfig, RecursiveConfigError, load_preset, resolve
 from kimi_jax.recursive.sidecar import Sidecar, build_sidecar
-from kimi_jax.errors import KimiJaxError
 
 CONFIG_FILE = "recursive_config.json"
 SIDECAR_DIR = "sidecar"
@@ -44,11 +45,7 @@ DEFAULT_PRESET = "after_surgery"
 SHAPE_FIELDS = ("chunk_width", "layers_to_refine", "phase", "lora_rank", "lora_layers", "use_latent_token", "d_state",
                 "gate_hidden", "refine_rank", "mixer_layers", "mixer_heads", "z_init", "seed", "enable_length_head")
 
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-
-
-class LoadError(KimiJaxError, ValueError):
-    """A model folder that cannot be loaded for generation (missing, not a model, tokenizer that does not fit)."""
+LoadError = ModelFolderError  # the folder-level error; a sidecar that does not fit is its SidecarError
 
 
 class SidecarError(LoadError):
@@ -275,52 +272,6 @@ def load_sidecar(folder: str | os.PathLike, model_cfg: KimiLinearConfig,
 
 
 # ------------------------------------------------------------------------------------------------ for generation
-STEP_PREFIX = "step_"
-
-
-def latest_step_folder(folder: str | os.PathLike) -> str | None:
-    """The newest complete `step_N` model folder inside a training output folder, or None.
-
-    The plan evaluates `--model_path ./checkpoints/vanilla_finetune` (the training output folder) as well as
-    `.../recursive_finetune/step_5000`; a folder that is not a model itself but holds step folders means its latest
-    step. Folders still being written (no kimi_jax.json yet, or orbax temporaries) are skipped.
-    """
-    from kimi_jax.orbax_model import is_checkpoint
-
-    folder = os.fspath(folder)
-    steps = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit():
-            path = os.path.join(folder, name)
-            if is_checkpoint(path):
-                steps.append((int(name[len(STEP_PREFIX):]), path))
-    return max(steps)[1] if steps else None
-
-
-def resolve_model_folder(folder: str | os.PathLike) -> str:
-    """`folder` itself when it is a model folder, else its latest `step_N` (a training output folder)."""
-    folder = os.fspath(folder)
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    return latest_step_folder(folder) or folder
-
-
-def model_format(folder: str | os.PathLike) -> str:
-    """"orbax" for a kimi_jax checkpoint folder, "hf" for config.json + safetensors; else a LoadError."""
-    from kimi_jax.orbax_model import is_checkpoint
-
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise LoadError(f"{folder}: no such model folder")
-    if is_checkpoint(folder):
-        return "orbax"
-    if os.path.isfile(os.path.join(folder, "config.json")) and any(
-            os.path.isfile(os.path.join(folder, name)) for name in HF_WEIGHT_FILES):
-        return "hf"
-    raise LoadError(f"{folder}: not a model folder (expected an HF checkpoint: config.json + model.safetensors or "
-                    f"model.safetensors.index.json, or a kimi_jax orbax folder: kimi_jax.json + params/)")
-
-
 def resolve_generation_config(folder: str | os.PathLike, recursive_config=None,
                               overrides: Mapping[str, Any] | None = None) -> tuple[RecursiveConfig, str]:
     """The recursive config for generating from `folder` -> (config, where it came from).
@@ -360,7 +311,7 @@ def load_for_generation(model_path: str | os.PathLike, *, recursive_config=None,
     """-> (model, sidecar or None, recursive config, tokenizer) for `generate_recursive`.
 
     `model_path` is an HF folder (config.json + safetensors), a kimi_jax orbax folder, or a training output folder
-    (its latest `step_N` is used: `info["model_path"]` says which); the tokenizer is loaded
+    (its newest `step_N` is used, `kimi_jax.model_folder.resolve`: `info["model_path"]` says which); the tokenizer is loaded
     from the same folder. The recursive config follows :func:`resolve_generation_config`. The sidecar is the
     folder's saved one when it fits the final config's shape-defining fields, else a fresh zero-init one (the
     surgery, which leaves the base model's outputs unchanged); None when recursion is disabled. One line saying
@@ -369,19 +320,14 @@ def load_for_generation(model_path: str | os.PathLike, *, recursive_config=None,
     `dtype` is the parameter dtype (default: the stored one for orbax folders, float32 for HF folders).
     """
     from kimi_jax import tokenizer as tokenizer_mod
-    from kimi_jax.orbax_model import load_model
-    from kimi_jax.hf.loading import from_pretrained
 
-    folder = resolve_model_folder(model_path)
-    fmt = model_format(folder)
+    folder, _ = model_folder.resolve(model_path)
+    fmt = model_folder.model_format(folder)
     rcfg, source = resolve_generation_config(folder, recursive_config, overrides)
     tok = tokenizer_mod.load(folder)
-    dtype = None if dtype is None else jnp.dtype(dtype)
-    model = load_model(folder, dtype) if fmt == "orbax" else from_pretrained(folder, dtype)
+    model = model_folder.load_model(folder, None if dtype is None else jnp.dtype(dtype))
     cfg = model.config
-    if tok.vocab_size > cfg.vocab_size:
-        raise LoadError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size is "
-                        f"{cfg.vocab_size} (the tokenizer does not belong to this model)")
+    model_folder.check_tokenizer(folder, tok, cfg)
     if rcfg.recursive_enabled:
         rcfg.refined_layers(cfg.num_hidden_layers)  # layer indices against this model's depth: one clear line
     sidecar, kind, message = None, None, None
@@ -411,6 +357,6 @@ def load_for_generation(model_path: str | os.PathLike, *, recursive_config=None,
     return model, sidecar, rcfg, tok
 
 
-__all__ = ["CONFIG_FILE", "DEFAULT_PRESET", "LoadError", "SHAPE_FIELDS", "SIDECAR_DIR", "STEP_PREFIX", "SidecarError",
-           "has_sidecar", "latest_step_folder", "load_for_generation", "load_sidecar", "model_format",
-           "resolve_generation_config", "resolve_model_folder", "save_sidecar", "sidecar_arrays", "sidecar_mismatch"]
+__all__ = ["CONFIG_FILE", "DEFAULT_PRESET", "LoadError", "SHAPE_FIELDS", "SIDECAR_DIR", "SidecarError", "has_sidecar",
+           "load_for_generation", "load_sidecar", "resolve_generation_config", "save_sidecar", "sidecar_arrays",
+           "sidecar_mismatch"]

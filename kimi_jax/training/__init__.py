@@ -8,8 +8,8 @@
 """
 
 from kimi_jax.training.checkpoints import (CheckpointSaveError, CheckpointWriter, TrainCheckpointError,
-                                           TrainWriteError, latest_checkpoint, list_checkpoints, resolve_model_folder)
+                                           TrainWriteError, latest_checkpoint, list_checkpoints)
 from kimi_jax.training.logging import LogWriteError, MetricsLog, read_scalars
 
 __all__ = ["CheckpointSaveError", "CheckpointWriter", "LogWriteError", "MetricsLog", "TrainCheckpointError",
-           "TrainWriteError", "latest_checkpoint", "list_checkpoints", "read_scalars", "resolve_model_folder"]
+           "TrainWriteError", "latest_checkpoint", "list_checkpoints", "read_scalars"]

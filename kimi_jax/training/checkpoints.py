@@ -53,9 +53,9 @@ import numpy as np
 from kimi_jax.safe_io import (describe_write_error, remove_path, storage_error, write_json_atomic,
                               write_text_atomic)
 from kimi_jax.errors import KimiJaxError, WriteError
+from kimi_jax.model_folder import STEP_PREFIX, STEP_RE
 
 FORMAT = "kimi_jax.train_state.v1"
-STEP_PREFIX = "step_"
 LATEST_FILE = "latest"
 TRAIN_STATE_DIR = "train_state"
 TRAIN_STATE_FILE = "train_state.json"
@@ -64,7 +64,6 @@ MODEL_META_FILE = "kimi_jax.json"
 # Files of the source model folder copied into every checkpoint (the tokenizer and generation settings).
 MODEL_FILES = ("tiktoken.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "chat_template.jinja", "generation_config.json")
-_STEP_RE = re.compile(r"^step_(\d+)$")
 ASYNC_TIMEOUT_S = 3600
 
 
@@ -101,7 +100,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(output_dir):
-        match = _STEP_RE.match(name)
+        match = STEP_RE.match(name)
         path = os.path.join(output_dir, name)
         if match and os.path.isdir(path) and is_complete(path):
             found.append((int(match.group(1)), path))
@@ -113,23 +112,6 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> tuple[int, str] | None:
     people and other tools, and is never trusted over what is on disk."""
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
-
-
-def resolve_model_folder(path: str | os.PathLike) -> str:
-    """A model folder for `path`: `path` itself when it is one (orbax or HF), else its newest training checkpoint
-    (`path` is a training `--output_dir`, as in `--model_path ./checkpoints/vanilla_finetune`)."""
-    from kimi_jax.orbax_model import is_checkpoint
-
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise TrainCheckpointError(f"{path}: no such folder")
-    if is_checkpoint(path) or os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise TrainCheckpointError(f"{path}: neither a model folder nor a training output folder with a complete "
-                                   f"{STEP_PREFIX}N checkpoint")
-    return latest[1]
 
 
 def read_train_state(folder: str | os.PathLike) -> dict:
@@ -492,7 +474,7 @@ def run_outputs(output_dir: str, extra_files: tuple[str, ...] = ()) -> list[str]
     found = []
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        if (_STEP_RE.match(name) or _STALE_RE.match(name)) and os.path.isdir(path):
+        if (STEP_RE.match(name) or _STALE_RE.match(name)) and os.path.isdir(path):
             found.append(name)
         elif (name == LATEST_FILE or name in extra_files) and os.path.isfile(path):
             found.append(name)
@@ -534,6 +516,6 @@ def remove_stale(output_dir: str) -> list[str]:
 __all__ = ["CheckpointSaveError", "CheckpointWriter", "FORMAT", "LATEST_FILE", "MODEL_FILES", "TRAIN_STATE_DIR",
            "TRAIN_STATE_FILE", "TrainCheckpointError", "TrainWriteError", "abstract_of", "broadcast_from_main",
            "flatten", "is_complete", "latest_checkpoint", "link_tree", "list_checkpoints", "path_key",
-           "read_model_files", "read_train_state", "remove_run_outputs", "remove_stale", "resolve_model_folder",
+           "read_model_files", "read_train_state", "remove_run_outputs", "remove_stale",
            "restore_arrays", "run_outputs", "step_folder", "unflatten", "write_json_atomic",
            "write_text_atomic"]
