@@ -34,6 +34,7 @@ from kimi_jax.config import KimiLinearConfig, read_json_object
 from kimi_jax.model import KimiLinearForCausalLM
 from kimi_jax.orbax_failures import orbax_reading, read_array_metadata, storage_os_error
 from kimi_jax.errors import KimiJaxError
+from kimi_jax.tree_paths import path_key
 
 FORMAT = "kimi_jax.params.v1"
 PARAMS_DIR = "params"
@@ -45,7 +46,8 @@ class CheckpointFormatError(KimiJaxError, ValueError):
 
 
 def param_key(path) -> str:
-    return ".".join(str(p) for p in path)
+    """The stored key of a model parameter (its dotted NNX path)."""
+    return path_key(path)
 
 
 class LazyParam:

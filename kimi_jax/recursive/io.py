@@ -35,6 +35,7 @@ from kimi_jax.config import KimiLinearConfig
 from kimi_jax.model_folder import ModelFolderError
 from kimi_jax.recursive.config import RecursiveConfig, RecursiveConfigError, load_preset, resolve
 from kimi_jax.recursive.sidecar import Sidecar, build_sidecar
+from kimi_jax.tree_paths import path_key
 
 CONFIG_FILE = "recursive_config.json"
 SIDECAR_DIR = "sidecar"
@@ -53,13 +54,9 @@ class SidecarError(LoadError):
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def _param_key(path) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def sidecar_arrays(sidecar: Sidecar) -> dict[str, jax.Array]:
     """{flat parameter path: array} over every nnx.Param of the sidecar."""
-    return {_param_key(path): var[...] for path, var in nnx.to_flat_state(nnx.state(sidecar, nnx.Param))}
+    return {path_key(path): var[...] for path, var in nnx.to_flat_state(nnx.state(sidecar, nnx.Param))}
 
 
 def _abstract_params(model_cfg: KimiLinearConfig, rcfg: RecursiveConfig):
@@ -70,8 +67,8 @@ def _abstract_params(model_cfg: KimiLinearConfig, rcfg: RecursiveConfig):
     targets = {}
     for path, var in flat.items():
         if not isinstance(var, nnx.Param):  # the sidecar has only Params; anything else would need real values
-            raise TypeError(f"sidecar state {_param_key(path)!r} is a {type(var).__name__}, not an nnx.Param")
-        targets[_param_key(path)] = jax.ShapeDtypeStruct(tuple(var.shape), var.dtype)
+            raise TypeError(f"sidecar state {path_key(path)!r} is a {type(var).__name__}, not an nnx.Param")
+        targets[path_key(path)] = jax.ShapeDtypeStruct(tuple(var.shape), var.dtype)
     return graphdef, flat, targets
 
 
@@ -262,7 +259,7 @@ def load_sidecar(folder: str | os.PathLike, model_cfg: KimiLinearConfig,
             directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
     filled = {}
     for path, var in flat.items():
-        key = _param_key(path)
+        key = path_key(path)
         array = np.asarray(arrays[key])
         if array.shape != targets[key].shape:
             raise SidecarError(f"{directory}: parameter '{key}' restored with shape {array.shape}, expected "

@@ -40,6 +40,7 @@ from kimi_jax.recursive.config import RecursiveConfig
 from kimi_jax.recursive.objective import recursive_objective
 from kimi_jax.recursive.sidecar import Sidecar
 from kimi_jax.train_step import batch_spec
+from kimi_jax.tree_paths import path_key, path_names
 
 F32 = jnp.float32
 HEAD_MODULES = ("halt_head", "length_head")
@@ -47,12 +48,11 @@ FROZEN_IN_PHASE_C = ("ffn.router", "ffn.correction_bias")  # "keep the MoE route
 
 
 def _names(path) -> list[str]:
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    return [n for n in names if n not in ("value", "raw_value")]
+    return path_names(path, drop_wrappers=True)
 
 
 def param_key(path) -> str:
-    return ".".join(_names(path))
+    return path_key(path, drop_wrappers=True)
 
 
 def trainable_group(path) -> str:

@@ -54,6 +54,7 @@ from kimi_jax.safe_io import (describe_write_error, remove_path, storage_error, 
                               write_text_atomic)
 from kimi_jax.errors import KimiJaxError, WriteError
 from kimi_jax.model_folder import STEP_PREFIX, STEP_RE
+from kimi_jax.tree_paths import path_key
 
 FORMAT = "kimi_jax.train_state.v1"
 LATEST_FILE = "latest"
@@ -130,18 +131,6 @@ def read_train_state(folder: str | os.PathLike) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- tree <-> flat
-def _key_name(entry) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def path_key(path) -> str:
-    """A pytree key path as dot-joined names ("0.mu.segments.1.blocks.0.mixer.qkv_proj")."""
-    return ".".join(_key_name(k) for k in path)
-
-
 def flatten(tree, prefix: str = "") -> dict[str, Any]:
     """{prefix + dotted path: leaf} over a pytree's leaves (in tree order); the keys must be unique."""
     out: dict[str, Any] = {}
