@@ -744,7 +744,7 @@ def write_outputs(result: dict, args: argparse.Namespace, plan: _Plan, writes: W
             write_json_atomic(path, result)
             writes.finish()
         if plan.logdir is not None:
-            from kimi_jax.evaluation.tb_logging import write_scalars
+            from kimi_jax.tb_events import write_scalars
 
             writes.begin(plan.logdir, "tensorboard")
             write_scalars(plan.logdir, scalars_of(result), plan.step if plan.step is not None else 0)

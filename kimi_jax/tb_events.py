@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import math
 import os
 import socket
 import struct
 import time
 import uuid
-from typing import Mapping
+from typing import Iterable, Mapping
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
 
@@ -134,4 +135,45 @@ def write_scalars(log_dir: str, scalars: Mapping[str, float | None], step: int) 
     return events.path
 
 
-__all__ = ["AppendOnlyFile", "EventFile", "write_scalars"]
+# ------------------------------------------------------------------------------------------------------ reading
+def iter_records(path: str) -> Iterable[bytes]:
+    """The payloads of a TFRecord file (length, masked CRC, data, masked CRC); a torn tail ends the iteration."""
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if len(header) < 12:
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            data = f.read(length)
+            footer = f.read(4)
+            if len(data) < length or len(footer) < 4:
+                return
+            yield data
+
+
+def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} from the event files directly in `log_dir` (one TensorBoard run), in the order
+    they were written (by event wall time, then file, then position: file names order files only to the second),
+    honouring purge markers as TensorBoard does: a SessionLog START at step s (a resumed run's first event) hides
+    the events written before it at steps >= s."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
+        for index, data in enumerate(iter_records(path)):
+            event = event_pb2.Event.FromString(data)
+            events.append((event.wall_time, path, index, event))
+    out: dict[str, list[tuple[int, float]]] = {}
+    for *_, event in sorted(events, key=lambda e: e[:3]):
+        if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+            for tag in out:
+                out[tag] = [(s, v) for s, v in out[tag] if s < event.step]
+            continue
+        if event.HasField("summary"):
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+    return out
+
+
+__all__ = ["AppendOnlyFile", "EventFile", "iter_records", "read_scalars", "write_scalars"]

@@ -1,11 +1,11 @@
-"""kimi_jax.evaluation.system and tb_logging."""
+"""kimi_jax.evaluation.system, and its scalars through kimi_jax.tb_events."""
 
 from __future__ import annotations
 
 import re
 
 from kimi_jax.evaluation.system import code_version, hardware, peak_memory, timed, utc_timestamp
-from kimi_jax.evaluation.tb_logging import read_scalars, write_scalars
+from kimi_jax.tb_events import read_scalars, write_scalars
 
 
 def test_code_version_and_hardware():

@@ -27,7 +27,7 @@ from kimi_jax import model_folder, orbax_model
 from kimi_jax import tokenizer as tokenizer_mod
 from kimi_jax.config import tiny
 from kimi_jax.evaluation.schema import SchemaError, validate_results
-from kimi_jax.evaluation.tb_logging import read_scalars
+from kimi_jax.tb_events import read_scalars
 from kimi_jax.model import KimiLinearForCausalLM
 from kimi_jax.recursive import io
 from kimi_jax.recursive.config import load_preset

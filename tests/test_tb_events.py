@@ -8,15 +8,19 @@ import os
 import pytest
 
 from kimi_jax import tb_events
-from kimi_jax.evaluation.tb_logging import read_scalars
+from kimi_jax.tb_events import read_scalars
 
 
 def test_event_file_round_trip_with_a_purge_marker(tmp_path):
+    """A purge marker at step s hides the events written before it at steps >= s (a resumed run's view), as
+    TensorBoard does; what is written after it stays."""
     events = tb_events.EventFile(str(tmp_path), flush_secs=1e9)
+    events.scalar("a/b", 0.5, 1)
     events.scalar("a/b", 1.5, 3)
     events.purge_from(2)
+    events.scalar("a/b", 2.5, 2)
     events.close()
-    assert read_scalars(str(tmp_path)) == {"a/b": [(3, 1.5)]}
+    assert read_scalars(str(tmp_path)) == {"a/b": [(1, 0.5), (2, 2.5)]}
     path = tb_events.write_scalars(str(tmp_path / "x"), {"t": 2.0, "none": None, "nan": float("nan")}, step=7)
     assert os.path.dirname(path) == str(tmp_path / "x")
     assert read_scalars(str(tmp_path / "x")) == {"t": [(7, 2.0)]}

@@ -390,7 +390,7 @@ def test_recursive_phase_a_trains_the_sidecar_and_keeps_the_base(runs, work):
 
 @pytest.mark.slow
 def test_tensorboard_has_every_tag(runs, work):
-    from kimi_jax.training.logging import read_scalars
+    from kimi_jax.tb_events import read_scalars
 
     finished(runs, "rec_a")
     out = str(work["root"] / "rec_a")
@@ -412,7 +412,7 @@ def test_tensorboard_has_every_tag(runs, work):
 @pytest.mark.slow
 def test_kill_and_resume_reproduce_the_uninterrupted_run(runs, work):
     from kimi_jax.training import checkpoints as ck
-    from kimi_jax.training.logging import read_scalars
+    from kimi_jax.tb_events import read_scalars
 
     finished(runs, "rec_a")
     info = runs["killed"].result()

@@ -18,6 +18,7 @@ from kimi_jax.config import tiny
 from kimi_jax.model import KimiLinearForCausalLM
 from kimi_jax.training import checkpoints as ck
 from kimi_jax.training import logging as tlog
+from kimi_jax.tb_events import read_scalars
 
 CFG = tiny(num_hidden_layers=2, mla_layers=(1,), first_k_dense=0)
 
@@ -222,7 +223,7 @@ def test_metrics_log_and_event_reader_honour_purge_steps(tmp_path):
     for step in range(4, 8):
         second.scalars({"train/loss/total": 100.0 + step}, step)
     second.close()
-    scalars = tlog.read_scalars(logs)
+    scalars = read_scalars(logs)
     assert set(scalars) == {"train/loss/total"}
     assert scalars["train/loss/total"] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 104.0), (5, 105.0), (6, 106.0),
                                            (7, 107.0)]

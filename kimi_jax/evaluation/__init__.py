@@ -5,6 +5,5 @@
 * :mod:`kimi_jax.evaluation.generation_quality`: prompts, lengths, distinct-n, repetition;
 * :mod:`kimi_jax.evaluation.chunk_accuracy`: leak-free chunk accuracy@k of the recursive model;
 * :mod:`kimi_jax.evaluation.system`: code version, hardware, peak memory;
-* :mod:`kimi_jax.evaluation.tb_logging`: TensorBoard scalars and a reader;
 * :mod:`kimi_jax.evaluation.schema` + ``schema.json``: the results file layout and its validator.
 """

@@ -9,7 +9,7 @@
 
 from kimi_jax.training.checkpoints import (CheckpointSaveError, CheckpointWriter, TrainCheckpointError,
                                            TrainWriteError, latest_checkpoint, list_checkpoints)
-from kimi_jax.training.logging import LogWriteError, MetricsLog, read_scalars
+from kimi_jax.training.logging import LogWriteError, MetricsLog
 
 __all__ = ["CheckpointSaveError", "CheckpointWriter", "LogWriteError", "MetricsLog", "TrainCheckpointError",
-           "TrainWriteError", "latest_checkpoint", "list_checkpoints", "read_scalars"]
+           "TrainWriteError", "latest_checkpoint", "list_checkpoints"]

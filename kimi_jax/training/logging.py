@@ -17,13 +17,11 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import math
 import os
-import struct
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -264,50 +262,9 @@ class MetricsLog:
                 self._events.close(flush)
 
 
-# --------------------------------------------------------------------------------------------- event reader
-def iter_records(path: str) -> Iterable[bytes]:
-    """The payloads of a TFRecord file (length, masked CRC, data, masked CRC); a torn tail ends the iteration."""
-    with open(path, "rb") as f:
-        while True:
-            header = f.read(12)
-            if len(header) < 12:
-                return
-            (length,) = struct.unpack("<Q", header[:8])
-            data = f.read(length)
-            footer = f.read(4)
-            if len(data) < length or len(footer) < 4:
-                return
-            yield data
-
-
-def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} from every event file under `log_dir` (file order, then write order), honouring
-    a file's purge marker (a SessionLog START at step s hides earlier files' events at steps >= s), as TensorBoard
-    does."""
-    from tensorboardX.proto import event_pb2
-
-    # Names are events.out.tfevents.{10-digit unix time}.{host}...: sorting them sorts each folder's files by age.
-    files = sorted(glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True))
-    out: dict[str, list[tuple[int, float]]] = {}
-    for path in files:
-        for data in iter_records(path):
-            event = event_pb2.Event()
-            event.ParseFromString(data)
-            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
-                for tag in out:
-                    out[tag] = [(s, v) for s, v in out[tag] if s < event.step]
-                continue
-            if not event.HasField("summary"):
-                continue
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
-    return out
-
-
 def now() -> float:
     return time.time()
 
 
-__all__ = ["METRICS_FILE", "LogWriteError", "MetricsLog", "host_rss_bytes", "iter_records", "memory_mb", "read_jsonl",
-           "read_scalars", "recursive_lr", "to_python", "truncate_jsonl", "vanilla_lr"]
+__all__ = ["METRICS_FILE", "LogWriteError", "MetricsLog", "host_rss_bytes", "memory_mb", "read_jsonl",
+           "recursive_lr", "to_python", "truncate_jsonl", "vanilla_lr"]
