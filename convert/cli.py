@@ -19,22 +19,14 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from kimi_jax.errors import KimiJaxError, UsageError, WriteError, report
 from kimi_jax.safe_io import (atomic_folder, describe_write_error, interrupt_exit_code, interrupt_name,
                               sigterm_as_interrupt, storage_error, temporary_sibling)
 
-EXIT_FAILED_WRITE, EXIT_USAGE = 1, 2
 
 # Copied next to converted weights so every output folder is self-contained.
 SIDECAR_FILES = ("tiktoken.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "chat_template.jinja", "generation_config.json")
-
-
-class UsageError(Exception):
-    """Bad flags or paths: reported as one line, exit status 2."""
-
-
-class WriteError(Exception):
-    """The storage failed under a running conversion (full, over quota, read-only, failing): one line, exit 1."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -48,27 +40,15 @@ def notice(message: str) -> None:
     print(f"notice: {message}", file=sys.stderr, flush=True)
 
 
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
-
-
 def run_main(main, argv=None) -> int:
     """Run `main(argv)` with SIGTERM raised like Ctrl-C, turning expected failures into one line on stderr and the
     exit codes of the module docstring."""
-    from kimi_jax.hf.safetensors_io import CheckpointError
-    from kimi_jax.orbax_model import CheckpointFormatError
-    from kimi_jax.config import ConfigError
-
     _OUTPUTS.clear()
     try:
         with sigterm_as_interrupt():
             return main(argv) or 0
-    except (UsageError, ConfigError, CheckpointError, CheckpointFormatError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
-    except WriteError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_FAILED_WRITE
+    except KimiJaxError as e:
+        return report(e)
     except KeyboardInterrupt as e:
         print(f"error: {interrupt_name(e)}; {_what_was_left()}", file=sys.stderr)
         return interrupt_exit_code(e)
