@@ -44,34 +44,36 @@ def load_config(name: str):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    from kimi_jax.errors import KimiJaxError, report
+
+    try:
+        return run(parse_args(argv))
+    except KimiJaxError as e:
+        return report(e)
+
+
+def run(args) -> int:
+    from kimi_jax.errors import UsageError
+
     try:
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
-        print(f"error: --lengths must be comma-separated integers, got {args.lengths!r}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
     try:
         import torch
     except ImportError:
-        print("error: the parity check needs torch (pip install -e '.[test]')", file=sys.stderr)
-        return 2
+        raise UsageError("the parity check needs torch (pip install -e '.[test]')") from None
     import jax.numpy as jnp
     from tqdm import tqdm
 
     import kimi_jax
-    from kimi_jax.config import ConfigError
     from kimi_jax.decoding import generate_greedy
     from kimi_jax.reference import build_reference, reference_logits, save_reference
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
     if cfg.vocab_size > 4096 or cfg.hidden_size > 512:
-        print(f"error: --config {args.config} is too large for a CPU parity check (vocab {cfg.vocab_size}, hidden "
-              f"{cfg.hidden_size}); use convert.check_logits for real checkpoints", file=sys.stderr)
-        return 2
+        raise UsageError(f"--config {args.config} is too large for a CPU parity check (vocab {cfg.vocab_size}, "
+                         f"hidden {cfg.hidden_size}); use convert.check_logits for real checkpoints")
     workdir = args.workdir or tempfile.mkdtemp(prefix="kimi_parity_")
     rng = np.random.default_rng(args.seed)
     rows, failures = [], []
