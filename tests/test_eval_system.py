@@ -10,7 +10,9 @@ from kimi_jax.tb_events import read_scalars, write_scalars
 
 def test_code_version_and_hardware():
     v = code_version()
-    assert v["package_version"] == "0.1.0"
+    from importlib.metadata import version
+
+    assert v["package_version"] == version("kimi-jax")  # the installed package's, not a copy of it
     assert v["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", v["git_commit"])
     hw = hardware()
     assert hw["backend"] == "cpu" and hw["device_count"] >= 1 and hw["process_count"] == 1 and hw["host"]
