@@ -7,7 +7,8 @@ takes the remaining devices; unnamed axes have size 1).
 Every parameter gets logical axis names from its path (the table below, by suffix, like the HF mapping), and the
 resolver maps each name to mesh axes through an ordered list of candidates: a candidate is skipped when its mesh axes
 are already used by another dimension of the same array, or when they do not divide the dimension. A dimension whose
-candidates all fail is replicated, never mis-sharded; `explain()` reports each such drop.
+candidates all fail is replicated, never mis-sharded; `explain()` reports each such drop. An array without a rule
+is an error (`state_shardings` raises, naming it), unless the caller names its path prefix as replicated on purpose.
 """
 
 from __future__ import annotations
@@ -161,55 +162,81 @@ class Resolver:
         return NamedSharding(self.mesh, self.spec(logical, shape, where))
 
 
-def param_logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
-    key = ".".join(str(p) for p in path)
+def _rule_for(key: str) -> tuple[str | None, ...] | None:
+    """The logical axes of the longest PARAM_AXES suffix that ends the dotted parameter path `key`, or None."""
     for suffix, axes in sorted(PARAM_AXES.items(), key=lambda kv: -len(kv[0])):
         if key == suffix or key.endswith("." + suffix):
-            extra = ndim - len(axes)
-            if extra not in (0, 1):
-                raise ShardingError(f"parameter {key} has {ndim} dims; its logical axes {axes} expect {len(axes)}")
-            return (None,) * extra + axes  # the stacked "layers" axis is never sharded
-    raise ShardingError(f"no logical axes for parameter {key}; add it to kimi_jax.sharding.PARAM_AXES")
+            return axes
+    return None
 
 
-def state_shardings(state, mesh: Mesh, resolver: Resolver | None = None):
+def param_logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
+    key = ".".join(str(p) for p in path)
+    axes = _rule_for(key)
+    if axes is None:
+        raise ShardingError(f"no logical axes for parameter {key}; add it to kimi_jax.sharding.PARAM_AXES")
+    extra = ndim - len(axes)
+    if extra not in (0, 1):
+        raise ShardingError(f"parameter {key} has {ndim} dims; its logical axes {axes} expect {len(axes)}")
+    return (None,) * extra + axes  # the stacked "layers" axis is never sharded
+
+
+def state_shardings(state, mesh: Mesh, resolver: Resolver | None = None, *, replicated: Sequence[str] = ()):
     """A pytree of NamedShardings matching an nnx.State (or abstract state) of the model or its optimizer.
 
     Parameters (and optimizer moments, which carry the same paths under the optimizer's own prefixes) follow their
-    logical axes; scalars and anything unnamed (step counters, RNG state) are replicated.
+    logical axes (`PARAM_AXES`); scalars (step counters, RNG keys) are replicated. Every other array must be
+    accounted for: one whose path (or, for optimizer state, any tail of its path) starts with a dotted prefix in
+    `replicated` is replicated on purpose (e.g. `replicated=("sidecar",)` for the recursive sidecar, which is ~0.1%
+    of the base); anything else raises ShardingError naming it, so that a new parameter is never silently copied
+    onto every chip of a pod.
     """
     resolver = resolver or Resolver(mesh)
-    replicated = NamedSharding(mesh, P())
+    whole = NamedSharding(mesh, P())
+    prefixes = tuple(replicated)
 
     def leaf(path, value):
         shape = getattr(value, "shape", ())
         if not shape:
-            return replicated
+            return whole
         names = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
         names = tuple(n for n in names if n not in ("value", "raw_value"))
-        try:
-            axes = _axes_for(names, len(shape))
-        except ShardingError:
-            return replicated
-        return resolver.named(axes, shape, ".".join(map(str, names)))
+        if _explicitly_replicated(names, prefixes):
+            return whole
+        return resolver.named(_axes_for(names, len(shape)), shape, ".".join(map(str, names)))
 
     return jax.tree_util.tree_map_with_path(leaf, state)
 
 
+def _explicitly_replicated(names: tuple, prefixes: tuple[str, ...]) -> bool:
+    """Whether the path, or one of its tails (optimizer state nests the parameter path), starts with a prefix."""
+    for start in range(len(names)):
+        key = ".".join(map(str, names[start:]))
+        if any(key == p or key.startswith(p + ".") for p in prefixes):
+            return True
+    return False
+
+
 def _axes_for(names: tuple, ndim: int):
     # Optimizer states nest the parameter path under their own keys (e.g. opt_state.0.mu.<param path>): try every
-    # suffix of the path until one names a parameter.
+    # tail of the path until one names a parameter.
+    mismatch = ""
     for start in range(len(names)):
-        try:
-            return param_logical_axes(names[start:], ndim)
-        except ShardingError:
+        key = ".".join(map(str, names[start:]))
+        axes = _rule_for(key)
+        if axes is None:
             continue
-    raise ShardingError(f"no logical axes for {'.'.join(map(str, names))}")
+        if ndim - len(axes) in (0, 1):
+            return param_logical_axes(names[start:], ndim)
+        mismatch = mismatch or f" (the rule for {key} gives {len(axes)} dims)"
+    raise ShardingError(f"parameter {'.'.join(map(str, names))} ({ndim} dims) has no logical axes{mismatch}: no "
+                        "rule in kimi_jax.sharding.PARAM_AXES fits it. Add one, or, if it is meant to be copied "
+                        "whole onto every device, pass its path prefix in state_shardings(..., replicated=...)")
 
 
-def model_shardings(model, mesh: Mesh, resolver: Resolver | None = None):
+def model_shardings(model, mesh: Mesh, resolver: Resolver | None = None, *, replicated: Sequence[str] = ()):
     """NamedShardings for the model's full state (params + anything else), as an nnx.State-shaped pytree."""
-    return state_shardings(nnx.state(model), mesh, resolver)
+    return state_shardings(nnx.state(model), mesh, resolver, replicated=replicated)
 
 
 def gathered_for_use(x, logical: Sequence[str | None], activation_sharding):

@@ -7,6 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import kimi_jax
+import kimi_jax.config
 from kimi_jax import sharding
 from kimi_jax.model import KimiLinearForCausalLM
 from kimi_jax.train_step import build_trainer, make_optimizer, shard_batch
@@ -120,6 +121,65 @@ def test_every_parameter_has_logical_axes():
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = sharding.param_logical_axes(path, len(var.shape))
         assert len(axes) == len(var.shape)
+
+
+def _abstract_model(cfg):
+    return nnx.eval_shape(lambda: KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jax.numpy.bfloat16))
+
+
+@pytest.mark.parametrize("config", ["tiny", "48b"])
+def test_real_model_and_optimizer_state_shard_without_error(config):
+    """Every leaf of the model's state and of its AdamW state has a rule (no error), and the moments follow."""
+    cfg = make_config() if config == "tiny" else kimi_jax.config.kimi_linear_48b_a3b()
+    state = nnx.state(_abstract_model(cfg))
+    mesh = sharding.make_mesh("fsdp=4,tensor=2")
+    param_sh = sharding.state_shardings(state, mesh)
+    opt_sh = sharding.state_shardings(jax.eval_shape(make_optimizer(LR).init, state), mesh)
+    qkv = dict(nnx.to_flat_state(param_sh))[("segments", 0, "blocks", 0, "mixer", "qkv_proj")]
+    assert qkv.spec == P(None, "fsdp", None, "tensor", None)
+    mu = [(jax.tree_util.keystr(p), s) for p, s in jax.tree_util.tree_leaves_with_path(opt_sh)
+          if "qkv_proj" in jax.tree_util.keystr(p)]
+    assert mu and all(s.spec == qkv.spec for _, s in mu)
+    counts = [s for p, s in jax.tree_util.tree_leaves_with_path(opt_sh) if "count" in jax.tree_util.keystr(p)]
+    assert counts and all(s.spec == P() for s in counts)
+
+
+def test_a_parameter_without_logical_axes_raises_with_its_name():
+    state = {"embed_tokens": jax.ShapeDtypeStruct((512, 64), np.float32),
+             "brand_new_proj": jax.ShapeDtypeStruct((64, 64), np.float32)}
+    mesh = sharding.make_mesh("fsdp=8")
+    with pytest.raises(sharding.ShardingError, match=r"brand_new_proj \(2 dims\) has no logical axes"):
+        sharding.state_shardings(state, mesh)
+    # Its optimizer moments too (the path is nested under the optimizer's keys).
+    with pytest.raises(sharding.ShardingError, match=r"mu\.brand_new_proj"):
+        sharding.state_shardings(jax.eval_shape(make_optimizer(LR).init, state), mesh)
+    # A rule whose dims do not fit is no rule either, and the message says so.
+    with pytest.raises(sharding.ShardingError, match="the rule for embed_tokens gives 2 dims"):
+        sharding.state_shardings({"embed_tokens": jax.ShapeDtypeStruct((2, 2, 512, 64), np.float32)}, mesh)
+
+
+def test_explicit_replication_of_the_sidecar():
+    """The recursive sidecar is replicated on purpose: its prefix is named, in the state and the optimizer alike;
+    the base keeps its rules, and nothing else is let through."""
+    from kimi_jax.recursive.config import load_preset
+    from kimi_jax.recursive.sidecar import build_sidecar
+
+    cfg = make_config()
+    rcfg = load_preset("phase_b").replace(chunk_width=64, d_state=32, refine_rank=8, gate_hidden=16)
+    side = nnx.state(nnx.eval_shape(lambda: build_sidecar(cfg, rcfg)))
+    tree = {"sidecar": side, "base": nnx.state(_abstract_model(cfg))}
+    mesh = sharding.make_mesh("fsdp=4,tensor=2")
+    with pytest.raises(sharding.ShardingError, match=r"sidecar\.cells\.a_h"):
+        sharding.state_shardings(tree, mesh)
+    for t in (tree, jax.eval_shape(make_optimizer(LR).init, tree)):
+        shardings = sharding.state_shardings(t, mesh, replicated=("sidecar",))
+        specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+        side_specs = [s for k, s in specs.items() if "'sidecar'" in k]
+        assert len(side_specs) >= len(jax.tree.leaves(side)) and all(s == P() for s in side_specs)
+        assert any(s == P(None, "fsdp", None, "tensor", None) for k, s in specs.items() if "qkv_proj" in k)
+    # A prefix is a whole path component, not any string start.
+    with pytest.raises(sharding.ShardingError, match="sidecar"):
+        sharding.state_shardings(tree, mesh, replicated=("side",))
 
 
 def test_restore_directly_into_a_mesh(tmp_path):
