@@ -466,7 +466,7 @@ def bench_train(args) -> None:
 
     from experiments.plan import analytic_flops_per_token
     from kimi_jax import RunOptions, sharding
-    from kimi_jax.train_step import build_trainer, make_optimizer
+    from kimi_jax.training.vanilla import build_trainer, make_optimizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = bench_model_config(args.tiny)

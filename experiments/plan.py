@@ -3,10 +3,10 @@
     python -m experiments.plan --config kimi-linear-48b-a3b --mesh fsdp=-1 --devices 64 --batch_size 64 --seq_len 4096
     python -m experiments.plan --config kimi-linear-48b-a3b --mesh fsdp=16,expert=4 --topology v5p:4x4x4 ...
 
-Nothing is allocated: the model and optimizer are abstract (`nnx.eval_shape`), the train step (kimi_jax.train_step,
-AdamW, the same code that trains) is lowered with the shardings kimi_jax.sharding gives every array, and compiled
-for fake CPU devices (`--devices N`) or for a real TPU topology (`--topology`, needs `libtpu`; install it into a
-separate folder on PYTHONPATH as JAX_NOTES §5 describes). Printed per device:
+Nothing is allocated: the model and optimizer are abstract (`nnx.eval_shape`), the train step
+(kimi_jax.training.vanilla, AdamW, the same code that trains) is lowered with the shardings kimi_jax.sharding gives
+every array, and compiled for fake CPU devices (`--devices N`) or for a real TPU topology (`--topology`, needs
+`libtpu`; install it into a separate folder on PYTHONPATH as JAX_NOTES §5 describes). Printed per device:
   * parameter + optimizer-state bytes, exact from the shardings (what every backend must hold between steps);
   * the compiler's argument / output / temporary / peak figures (TPU-accurate with --topology; the CPU compiler's
     buffer assignment and fusion differ from TPU/GPU, so on CPU read them as shape/sharding checks, not budgets);
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
 
     from kimi_jax import hlo_costs, sharding
     from kimi_jax.model import KimiLinearForCausalLM, RunOptions
-    from kimi_jax.train_step import build_trainer, make_optimizer
+    from kimi_jax.training.vanilla import build_trainer, make_optimizer
 
     try:
         mesh = sharding.make_mesh(args.mesh, devices)
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     else:
         from kimi_jax.recursive.objective import num_windows
         from kimi_jax.recursive.sidecar import build_sidecar
-        from kimi_jax.recursive.train_step import build_recursive_trainer, make_recursive_optimizer
+        from kimi_jax.training.recursive import build_recursive_trainer, make_recursive_optimizer
 
         try:  # what experiments.train checks before it builds the step (one error line each)
             windows = num_windows(args.seq_len, rcfg.chunk_width, cfg.kda_chunk_size)

@@ -14,13 +14,13 @@ small models: the whole model is loaded on one device before it is sharded) or a
 Its tokenizer files are used for the data and copied into every checkpoint. --trust_remote_code is accepted and
 ignored (kimi_jax is its own implementation).
 
-Stages. `vanilla` (default) trains the causal-LM cross-entropy with AdamW (`kimi_jax.train_step`); --train_groups
-restricts it to parameter groups (embeddings, lm_head, mixers, ffn, routers, norms; default all). `recursive`
-(--use_recursive is the same) trains the recursive-refinement sidecar (RECURSIVE_DESIGN.md §3.9) with the recursive
-config --recursive_config (a preset or JSON file; default the preset phase_{--phase}, --phase default a), whose
-chunk_width / max_inner_steps --chunk_width / --max_inner_steps override. Phase a: sidecar only (base frozen);
-b: + LoRA in the noisy stream; c: + the config's unfrozen blocks, with L2-SP. The flags of the other stage are
-accepted and ignored with a one-line notice (the evaluation plan's vanilla command passes --phase a and
+Stages. `vanilla` (default) trains the causal-LM cross-entropy with AdamW (`kimi_jax.training.vanilla`);
+--train_groups restricts it to parameter groups (embeddings, lm_head, mixers, ffn, routers, norms; default all).
+`recursive` (--use_recursive is the same) trains the recursive-refinement sidecar (RECURSIVE_DESIGN.md §3.9) with
+the recursive config --recursive_config (a preset or JSON file; default the preset phase_{--phase}, --phase default
+a), whose chunk_width / max_inner_steps --chunk_width / --max_inner_steps override. Phase a: sidecar only (base
+frozen); b: + LoRA in the noisy stream; c: + the config's unfrozen blocks, with L2-SP. The flags of the other stage
+are accepted and ignored with a one-line notice (the evaluation plan's vanilla command passes --phase a and
 --chunk_width 128), except --train_groups with --stage recursive, which is an error.
 
 Learning rates. Vanilla: --lr (default 1e-5), --weight_decay (default 0), --clip_norm (default 1; 0 = no clipping)
@@ -405,7 +405,7 @@ class Run:
         if s.stage == "recursive":
             self._resolve_recursive_config()
         elif args.train_groups is not None:
-            from kimi_jax.train_step import PARAM_GROUPS
+            from kimi_jax.training.vanilla import PARAM_GROUPS
 
             names = [n.strip() for n in args.train_groups.split(",") if n.strip()]
             unknown = [n for n in names if n not in PARAM_GROUPS]
@@ -656,7 +656,7 @@ class Run:
         from flax import nnx
 
         from kimi_jax.model import KimiLinearForCausalLM
-        from kimi_jax.train_step import build_trainer, make_optimizer
+        from kimi_jax.training.vanilla import build_trainer, make_optimizer
         from kimi_jax.training import checkpoints as ck
 
         tx = make_optimizer(self.effective_lr(), warmup_steps=self.s.warmup_steps, total_steps=args.num_steps,
@@ -681,7 +681,7 @@ class Run:
     def _build_recursive(self) -> None:
         args = self.args
         from kimi_jax.recursive.sidecar import build_sidecar
-        from kimi_jax.recursive.train_step import build_recursive_trainer, make_recursive_optimizer
+        from kimi_jax.training.recursive import build_recursive_trainer, make_recursive_optimizer
         from kimi_jax.training import checkpoints as ck
 
         tx = make_recursive_optimizer(self.rcfg, warmup_steps=self.s.warmup_steps, total_steps=args.num_steps,
@@ -727,7 +727,7 @@ class Run:
         from flax import nnx
         from jax.sharding import NamedSharding, PartitionSpec as P
 
-        from kimi_jax.train_step import batch_spec, cross_entropy
+        from kimi_jax.training.vanilla import batch_spec, cross_entropy
 
         if self.eval_ds is None:
             return

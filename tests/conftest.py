@@ -129,7 +129,8 @@ class ReferenceCase:
 # collection order, so the longest go first and the short ones fill in at the end. (`--dist loadgroup` would let
 # modules share a worker, but xdist 3.8 cannot rename pytest 9.2's node ids and falls back to per-test scheduling.)
 LONGEST_FIRST = ("test_demo", "test_multiprocess", "test_compare", "test_evaluate", "test_train_cli",
-                 "test_recursive_train_step", "test_recursive_chunked_generation", "test_generate_cli", "test_sharding", "test_plan")
+                 "test_training_recursive", "test_recursive_chunked_generation", "test_generate_cli", "test_sharding",
+                 "test_plan")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -25,7 +25,7 @@ from flax import nnx  # noqa: E402
 
 from kimi_jax import orbax_model, sharding  # noqa: E402
 from kimi_jax.model import KimiLinearForCausalLM  # noqa: E402
-from kimi_jax.train_step import build_trainer, make_optimizer  # noqa: E402
+from kimi_jax.training.vanilla import build_trainer, make_optimizer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from sharding_cases import BATCH, LR, make_batch, make_config  # noqa: E402

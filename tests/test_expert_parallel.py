@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kimi_jax import sharding
 from kimi_jax.config import tiny
 from kimi_jax.layers.moe import MoE, expert_parallel_size
-from kimi_jax.train_step import batch_spec
+from kimi_jax.training.vanilla import batch_spec
 
 TOKENS = 64
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from kimi_jax import orbax_model, sharding
 from kimi_jax.model import KimiLinearForCausalLM
-from kimi_jax.train_step import build_trainer, make_optimizer, shard_batch
+from kimi_jax.training.vanilla import build_trainer, make_optimizer, shard_batch
 from conftest import child_env
 from sharding_cases import BATCH, LR, make_batch, make_config
 

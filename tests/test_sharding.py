@@ -10,7 +10,7 @@ import kimi_jax
 import kimi_jax.config
 from kimi_jax import sharding
 from kimi_jax.model import KimiLinearForCausalLM
-from kimi_jax.train_step import build_trainer, make_optimizer, shard_batch
+from kimi_jax.training.vanilla import build_trainer, make_optimizer, shard_batch
 from sharding_cases import BATCH, LR, make_batch, make_config
 
 # The last four split the experts over the `expert` axis (expert parallelism: tokens travel by all-to-all).

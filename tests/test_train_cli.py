@@ -329,7 +329,7 @@ def test_expert_parallel_run_resumes_and_matches_the_single_device_run(runs, wor
 def test_restricted_groups_and_a_non_finite_loss_stop_the_run_cleanly(runs, work):
     from kimi_jax.orbax_model import param_key
     from kimi_jax.model import KimiLinearForCausalLM
-    from kimi_jax.train_step import param_group
+    from kimi_jax.training.vanilla import param_group
     from kimi_jax.training import checkpoints as ck
 
     result = runs["nonfinite"].result()
@@ -488,7 +488,7 @@ def test_phase_c_trains_only_the_unfrozen_blocks(runs, work):
     from kimi_jax.model import KimiLinearForCausalLM
     from kimi_jax.recursive import io
     from kimi_jax.recursive.config import RecursiveConfig
-    from kimi_jax.recursive.train_step import unfrozen_rows
+    from kimi_jax.training.recursive import unfrozen_rows
     from kimi_jax.training import checkpoints as ck
 
     finished(runs, "rec_c")

@@ -249,7 +249,7 @@ def _adam_lrs(tx, params, steps):
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_logged_learning_rates_are_the_optimizers(schedule):
-    from kimi_jax.train_step import make_optimizer
+    from kimi_jax.training.vanilla import make_optimizer
 
     params = {"w": jnp.zeros((3,))}
     tx = make_optimizer(0.5, warmup_steps=3, total_steps=12, weight_decay=0.0, clip_norm=None, schedule=schedule)
@@ -261,7 +261,7 @@ def test_logged_learning_rates_are_the_optimizers(schedule):
 
 def test_logged_recursive_learning_rate_is_the_sidecar_groups():
     from kimi_jax.recursive.config import load_preset
-    from kimi_jax.recursive.train_step import make_recursive_optimizer
+    from kimi_jax.training.recursive import make_recursive_optimizer
 
     rcfg = load_preset("phase_a").replace(weight_decay=0.0)
     tx = make_recursive_optimizer(rcfg, warmup_steps=2, total_steps=9, clip_norm=1e9, lr_scale=3.0)

@@ -83,7 +83,7 @@ def host_rss_bytes() -> int:
 
 # -------------------------------------------------------------------------------------------- learning rates
 def vanilla_lr(peak: float, warmup_steps: int, total_steps: int | None, schedule: str, count: int) -> float:
-    """The learning rate `kimi_jax.train_step.make_optimizer(peak, warmup_steps=, total_steps=, schedule=)` applies
+    """The learning rate `kimi_jax.training.vanilla.make_optimizer(peak, warmup_steps=, total_steps=, schedule=)` applies
     to update number `count` (0-based: the first update uses count 0). Built from the same optax schedules."""
     import optax
 
@@ -102,7 +102,7 @@ def vanilla_lr(peak: float, warmup_steps: int, total_steps: int | None, schedule
 
 
 def recursive_lr(peak: float, warmup_steps: int, total_steps: int | None, count: int) -> float:
-    """The learning rate of a group with peak `peak` in `kimi_jax.recursive.train_step.make_recursive_optimizer`."""
+    """The learning rate of a group with peak `peak` in `kimi_jax.training.recursive.make_recursive_optimizer`."""
     import optax
 
     if total_steps:

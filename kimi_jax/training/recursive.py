@@ -39,7 +39,7 @@ from kimi_jax.model import KimiLinearForCausalLM, RunOptions
 from kimi_jax.recursive.config import RecursiveConfig
 from kimi_jax.recursive.objective import recursive_objective
 from kimi_jax.recursive.sidecar import Sidecar
-from kimi_jax.train_step import batch_spec
+from kimi_jax.training.vanilla import batch_spec
 from kimi_jax.tree_paths import path_key, path_names
 
 F32 = jnp.float32

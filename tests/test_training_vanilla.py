@@ -13,7 +13,7 @@ from flax import nnx
 from kimi_jax import sharding
 from kimi_jax.config import tiny
 from kimi_jax.model import KimiLinearForCausalLM
-from kimi_jax.train_step import PARAM_GROUPS, build_trainer, param_group
+from kimi_jax.training.vanilla import PARAM_GROUPS, build_trainer, param_group
 
 CFG = tiny(num_hidden_layers=2, mla_layers=(1,), first_k_dense=1)
 

@@ -13,7 +13,7 @@ from kimi_jax.config import tiny
 from kimi_jax.model import KimiLinearForCausalLM, RunOptions
 from kimi_jax.recursive.config import load_preset
 from kimi_jax.recursive.sidecar import build_sidecar
-from kimi_jax.recursive.train_step import (build_recursive_trainer, make_recursive_optimizer, param_key,
+from kimi_jax.training.recursive import (build_recursive_trainer, make_recursive_optimizer, param_key,
                                            trainable_group, unfrozen_rows)
 
 # Layers: 0 KDA + dense FFN, 1 MLA, 2 KDA, 3 KDA, 4 MLA, 5 KDA, 6 KDA (MoE from layer 1). The tests read the
