@@ -8,6 +8,7 @@ left-padded with an attention mask (KDA zeroes padded inputs, MLA masks padded k
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,20 @@ def prepare_inputs(model: KimiLinearForCausalLM, input_ids, max_new_tokens: int,
                                                           else (eos[0] if eos else 0))
     mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
     return input_ids, mask, eos, pad
+
+
+def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths as one batch: ids int32 [B, length], each row right-aligned after `pad_id`s, and
+    the bool attention mask [B, length] (True on the prompt's tokens) that the generators and scorers take."""
+    ids_BT = np.full((len(rows), length), pad_id, np.int32)
+    mask_BT = np.zeros((len(rows), length), bool)
+    for b, row in enumerate(rows):
+        if len(row) > length:
+            raise ValueError(f"a row of {len(row)} tokens does not fit a padded length of {length}")
+        if len(row):
+            ids_BT[b, length - len(row):] = row
+            mask_BT[b, length - len(row):] = True
+    return ids_BT, mask_BT
 
 
 def generate_greedy(model: KimiLinearForCausalLM, input_ids, max_new_tokens: int, *, attention_mask=None,

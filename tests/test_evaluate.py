@@ -23,6 +23,7 @@ import pytest
 from flax import nnx
 
 from experiments import evaluate
+from kimi_jax.evaluation import results as eval_results, stage as eval_stage
 from kimi_jax import model_folder, orbax_model
 from kimi_jax import tokenizer as tokenizer_mod
 from kimi_jax.config import tiny
@@ -257,13 +258,13 @@ def test_an_interrupt_after_the_results_file_was_replaced_says_so(runs, folders,
     out.mkdir()
     path = out / "baseline_results.json"
     path.write_text('{"old": true}')
-    real_write = evaluate.write_json_atomic
+    real_write = eval_results.write_json_atomic
 
     def write_then_signal(target, data, **kwargs):
         real_write(target, data, **kwargs)
         os.kill(os.getpid(), getattr(signal, signal_name))
 
-    monkeypatch.setattr(evaluate, "write_json_atomic", write_then_signal)
+    monkeypatch.setattr(eval_results, "write_json_atomic", write_then_signal)
     rc, _, err = cli("--model_path", folders["model"], "--stage", "baseline", "--output_dir", out, "--log_dir",
                      tmp_path / "logs", "--quiet")
     name = "interrupted" if signal_name == "SIGINT" else "terminated (SIGTERM)"
@@ -287,7 +288,7 @@ def test_a_failed_write_is_one_line_naming_the_file(runs, folders, tmp_path, mon
     import errno
 
     _stub_evaluation(monkeypatch, runs["finetuned_recursive"]["json"])
-    real_write, calls = evaluate.write_json_atomic, []
+    real_write, calls = eval_results.write_json_atomic, []
 
     def full_disk_on_the_second_file(target, data, **kwargs):
         calls.append(target)
@@ -295,7 +296,7 @@ def test_a_failed_write_is_one_line_naming_the_file(runs, folders, tmp_path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(target, data, **kwargs)
 
-    monkeypatch.setattr(evaluate, "write_json_atomic", full_disk_on_the_second_file)
+    monkeypatch.setattr(eval_results, "write_json_atomic", full_disk_on_the_second_file)
     out = tmp_path / "out"
     rc, _, err = cli("--model_path", folders["run"], "--stage", "finetuned_recursive", "--output_dir", out,
                      "--quiet", "--no_tensorboard")
@@ -310,29 +311,29 @@ def test_a_failed_write_is_one_line_naming_the_file(runs, folders, tmp_path, mon
 def test_results_are_written_atomically(runs, tmp_path, monkeypatch):
     assert not [n for n in os.listdir(runs["out"]) if n.startswith(".")]  # no temporary files left behind
     path = str(tmp_path / "baseline_results.json")
-    evaluate.write_json_atomic(path, {"old": True})
+    eval_results.write_json_atomic(path, {"old": True})
 
     def broken_fsync(fd):  # the new content is half on its way to the disk when the disk fills up
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
-        evaluate.write_json_atomic(path, {"new": True})
+        eval_results.write_json_atomic(path, {"new": True})
     monkeypatch.undo()
     assert read_json(path) == {"old": True} and os.listdir(tmp_path) == ["baseline_results.json"]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def test_step_parsing_and_output_paths(tmp_path):
-    assert evaluate.checkpoint_step("/x/run/step_5000") == 5000
-    assert evaluate.checkpoint_step("/x/run/step_12/") == 12
-    assert evaluate.checkpoint_step(str(tmp_path)) is None
+    assert eval_stage.checkpoint_step("/x/run/step_5000") == 5000
+    assert eval_stage.checkpoint_step("/x/run/step_12/") == 12
+    assert eval_stage.checkpoint_step(str(tmp_path)) is None
     (tmp_path / "kimi_jax.json").write_text(json.dumps({"training": {"step": 30}}))
-    assert evaluate.checkpoint_step(str(tmp_path)) == 30  # not a step_N name: the checkpoint's own record
-    assert evaluate.checkpoint_step("/x/step_5x") is None
-    assert evaluate.output_paths("/o", "finetuned_recursive", 5000) == [
+    assert eval_stage.checkpoint_step(str(tmp_path)) == 30  # not a step_N name: the checkpoint's own record
+    assert eval_stage.checkpoint_step("/x/step_5x") is None
+    assert eval_results.output_paths("/o", "finetuned_recursive", 5000) == [
         "/o/finetuned_recursive_results.json", "/o/finetuned_recursive_step_5000_results.json"]
-    assert evaluate.output_paths("/o", "baseline", None) == ["/o/baseline_results.json"]
+    assert eval_results.output_paths("/o", "baseline", None) == ["/o/baseline_results.json"]
 
 
 def test_training_output_folder_resolves_to_its_newest_step(folders, tmp_path):
@@ -354,10 +355,10 @@ def test_the_latest_file_keeps_a_later_step_of_the_same_run(tmp_path):
     later = {"metadata": {"model_path": "/ckpt/run/step_9", "step": 9}}
     path.write_text(json.dumps(later))
     mine = lambda step, run="run": {"metadata": {"model_path": f"/ckpt/{run}/step_{step}", "step": step}}
-    assert evaluate._newer_exists(str(path), mine(7))
-    assert not evaluate._newer_exists(str(path), mine(10))
-    assert not evaluate._newer_exists(str(path), mine(7, run="other"))  # another run: the newest result wins
-    assert not evaluate._newer_exists(str(tmp_path / "none.json"), mine(7))
+    assert eval_results.newer_step_exists(str(path), mine(7))
+    assert not eval_results.newer_step_exists(str(path), mine(10))
+    assert not eval_results.newer_step_exists(str(path), mine(7, run="other"))  # another run: the newest result wins
+    assert not eval_results.newer_step_exists(str(tmp_path / "none.json"), mine(7))
 
 
 # ------------------------------------------------------------------------------------------------ bad input

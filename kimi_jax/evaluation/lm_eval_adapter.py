@@ -63,6 +63,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from kimi_jax.decoding import left_pad
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.model_folder import special_tokens
 from kimi_jax.scoring import make_scorer
@@ -184,19 +185,6 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices sorted by length, longest first (a memory failure shows up at once), cut into batches."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-
-
-def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """[B, length] int32 ids, left-padded with `pad_id`, and the bool attention mask."""
-    ids = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), bool)
-    for b, row in enumerate(rows):
-        if len(row) > length:
-            raise AdapterError(f"internal: a row of {len(row)} tokens does not fit a padded length of {length}")
-        if row:
-            ids[b, length - len(row):] = row
-            mask[b, length - len(row):] = True
-    return ids, mask
 
 
 # ----------------------------------------------------------------------------------------------- argument parsing
@@ -519,5 +507,5 @@ class KimiJaxLM(LM):
 
 
 __all__ = ["AdapterError", "DEFAULT_LENGTH_MULTIPLE", "DEFAULT_MAX_GEN_TOKS", "DEFAULT_MAX_LENGTH", "GenSettings",
-           "KimiJaxLM", "MODEL_NAME", "ScoreRow", "continuation_row", "left_pad", "length_batches",
+           "KimiJaxLM", "MODEL_NAME", "ScoreRow", "continuation_row", "length_batches",
            "parse_gen_kwargs", "rolling_rows", "round_up", "split_trailing_space", "truncate_at_stop"]

@@ -1,0 +1,123 @@
+"""The `performance` section of a stage's results: prefill and decode throughput with compilation excluded, for the
+baseline path and, with recursion, the recursive path; the process's peak memory.
+
+Measured on the first generation batch. Every program runs once untimed (it compiles), then TIMING_REPEATS times;
+the fastest run counts. Prefill is the model over the whole left-padded prompt up to the next-token logits, measured
+once: both generators prefill with the same baseline model. Decode throughput is the marginal rate between generating
+max_new_tokens and max_new_tokens // 2 tokens, so the prefill and the per-call overheads cancel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from kimi_jax.evaluation.batched_generation import BatchedGenerator
+from kimi_jax.evaluation.inputs import NO_GENERATION_PROMPTS
+
+TIMING_REPEATS = 2  # timed runs after the warm-up; the fastest counts
+NOTE = ("compilation excluded: every program ran once untimed before its timed runs on the first generation batch "
+        f"(the fastest of {TIMING_REPEATS} counts). prefill = the model over the whole left-padded prompt up to the "
+        "next-token logits (padding counted), measured once: both generators prefill with the same baseline model. "
+        "decode_tokens_per_sec = the marginal rate between generating max_new_tokens and max_new_tokens // 2 tokens "
+        "(prefill and call overheads cancel); null when that difference is not positive")
+PEAK_MEMORY_NOTE = "process-wide peak over the whole evaluation (every section and path)"
+
+
+@functools.lru_cache(maxsize=None)
+def _prefill_fn():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "opts"))
+    def prefill(graphdef, state, ids_BT, mask_BT, *, cache_len: int, opts):
+        model = nnx.merge(graphdef, state)
+        cache = model.init_cache(ids_BT.shape[0], cache_len)
+        h_BTD, cache = model.hidden_states(ids_BT, cache=cache, attention_mask=mask_BT, opts=opts)
+        return jnp.argmax(model.logits(h_BTD[:, -1:]), axis=-1), cache  # the cache too: nothing is skipped
+
+    return prefill
+
+
+def measure_prefill(generator: BatchedGenerator, rows) -> dict:
+    """Prefill throughput on the first batch of `rows`: the model over the whole (left-padded) prompt with a decode
+    cache, up to the next-token logits."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kimi_jax.evaluation.system import timed
+
+    ids_BT, mask_BT = generator.batch_inputs(rows[:generator.batch_size])
+    graphdef, state = nnx.split(generator.model)
+    prefill = functools.partial(_prefill_fn(), graphdef, state, jnp.asarray(ids_BT, jnp.int32), jnp.asarray(mask_BT),
+                                cache_len=ids_BT.shape[1] + generator.max_new_tokens, opts=generator.opts)
+    timed(prefill)  # warm-up (compiles)
+    seconds = min(timed(prefill)[1] for _ in range(TIMING_REPEATS))
+    tokens = int(ids_BT.size)
+    return {"prefill_tokens": tokens, "prefill_seconds": seconds,
+            "prefill_tokens_per_sec": tokens / seconds if seconds > 0 else None}
+
+
+def measure_path(generator: BatchedGenerator, sidecar, rcfg, rows, prefill: dict) -> tuple[dict, list[list[int]]]:
+    """Decode throughput of one generation path on the first batch of `rows` -> (metrics, the timed full-length
+    run's new tokens per row); `prefill` is `measure_prefill`'s, recorded with the path."""
+    rows = rows[:generator.batch_size]
+    N = generator.max_new_tokens
+
+    def best(n):
+        generator.run_batch(sidecar, rcfg, rows, max_new_tokens=n)  # warm-up (compiles)
+        runs = [generator.run_batch(sidecar, rcfg, rows, max_new_tokens=n) for _ in range(TIMING_REPEATS)]
+        return runs[-1][0], min(t for _, t in runs)
+
+    res, gen_s = best(N)
+    new_tokens = int(np.sum(res.num_tokens))
+    decode_tokens = decode_s = None
+    half = N // 2
+    if half >= 1:
+        res_half, half_s = best(half)
+        decode_tokens = new_tokens - int(np.sum(res_half.num_tokens))
+        decode_s = gen_s - half_s
+    resolved = decode_tokens is not None and decode_tokens > 0 and decode_s > 0
+    metrics = {
+        "batch_size": generator.batch_size, "prompt_length": generator.prompt_length, "max_new_tokens": N,
+        "timing_repeats": TIMING_REPEATS, **prefill,
+        "generate_seconds": gen_s, "new_tokens": new_tokens,
+        "decode_tokens": decode_tokens if resolved else None,
+        "decode_seconds": decode_s if resolved else None,
+        "decode_tokens_per_sec": decode_tokens / decode_s if resolved else None,
+        "end_to_end_tokens_per_sec": new_tokens / gen_s if gen_s > 0 else None,
+        "num_chunks": int(res.num_chunks) if rcfg.recursive_enabled else None,
+    }
+    tokens = [[int(t) for t in np.asarray(res.tokens[j, :int(res.num_tokens[j])])] for j in range(len(rows))]
+    return metrics, tokens
+
+
+def performance(generator: BatchedGenerator, loaded, rows) -> tuple[dict, list[list[int]] | None]:
+    """(the `performance` section, the stage generator's timed tokens per row of the first batch: the diagnostic
+    generation runs must reproduce them) for the stage (`kimi_jax.evaluation.stage.LoadedStage`) on the prompt
+    `rows`; skipped without rows. The peak memory is added at the end of the run (`add_peak_memory`)."""
+    if not rows:
+        return {"status": "skipped", "reason": NO_GENERATION_PROMPTS}, None
+    prefill = measure_prefill(generator, rows)
+    base_perf, base_tokens = measure_path(generator, None, loaded.rcfg.replace(recursive_enabled=False), rows, prefill)
+    rec_perf, rec_tokens = (measure_path(generator, loaded.sidecar, loaded.rcfg, rows, prefill)
+                            if loaded.use_recursive else (None, None))
+    section = {"status": "ok", "compile_excluded": True, "note": NOTE, "baseline": base_perf, "recursive": rec_perf}
+    return section, rec_tokens if loaded.use_recursive else base_tokens
+
+
+def add_peak_memory(section: dict) -> None:
+    """Record the process's peak memory so far in a measured `performance` section (the last step of a run)."""
+    from kimi_jax.evaluation.system import peak_memory
+
+    if section["status"] != "ok":
+        return
+    memory = peak_memory()
+    section["peak_memory_bytes"] = memory["peak_bytes"]
+    section["peak_memory_source"] = memory["source"]
+    section["peak_memory_note"] = PEAK_MEMORY_NOTE
+
+
+__all__ = ["NOTE", "TIMING_REPEATS", "add_peak_memory", "measure_path", "measure_prefill", "performance"]
