@@ -535,13 +535,13 @@ def train_breakdown(cfg, B: int, T: int, peak: float) -> None:
 
     from kimi_jax.layers.kda import KimiDeltaAttention
     from kimi_jax.layers.moe import MoE
-    from kimi_jax.model import DecoderLayer, RunOptions
+    from kimi_jax.model import DecoderLayer, LayerContext, RunOptions
     from kimi_jax.ops.kda import kda_chunked
 
     D = cfg.hidden_size
     h_BTD = jax.random.normal(jax.random.PRNGKey(0), (B, T, D), jnp.float32)
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool))[None], (B, T, T))
-    ctx = {"mask_BT": None, "visible_BTS": causal, "cache_index": None, "edit_fn": None, "export_starts": None}
+    ctx = LayerContext(visible_BTS=causal)
 
     def fwd_and_grad(fn, *args):
         f = jax.jit(fn)
@@ -583,7 +583,7 @@ def bench_decode(args) -> None:
     from flax import nnx
 
     from kimi_jax.decoding import generate_greedy
-    from kimi_jax.model import DecoderLayer
+    from kimi_jax.model import DecoderLayer, LayerContext
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = bench_model_config(args.tiny)
@@ -625,8 +625,7 @@ def bench_decode(args) -> None:
             cache = block.init_cache(1, L + 1, jnp.float32)
             gd, st = nnx.split(block)
             S = L + 1
-            ctx = {"mask_BT": None, "cache_index": jnp.int32(L),
-                   "visible_BTS": jnp.ones((1, 1, S), bool), "edit_fn": None, "export_starts": None}
+            ctx = LayerContext(visible_BTS=jnp.ones((1, 1, S), bool), cache_index_B=jnp.int32(L))
 
             # The cache is donated and carried, as in a decode loop (a non-donated call would also copy the whole
             # cache every token and time that copy instead of the step).

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from kimi_jax.config import KDA, MOE, KimiLinearConfig
 from kimi_jax.layers.init import normal_param
-from kimi_jax.layers.kda import KimiDeltaAttention
-from kimi_jax.layers.mla import MultiHeadLatentAttention, write_rows
+from kimi_jax.layers.kda import KDACache, KDAExport, KimiDeltaAttention
+from kimi_jax.layers.mla import MLACache, MultiHeadLatentAttention, write_rows
 from kimi_jax.layers.mlp import SwiGLU
 from kimi_jax.layers.moe import MoE
 from kimi_jax.layers.norms import RMSNorm
@@ -59,6 +59,44 @@ def constrain(x, sharding):
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
+# One layer's cache (stacked over a segment's repeats on a leading axis) and one layer's export of a clean prefix.
+LayerCache = KDACache | MLACache
+LayerExport = KDAExport | MLACache
+
+
+@struct.dataclass
+class DecodeCache:
+    """The model's decode cache for S token slots: one write position and key mask shared by every layer, and each
+    layer's own cache laid out like the model's scanned segments."""
+    # Where the next tokens are written (= the tokens held so far): () for the whole batch, or [B] per sample
+    # (samples then keep separate histories in one buffer, e.g. chunked generation's commits).
+    length_B: jax.Array
+    key_mask_BS: jax.Array  # [B, S] bool: which slots hold a real (non-padding) token
+    segments: list[list[LayerCache]]  # per segment, per cycle position: that layer's cache, [R, ...] over repeats
+
+
+@struct.dataclass
+class PrefixExport:
+    """`hidden_states(export_starts=...)`'s second output: per segment, per cycle position ([R, ...] over the
+    repeats), what a window starting at each start needs from the clean prefix: a `KDAExport` (KDA states and conv
+    tails at each start) or an `MLACache` over the whole sequence (its latents; windows hide the keys past their
+    start)."""
+    segments: list[list[LayerExport]]
+
+
+@struct.dataclass
+class LayerContext:
+    """What every layer of one forward pass shares (built once by `hidden_states`)."""
+    visible_BTS: jax.Array  # [B, T, S] bool: query t may attend key s (causality, padding, the cache's key mask)
+    mask_BT: jax.Array | None = None  # [B, T] bool: real tokens of this call (None: all)
+    # The decode cache's write position (() or [B], as DecodeCache.length_B); None without a cache.
+    cache_index_B: jax.Array | None = None
+    export_starts_BN: jax.Array | None = None  # window starts to export a PrefixExport for (no cache), or None
+    # edit_fn(h_BTD, cell) -> h_BTD: the edit of the residual stream before a block that has an edit "cell" (the
+    # recursive block's refine cells); static, not traced.
+    edit_fn: Callable | None = struct.field(pytree_node=False, default=None)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: KimiLinearConfig, layer: int, *, rngs: nnx.Rngs, dtype=F32):
         self.mixer_kind, self.ffn_kind = cfg.mixer_types[layer], cfg.ffn_types[layer]
@@ -73,21 +111,21 @@ class DecoderLayer(nnx.Module):
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype)
 
-    def __call__(self, h_BTD, cache, ctx: dict, opts: RunOptions, edit=None):
-        """`edit`: this layer's {"cell": params for `ctx["edit_fn"]` (an edit of the residual stream applied before
+    def __call__(self, h_BTD, cache: LayerCache | None, ctx: LayerContext, opts: RunOptions, edit=None):
+        """`edit`: this layer's {"cell": params for `ctx.edit_fn` (an edit of the residual stream applied before
         the block: the recursive block's refine cells), "lora": low-rank adapters of the mixer's projections}, each
         optional; None leaves the layer untouched."""
         edit = edit or {}
         if edit.get("cell") is not None:
-            h_BTD = ctx["edit_fn"](h_BTD, edit["cell"])
+            h_BTD = ctx.edit_fn(h_BTD, edit["cell"])
         x_BTD = self.input_norm(h_BTD)
-        export_starts = ctx.get("export_starts")
+        export_starts = ctx.export_starts_BN
         if self.mixer_kind == KDA:
-            mixed, cache = self.mixer(x_BTD, cache, ctx["mask_BT"], export_starts_BN=export_starts,
+            mixed, cache = self.mixer(x_BTD, cache, ctx.mask_BT, export_starts_BN=export_starts,
                                       lora=edit.get("lora"), kda_impl=opts.kda_impl,
                                       sharding=opts.activation_sharding)
         else:
-            mixed, cache = self.mixer(x_BTD, cache, visible_BTS=ctx["visible_BTS"], cache_index=ctx["cache_index"],
+            mixed, cache = self.mixer(x_BTD, cache, visible_BTS=ctx.visible_BTS, cache_index=ctx.cache_index_B,
                                       export=export_starts is not None, lora=edit.get("lora"))
         h_BTD = h_BTD + mixed
         x_BTD = self.post_attention_norm(h_BTD)
@@ -95,7 +133,7 @@ class DecoderLayer(nnx.Module):
             else self.ffn(x_BTD)
         return h_BTD + ffn_out, cache
 
-    def init_cache(self, batch: int, max_len: int, dtype):
+    def init_cache(self, batch: int, max_len: int, dtype) -> LayerCache:
         if self.mixer_kind == KDA:
             return self.mixer.init_cache(batch, dtype)
         return self.mixer.init_cache(batch, max_len, dtype)
@@ -113,9 +151,9 @@ class LayerStack(nnx.Module):
             blocks.append(jax.tree.map(lambda *xs: jnp.stack(xs), *copies))
         self.blocks = nnx.List(blocks)
 
-    def __call__(self, h_BTD, caches, ctx: dict, opts: RunOptions, edits=None):
+    def __call__(self, h_BTD, caches: list[LayerCache] | None, ctx: LayerContext, opts: RunOptions, edits=None):
         """`edits`: None, or one entry per cycle position (None = no edit there) stacked over the repeats."""
-        exporting = ctx.get("export_starts") is not None
+        exporting = ctx.export_starts_BN is not None
         edits = [None] * len(self.blocks) if edits is None else list(edits)
 
         def cycle(h, xs):
@@ -134,7 +172,7 @@ class LayerStack(nnx.Module):
                                          unroll=True if opts.unroll_layers else 1)
         return h_BTD, new_caches
 
-    def init_cache(self, batch: int, max_len: int, dtype):
+    def init_cache(self, batch: int, max_len: int, dtype) -> list[LayerCache]:
         caches = []
         for block in self.blocks:
             one = jax.tree.map(lambda a: a[0], block)  # a single (unstacked) layer, for the cache shapes
@@ -155,13 +193,11 @@ class KimiLinearForCausalLM(nnx.Module):
                                                                          dtype)
 
     # ------------------------------------------------------------------ cache
-    def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
-        """Decode cache for `max_len` total tokens: KDA conv tails + fp32 states, MLA latents, one key mask."""
-        return {
-            "length": jnp.zeros((), jnp.int32),
-            "key_mask": jnp.zeros((batch, max_len), bool),
-            "segments": [seg.init_cache(batch, max_len, self.dtype) for seg in self.segments],
-        }
+    def init_cache(self, batch: int, max_len: int) -> DecodeCache:
+        """Decode cache for `max_len` total tokens: KDA conv tails + fp32 states, MLA latents, one key mask; one
+        write position for the batch (`.replace(length_B=jnp.zeros((batch,), jnp.int32))` for one per sample)."""
+        return DecodeCache(length_B=jnp.zeros((), jnp.int32), key_mask_BS=jnp.zeros((batch, max_len), bool),
+                           segments=[seg.init_cache(batch, max_len, self.dtype) for seg in self.segments])
 
     # ------------------------------------------------------------------ forward
     def embed(self, input_ids_BT, activation_sharding=None):
@@ -173,17 +209,18 @@ class KimiLinearForCausalLM(nnx.Module):
         table_VD = gathered_for_use(self.embed_tokens[...], ("vocab", None), activation_sharding)
         return jnp.take(table_VD, input_ids_BT, axis=0)
 
-    def hidden_states(self, input_ids_BT=None, *, embeds_BTD=None, cache=None, attention_mask=None,
-                      opts: RunOptions = RunOptions(), edit_fn=None, edits=None, export_starts=None):
+    def hidden_states(self, input_ids_BT=None, *, embeds_BTD=None, cache: DecodeCache | None = None,
+                      attention_mask=None, opts: RunOptions = RunOptions(), edit_fn=None, edits=None,
+                      export_starts=None):
         """Final-normed hidden states [B, T, D] and the new cache (None without one).
 
         `embeds_BTD` replaces the token embeddings (inputs that are not tokens, e.g. the recursive block's [Z]
-        slot). `cache["length"]` is the write position: a scalar, or one per sample ([B]; samples then keep
-        separate histories in one buffer, with `key_mask` marking each sample's valid keys).
+        slot). `cache.length_B` is the write position: a scalar, or one per sample ([B]; samples then keep
+        separate histories in one buffer, with `key_mask_BS` marking each sample's valid keys).
         `edits` (per segment, per cycle position: {"cell", "lora"} stacked over the repeats, or None) edit those
         layers: `edit_fn(h_BTD, cell)` changes the residual stream before the block (the recursive block's refine
         cells), "lora" adds low-rank adapters to the mixer's projections (its phase B).
-        `export_starts` [B, N] (no cache): instead of a cache, return {"segments": ...} holding per layer what a
+        `export_starts` [B, N] (no cache): instead of a cache, return a `PrefixExport` holding per layer what a
         window starting at each start needs from this prefix (KDA states and conv tails, MLA latents).
         """
         if embeds_BTD is None:
@@ -194,28 +231,28 @@ class KimiLinearForCausalLM(nnx.Module):
         if cache is None:
             causal_TS = jnp.tril(jnp.ones((T, T), bool))
             visible_BTS = causal_TS[None] if mask_BT is None else causal_TS[None] & mask_BT[:, None, :]
-            ctx = {"mask_BT": mask_BT, "visible_BTS": jnp.broadcast_to(visible_BTS, (B, T, T)), "cache_index": None}
+            visible_BTS = jnp.broadcast_to(visible_BTS, (B, T, T))
+            start = None
         else:
-            start = cache["length"]
-            S = cache["key_mask"].shape[1]
+            start = cache.length_B
+            S = cache.key_mask_BS.shape[1]
             new_mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT
-            key_mask_BS = write_rows(cache["key_mask"], new_mask_BT, start)
+            key_mask_BS = write_rows(cache.key_mask_BS, new_mask_BT, start)
             query_pos_BT = jnp.broadcast_to(start, (B,))[:, None] + jnp.arange(T)[None, :]
             causal_BTS = jnp.arange(S)[None, None, :] <= query_pos_BT[:, :, None]
             visible_BTS = causal_BTS & key_mask_BS[:, None, :]
-            ctx = {"mask_BT": mask_BT, "visible_BTS": visible_BTS, "cache_index": start}
-        ctx["edit_fn"] = edit_fn
-        ctx["export_starts"] = export_starts
+        ctx = LayerContext(visible_BTS=visible_BTS, mask_BT=mask_BT, cache_index_B=start,
+                           export_starts_BN=export_starts, edit_fn=edit_fn)
         new_segment_caches = []
         for s, seg in enumerate(self.segments):
-            h_BTD, c = seg(h_BTD, None if cache is None else cache["segments"][s], ctx, opts,
+            h_BTD, c = seg(h_BTD, None if cache is None else cache.segments[s], ctx, opts,
                            edits=None if edits is None else edits[s])
             new_segment_caches.append(c)
         h_BTD = self.norm(h_BTD)
         if export_starts is not None:
-            return h_BTD, {"segments": new_segment_caches}
-        new_cache = None if cache is None else {"length": cache["length"] + T, "key_mask": key_mask_BS,
-                                                "segments": new_segment_caches}
+            return h_BTD, PrefixExport(segments=new_segment_caches)
+        new_cache = None if cache is None else DecodeCache(length_B=cache.length_B + T, key_mask_BS=key_mask_BS,
+                                                           segments=new_segment_caches)
         return h_BTD, new_cache
 
     def head(self):

@@ -54,7 +54,11 @@ def compare(layer, mesh_spec, dispatch, x, batch_axes="auto"):
     if batch_axes == "auto":
         batch_axes = batch_spec(mesh, x.shape[0]).spec[0]
     token_sharding = NamedSharding(mesh, P(batch_axes, None, None))
-    placed = jax.device_put(params, sharding.state_shardings(params, mesh))
+    # Under the model's name for the layer ("ffn"): the MoE rules then apply (experts over `expert`, as in the
+    # model); a bare layer's paths match no rule, and state_shardings refuses to guess.
+    placed = jax.device_put(params, sharding.state_shardings({"ffn": params}, mesh)["ffn"])
+    chex.assert_equal(placed["w_gate"][...].sharding.spec[0], "expert" if "expert" in mesh_spec and
+                      layer.w_gate[...].shape[0] % mesh.shape["expert"] == 0 else None)
     out, grads = value_and_grads(graphdef, placed, jax.device_put(x, token_sharding), ct, dispatch, token_sharding)
     scale = float(jnp.abs(ref_out).max())
     chex.assert_trees_all_close(out, ref_out, atol=1e-5 * scale, rtol=0)

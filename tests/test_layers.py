@@ -28,7 +28,7 @@ from kimi_jax.layers.kda import softplus_thresholded
 from kimi_jax.layers.moe import experts_dense, experts_tiled, resolve_dispatch, route, tile_rows
 from kimi_jax.layers.norms import gated_rms_norm, rms_norm
 from kimi_jax.layout import locate
-from kimi_jax.model import DecoderLayer, RunOptions
+from kimi_jax.model import DecoderLayer, LayerContext, RunOptions
 from kimi_jax.reference import build_reference, save_reference
 
 TOL = 1e-5
@@ -153,8 +153,7 @@ def layer_apply(layer, h_BTD, ctx, opts=RunOptions(moe_dispatch="ragged")):
 def test_decoder_layer_matches_torch(pair, layer_idx):
     """A whole pre-norm block (norms, mixer, residuals, FFN) of the unstacked layer vs KimiLinearDecoderLayer."""
     h = randn(5 + layer_idx, B, T, pair.cfg.hidden_size)
-    ctx = {"mask_BT": None, "visible_BTS": jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T)),
-           "cache_index": None}
+    ctx = LayerContext(visible_BTS=jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T)))
     out = layer_apply(pair.layer(layer_idx), jnp.asarray(h), ctx)
     with torch.no_grad():
         expected = pair.torch_layer(layer_idx)(to_torch(h), attention_mask=None).numpy()
@@ -244,7 +243,7 @@ def test_kda_mixer_cache_prefill_then_decode(pair):
     x = randn(20, B, T, pair.cfg.hidden_size)
     full, _ = kda_apply(mixer, jnp.asarray(x))
     cache = mixer.init_cache(B, jnp.float32)
-    chex.assert_shape(cache["state"], (B, pair.cfg.kda_num_heads, pair.cfg.kda_head_dim, pair.cfg.kda_head_dim))
+    chex.assert_shape(cache.state_BHKK, (B, pair.cfg.kda_num_heads, pair.cfg.kda_head_dim, pair.cfg.kda_head_dim))
     out_pre, cache = kda_apply(mixer, jnp.asarray(x[:, :T - 1]), cache)
     out_dec, cache = kda_apply(mixer, jnp.asarray(x[:, T - 1:]), cache)
     stitched = jnp.concatenate([out_pre, out_dec], axis=1)
@@ -302,8 +301,8 @@ def test_mla_absorbed_cache_equals_expanded(pair):
 
     cache = mixer.init_cache(B, S, jnp.float32)
     absorbed, new_cache = mla_apply(mixer, jnp.asarray(x), visible(0, T), cache, 0)
-    chex.assert_shape(new_cache["latent"], (B, S, pair.cfg.kv_lora_rank))
-    chex.assert_shape(new_cache["k_shared"], (B, S, pair.cfg.qk_rope_head_dim))
+    chex.assert_shape(new_cache.latent_BSR, (B, S, pair.cfg.kv_lora_rank))
+    chex.assert_shape(new_cache.k_shared_BSE, (B, S, pair.cfg.qk_rope_head_dim))
     check(f"MLA absorbed (prefill 70) vs expanded ({pair.seed})", absorbed, expanded)
 
     cache = mixer.init_cache(B, S, jnp.float32)

@@ -141,7 +141,7 @@ def test_prefill_then_token_by_token_decode_matches_full_forward(irregular, ids1
     for t in range(60, 70):  # crosses the 64-token chunk boundary
         step, cache = forward_cached(m, ids150[:, t:t + 1], cache)
         pieces.append(step)
-    assert int(cache["length"]) == 70
+    assert int(cache.length_B) == 70
     decoded = np.concatenate(pieces, axis=1)
     diff = max_abs_diff(decoded, full150[:, :70])
     print(f"\n[decode] prefill 60 + 10 single steps vs full forward: {diff:.3e}")

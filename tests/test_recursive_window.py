@@ -271,13 +271,12 @@ def test_right_padded_commit_equals_exact_prefill(model, ids):
     @jax.jit
     def run(state):
         m = nnx.merge(gd, state)
-        cache = m.init_cache(B, prefix + W + 2)
-        cache["length"] = jnp.zeros((B,), jnp.int32)
+        cache = m.init_cache(B, prefix + W + 2).replace(length_B=jnp.zeros((B,), jnp.int32))
         _, cache = m.hidden_states(jnp.asarray(ids[:, :prefix]), cache=cache)
         chunk = jnp.asarray(ids[:, prefix:prefix + W])
         mask = jnp.arange(W)[None, :] < jnp.asarray(valid)[:, None]
         _, padded = m.hidden_states(chunk, cache=cache, attention_mask=mask)
-        padded["length"] = cache["length"] + jnp.asarray(valid)
+        padded = padded.replace(length_B=cache.length_B + jnp.asarray(valid))
         nxt = jnp.take_along_axis(chunk, jnp.asarray(valid)[:, None], axis=1)
         logits, _ = m(nxt, cache=padded)
         return padded, logits

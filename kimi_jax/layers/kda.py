@@ -6,7 +6,7 @@ Parameters are head-structured so the `tensor` mesh axis can shard heads:
     f_a_proj [D, R]  f_b_proj [R, H, K]  dt_bias [H, K] f32  A_log [H] f32
     b_proj [D, H]    g_a_proj [D, R]     g_b_proj [R, H, K]  o_norm [K]   o_proj [H, K, D]
 
-Decode cache per layer: {"conv": [B, W-1, 3, H, K] (pre-conv inputs of the last W-1 tokens), "state": [B, H, K, K] f32}.
+Decode cache per layer: `KDACache` (conv tail [B, W-1, 3, H, K], recurrent state [B, H, K, K] f32).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from kimi_jax.config import KimiLinearConfig
@@ -26,6 +26,24 @@ from kimi_jax.ops.kda import kda_chunked, kda_recurrent, resolve_kda_impl
 from kimi_jax.sharding import Resolver, batch_axes, spec_axes, target_platform
 
 F32 = jnp.float32
+
+
+@struct.dataclass
+class KDACache:
+    """One KDA layer's decode cache: what the next token needs from everything before it.
+
+    Inside the model's scanned segments every field carries a leading [R] axis (the segment's repeats).
+    """
+    conv_BW3HK: jax.Array  # [B, W-1, 3, H, K] the pre-conv q/k/v inputs of the last W-1 tokens (model dtype)
+    state_BHKK: jax.Array  # [B, H, K, K] the delta rule's recurrent state, fp32
+
+
+@struct.dataclass
+class KDAExport:
+    """What windows starting at N positions need from one KDA layer's clean prefix (the recursive block's one-pass
+    layout): the `KDACache` after x[:start] for each start, stacked on axis 1."""
+    conv_BNW3HK: jax.Array  # [B, N, W-1, 3, H, K] the conv tail before each start
+    state_BNHKK: jax.Array  # [B, N, H, K, K] the recurrent state at each start (a chunk boundary), fp32
 
 
 def chunked_core(impl: str, sharding, chunk_size: int, return_chunk_states: bool):
@@ -139,9 +157,10 @@ class KimiDeltaAttention(nnx.Module):
         self.o_norm = nnx.Param(jnp.ones((K,), dtype))
         self.o_proj = normal_param(rngs, (H, K, D), dtype)
 
-    def init_cache(self, batch: int, dtype) -> dict:
+    def init_cache(self, batch: int, dtype) -> KDACache:
         H, K, W = self.num_heads, self.head_dim, self.conv_width
-        return {"conv": jnp.zeros((batch, W - 1, 3, H, K), dtype), "state": jnp.zeros((batch, H, K, K), F32)}
+        return KDACache(conv_BW3HK=jnp.zeros((batch, W - 1, 3, H, K), dtype),
+                        state_BHKK=jnp.zeros((batch, H, K, K), F32))
 
     def decay(self, x_BTD):
         """Per-channel log decay g = -exp(A_log) * softplus(f_b(f_a x) + dt_bias), fp32, shape [B, T, H, K]."""
@@ -150,7 +169,7 @@ class KimiDeltaAttention(nnx.Module):
         z = f_BTHK.astype(F32) + self.dt_bias[...].astype(F32)
         return -jnp.exp(self.A_log[...].astype(F32))[:, None] * softplus_thresholded(z)
 
-    def __call__(self, x_BTD, cache: dict | None = None, mask_BT=None, *, return_chunk_states: bool = False,
+    def __call__(self, x_BTD, cache: KDACache | None = None, mask_BT=None, *, return_chunk_states: bool = False,
                  export_starts_BN=None, lora: dict | None = None, kda_impl: str = "auto", sharding=None):
         """Returns (out_BTD, new_cache or None[, chunk_states_BNHKK]).
 
@@ -160,8 +179,8 @@ class KimiDeltaAttention(nnx.Module):
         new conv tail holds the last W-1 *valid* inputs. This makes left padding and right-padded (variable-length)
         continuations exact, e.g. committing B' < T tokens of a padded chunk.
         `export_starts_BN` (no cache; window starts, multiples of the chunk size): return, in place of the cache, the
-        decode cache each window would see after the prefix x[:start]: {"state": [B, N, H, K, K], "conv": [B, N,
-        W-1, 3, H, K]}, read off the chunked scan's boundary states (the recursive block's one-pass layout).
+        decode cache each window would see after the prefix x[:start] (a `KDAExport`), read off the chunked scan's
+        boundary states (the recursive block's one-pass layout).
         `lora`: low-rank adapters {"qkv_a" [D, r], "qkv_b" [r, 3, H, K], "o_a" [H, K, r], "o_b" [r, D]} added to
         qkv_proj and o_proj (the recursive block's phase B; zero b at init).
         `kda_impl`: the chunked core's implementation (`ops.kda.KDA_IMPLS`; "auto" resolved for the platform of
@@ -174,7 +193,7 @@ class KimiDeltaAttention(nnx.Module):
         u_BT3HK = jnp.einsum("btd,dshk->btshk", x_BTD, self.qkv_proj[...])
         if lora is not None:
             u_BT3HK = u_BT3HK + lora_apply(x_BTD, lora["qkv_a"], lora["qkv_b"], "btd,dr->btr", "btr,rshk->btshk")
-        tail = cache["conv"] if cache is not None else jnp.zeros((B, self.conv_width - 1) + u_BT3HK.shape[2:],
+        tail = cache.conv_BW3HK if cache is not None else jnp.zeros((B, self.conv_width - 1) + u_BT3HK.shape[2:],
                                                                  u_BT3HK.dtype)
         y_BT3HK, new_tail = causal_depthwise_conv(u_BT3HK, self.conv[...], tail)
         if mask_BT is not None and cache is not None:
@@ -188,7 +207,7 @@ class KimiDeltaAttention(nnx.Module):
         if mask_BT is not None:
             g_BTHK = jnp.where(mask_BT[:, :, None, None], g_BTHK, 0.0)
             beta_BTH = jnp.where(mask_BT[:, :, None], beta_BTH, 0.0)
-        state = cache["state"] if cache is not None else None
+        state = cache.state_BHKK if cache is not None else None
         chunk_states = None
         want_states = return_chunk_states or export_starts_BN is not None
         if T == 1 and not want_states:
@@ -207,12 +226,12 @@ class KimiDeltaAttention(nnx.Module):
             out_BTD = out_BTD + lora_apply(o_BTHK, lora["o_a"], lora["o_b"], "bthk,hkr->btr", "btr,rd->btd")
         if export_starts_BN is not None:
             return out_BTD, self._export(u_BT3HK, tail, chunk_states, export_starts_BN)
-        new_cache = {"conv": new_tail, "state": new_state} if cache is not None else None
+        new_cache = KDACache(conv_BW3HK=new_tail, state_BHKK=new_state) if cache is not None else None
         if return_chunk_states:
             return out_BTD, new_cache, chunk_states
         return out_BTD, new_cache
 
-    def _export(self, u_BT3HK, tail, chunk_states_BNHKK, starts_BN):
+    def _export(self, u_BT3HK, tail, chunk_states_BNHKK, starts_BN) -> KDAExport:
         """Per-window decode caches after the prefix x[:start] (start = a multiple of the chunk size)."""
         Wm1 = self.conv_width - 1
         full = jnp.concatenate([tail.astype(u_BT3HK.dtype), u_BT3HK], axis=1)  # position p sits at p + W-1
@@ -222,4 +241,4 @@ class KimiDeltaAttention(nnx.Module):
         # The tail before `start` holds the inputs at start-W+1 .. start-1, i.e. full[start : start + W-1].
         take = lambda f, s: jax.lax.dynamic_slice_in_dim(f, s, Wm1, axis=0)
         conv = jax.vmap(lambda f, ss: jax.vmap(lambda s: take(f, s))(ss))(full, starts_BN)
-        return {"state": states, "conv": conv}
+        return KDAExport(conv_BNW3HK=conv, state_BNHKK=states)

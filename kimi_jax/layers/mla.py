@@ -5,17 +5,17 @@ Shapes: B batch, T query tokens, S key tokens, D hidden, H heads, R kv_lora_rank
     q_proj [D, H, N+E]  (or q_a_proj [D, Q], q_a_norm [Q], q_b_proj [Q, H, N+E])
     kv_a_proj [D, R+E]  kv_a_norm [R]  kv_b_proj [R, H, N+V]  o_proj [H, V, D]
 
-Cache per layer: {"latent": [B, S, R] (after kv_a_norm), "k_shared": [B, S, E]}; the model keeps one key mask and
-one write position for all MLA layers. Prefill without a cache expands K/V per head (the training path); with a
-cache, the key projection is absorbed into the query and the value projection applied after attention, so the
-per-token cost stays R+E numbers per layer.
+Cache per layer: `MLACache` (latents [B, S, R] after kv_a_norm, shared keys [B, S, E]); the model keeps one key
+mask and one write position for all MLA layers. Prefill without a cache expands K/V per head (the training path);
+with a cache, the key projection is absorbed into the query and the value projection applied after attention, so
+the per-token cost stays R+E numbers per layer.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from kimi_jax.config import KimiLinearConfig
 from kimi_jax.layers.init import normal_param
@@ -23,6 +23,16 @@ from kimi_jax.layers.lora import lora_apply
 from kimi_jax.layers.norms import rms_norm
 
 F32 = jnp.float32
+
+
+@struct.dataclass
+class MLACache:
+    """One MLA layer's keys, compressed: S key slots (a decode cache's buffer, or an exported prefix's tokens).
+
+    Inside the model's scanned segments every field carries a leading [R] axis (the segment's repeats).
+    """
+    latent_BSR: jax.Array  # [B, S, R] the kv latents after kv_a_norm (keys and values are projected from them)
+    k_shared_BSE: jax.Array  # [B, S, E] the key part shared by every head (never rotated)
 
 
 def write_rows(buffer_BS, new_BT, index):
@@ -56,9 +66,9 @@ class MultiHeadLatentAttention(nnx.Module):
         self.kv_b_proj = normal_param(rngs, (R, H, N + V), dtype)
         self.o_proj = normal_param(rngs, (H, V, D), dtype)
 
-    def init_cache(self, batch: int, max_len: int, dtype) -> dict:
-        return {"latent": jnp.zeros((batch, max_len, self.rank), dtype),
-                "k_shared": jnp.zeros((batch, max_len, self.shared_dim), dtype)}
+    def init_cache(self, batch: int, max_len: int, dtype) -> MLACache:
+        return MLACache(latent_BSR=jnp.zeros((batch, max_len, self.rank), dtype),
+                        k_shared_BSE=jnp.zeros((batch, max_len, self.shared_dim), dtype))
 
     def queries(self, x_BTD, lora=None):
         """Per-head queries; `lora` adds a low-rank update to q_proj (or q_b_proj with q_lora_rank)."""
@@ -78,14 +88,14 @@ class MultiHeadLatentAttention(nnx.Module):
         latent_BTR = rms_norm(c_BTX[..., :self.rank], self.kv_a_norm[...], self.latent_eps)
         return latent_BTR, c_BTX[..., self.rank:]
 
-    def __call__(self, x_BTD, cache: dict | None = None, *, visible_BTS, cache_index=None, export: bool = False,
+    def __call__(self, x_BTD, cache: MLACache | None = None, *, visible_BTS, cache_index=None, export: bool = False,
                  lora: dict | None = None):
         """visible_BTS[b, t, s]: query t may attend key s (causality and padding, built by the model).
 
         Without a cache the keys are this call's own tokens (S = T). With a cache, this call's latents are written
         at `cache_index` (a scalar, or one offset per sample) and the keys are the whole cache (S = its length).
-        `export` (no cache): return this call's latents {"latent", "k_shared"} in place of the cache, so that windows
-        can later attend to this prefix (the recursive block's one-pass layout).
+        `export` (no cache): return this call's latents (an `MLACache` over S = T) in place of the cache, so that
+        windows can later attend to this prefix (the recursive block's one-pass layout).
         `lora`: low-rank adapters {"q_a", "q_b", "o_a" [H, V, r], "o_b" [r, D]} on the query and output projections
         (the recursive block's phase B; zero b at init).
         """
@@ -109,11 +119,11 @@ class MultiHeadLatentAttention(nnx.Module):
             probs_BHTS = attention_probs(
                 jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BSHN, preferred_element_type=F32), k_shared_BTE)
             o_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV)
-            new_cache = {"latent": latent_BTR, "k_shared": k_shared_BTE} if export else None
+            new_cache = MLACache(latent_BSR=latent_BTR, k_shared_BSE=k_shared_BTE) if export else None
         else:
-            latent_BSR = write_rows(cache["latent"], latent_BTR, cache_index)
-            k_shared_BSE = write_rows(cache["k_shared"], k_shared_BTE, cache_index)
-            new_cache = {"latent": latent_BSR, "k_shared": k_shared_BSE}
+            latent_BSR = write_rows(cache.latent_BSR, latent_BTR, cache_index)
+            k_shared_BSE = write_rows(cache.k_shared_BSE, k_shared_BTE, cache_index)
+            new_cache = MLACache(latent_BSR=latent_BSR, k_shared_BSE=k_shared_BSE)
             latent_BSR, k_shared_BSE = latent_BSR.astype(dtype), k_shared_BSE.astype(dtype)
             # Absorb W_k into the query: q_nope . (W_k c) = (W_k^T q_nope) . c; apply W_v after attention.
             q_lat_BTHR = jnp.einsum("bthn,rhn->bthr", q_nope_BTHN, w_k_RHN)

@@ -25,10 +25,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from kimi_jax.decoding import generate_greedy, prepare_inputs
-from kimi_jax.model import KimiLinearForCausalLM, RunOptions
+from kimi_jax.model import DecodeCache, KimiLinearForCausalLM, RunOptions
 from kimi_jax.recursive.config import RecursiveConfig
 from kimi_jax.recursive.metrics import ChunkTrace, recursive_metrics
 from kimi_jax.recursive.sidecar import MASK_ID, Sidecar
@@ -49,7 +49,19 @@ class RecursiveResult:
     seconds: float  # wall time of the whole call (compiles included on the first call)
 
 
-def _ar_draft(model, cache, x_last_B, width: int, opts):
+@struct.dataclass
+class ChunkState:
+    """What one chunk step hands the next (per sample; N = max_new_tokens + W output slots)."""
+    cache: DecodeCache  # the snapshot of the committed prefix, one write position per sample
+    x_last_B: jax.Array  # the last committed token (the next window's first input)
+    out_BN: jax.Array  # committed new tokens so far, then pad
+    n_out_B: jax.Array  # how many new tokens are committed
+    done_B: jax.Array  # bool: EOS committed or max_new_tokens reached
+    prev_draft_BW: jax.Array  # the previous chunk's final proposal (the "leftover" seed)
+    prev_len_B: jax.Array  # how many of its tokens were committed
+
+
+def _ar_draft(model, cache: DecodeCache, x_last_B, width: int, opts):
     """W greedy baseline decode steps from the snapshot (a functional copy of the cache; discarded)."""
     def step(carry, _):
         c, tok_B = carry
@@ -66,8 +78,7 @@ def _prefill(graphdef, state, ids_BT, mask_BT, *, cache_len: int, opts: RunOptio
     """Snapshot after ids[:, :-1] (per-sample write positions), and x_last = ids[:, -1]."""
     model = nnx.merge(graphdef, state)
     B, T = ids_BT.shape
-    cache = model.init_cache(B, cache_len)
-    cache["length"] = jnp.zeros((B,), I32)
+    cache = model.init_cache(B, cache_len).replace(length_B=jnp.zeros((B,), I32))
     if T > 1:
         _, cache = model.hidden_states(ids_BT[:, :-1], cache=cache, attention_mask=mask_BT[:, :-1], opts=opts)
     return cache, ids_BT[:, -1]
@@ -75,21 +86,21 @@ def _prefill(graphdef, state, ids_BT, mask_BT, *, cache_len: int, opts: RunOptio
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "side_graphdef", "rcfg", "max_new_tokens", "diagnostic",
                                              "opts"))
-def _chunk(graphdef, state, side_graphdef, side_state, gen, eos_E, *, rcfg: RecursiveConfig, max_new_tokens: int,
-           diagnostic: bool, opts: RunOptions):
+def _chunk(graphdef, state, side_graphdef, side_state, gen: ChunkState, eos_E, *, rcfg: RecursiveConfig,
+           max_new_tokens: int, diagnostic: bool, opts: RunOptions):
     model = nnx.merge(graphdef, state)
     sidecar = nnx.merge(side_graphdef, side_state)
     W, K = rcfg.chunk_width, rcfg.max_inner_steps
-    cache, x_last = gen["cache"], gen["x_last"]
+    cache, x_last = gen.cache, gen.x_last_B
     B = x_last.shape[0]
-    active = ~gen["done"]
+    active = ~gen.done_B
 
     # 1. Seed the draft.
     if rcfg.seed == "ar":
         draft = _ar_draft(model, cache, x_last, W, opts)
     elif rcfg.seed == "leftover":
-        idx = jnp.minimum(gen["prev_len"][:, None] + jnp.arange(W)[None, :], W - 1)
-        draft = jnp.take_along_axis(gen["prev_draft"], idx, axis=1)
+        idx = jnp.minimum(gen.prev_len_B[:, None] + jnp.arange(W)[None, :], W - 1)
+        draft = jnp.take_along_axis(gen.prev_draft_BW, idx, axis=1)
     else:
         draft = jnp.full((B, W), MASK_ID, I32)
     z_init = initial_z(model, sidecar, rcfg, draft)
@@ -139,23 +150,22 @@ def _chunk(graphdef, state, side_graphdef, side_state, gen, eos_E, *, rcfg: Recu
     within_BW = jnp.arange(W)[None, :] < length[:, None]
     first_eos = jnp.argmax(is_eos_BW & within_BW, axis=1)
     length = jnp.where(jnp.any(is_eos_BW & within_BW, axis=1), first_eos + 1, length)
-    length = jnp.minimum(length, max_new_tokens - gen["n_out"])
+    length = jnp.minimum(length, max_new_tokens - gen.n_out_B)
     length = jnp.where(active, length, 0).astype(I32)
 
     # 4. Commit pass: the baseline over [x_last, c_0 .. c_{B'-2}], write-masked to B' tokens.
     commit_mask = jnp.arange(W)[None, :] < length[:, None]
     _, new_cache = model.hidden_states(window_inputs(x_last, committed), cache=cache, attention_mask=commit_mask,
                                        opts=opts)
-    new_cache["length"] = cache["length"] + length
+    new_cache = new_cache.replace(length_B=cache.length_B + length)
     last = jnp.take_along_axis(committed, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
     eos_committed = jnp.any(is_eos_BW & commit_mask, axis=1)
-    n_out = gen["n_out"] + length
-    new_gen = {
-        "cache": new_cache, "x_last": jnp.where(length > 0, last, x_last),
-        "out": write_rows(gen["out"], committed, gen["n_out"]), "n_out": n_out,
-        "done": gen["done"] | eos_committed | (n_out >= max_new_tokens),
-        "prev_draft": rec["proposal"], "prev_len": length,
-    }
+    n_out = gen.n_out_B + length
+    new_gen = ChunkState(
+        cache=new_cache, x_last_B=jnp.where(length > 0, last, x_last),
+        out_BN=write_rows(gen.out_BN, committed, gen.n_out_B), n_out_B=n_out,
+        done_B=gen.done_B | eos_committed | (n_out >= max_new_tokens),
+        prev_draft_BW=rec["proposal"], prev_len_B=length)
     record = {k: rec[k] for k in ("stop_step", "voluntary", "fixed_point", "proposals", "halt_probs")}
     record.update(active=active, length=length, executed=executed)
     return new_gen, record
@@ -191,9 +201,10 @@ def generate_recursive(model: KimiLinearForCausalLM, sidecar: Sidecar | None, rc
     side_graphdef, side_state = nnx.split(sidecar)
     # Room for the prompt, every new token, and one padded window (W + 1 slots) past the last commit.
     cache, x_last = _prefill(graphdef, state, input_ids, mask, cache_len=T + max_new_tokens + W + 1, opts=opts)
-    gen = {"cache": cache, "x_last": x_last, "out": jnp.full((B, max_new_tokens + W), pad, I32),
-           "n_out": jnp.zeros((B,), I32), "done": jnp.zeros((B,), bool),
-           "prev_draft": jnp.broadcast_to(x_last[:, None], (B, W)).astype(I32), "prev_len": jnp.zeros((B,), I32)}
+    gen = ChunkState(cache=cache, x_last_B=x_last, out_BN=jnp.full((B, max_new_tokens + W), pad, I32),
+                     n_out_B=jnp.zeros((B,), I32), done_B=jnp.zeros((B,), bool),
+                     prev_draft_BW=jnp.broadcast_to(x_last[:, None], (B, W)).astype(I32),
+                     prev_len_B=jnp.zeros((B,), I32))
     eos_arr = jnp.asarray(eos if eos else (-1,), I32)
     traces: list[list[ChunkTrace]] = [[] for _ in range(B)]
     bar = None
@@ -215,12 +226,12 @@ def generate_recursive(model: KimiLinearForCausalLM, sidecar: Sidecar | None, rc
                 halt_probs=np.asarray(rec["halt_probs"][:n, b], np.float64)))
         if bar is not None:
             bar.update(int(np.sum(rec["length"])))
-        if bool(np.all(jax.device_get(gen["done"]))):
+        if bool(np.all(jax.device_get(gen.done_B))):
             break
     if bar is not None:
         bar.close()
-    num = np.asarray(gen["n_out"])
-    tokens = _pad_after(np.asarray(gen["out"])[:, :max_new_tokens], num, pad)
+    num = np.asarray(gen.n_out_B)
+    tokens = _pad_after(np.asarray(gen.out_BN)[:, :max_new_tokens], num, pad)
     metrics = recursive_metrics([t for per in traces for t in per], W, K)
     return RecursiveResult(tokens, num, traces, metrics, chunks, time.perf_counter() - t0)
 

@@ -21,7 +21,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kimi_jax.model import KimiLinearForCausalLM, RunOptions
+from kimi_jax.layers.kda import KDACache, KDAExport
+from kimi_jax.layers.mla import MLACache
+from kimi_jax.model import DecodeCache, KimiLinearForCausalLM, RunOptions
 from kimi_jax.recursive.config import RecursiveConfig
 from kimi_jax.recursive.sidecar import MASK_ID, Sidecar, confidence_features, refine_delta
 
@@ -49,7 +51,7 @@ def window_inputs(x_last_B, draft_BW):
     return jnp.concatenate([x_last_B[:, None], draft_BW[:, :-1]], axis=1)
 
 
-def window_pass(model: KimiLinearForCausalLM, sidecar: Sidecar, cache: dict, x_last_B, draft_BW, z_BSZ, *,
+def window_pass(model: KimiLinearForCausalLM, sidecar: Sidecar, cache: DecodeCache, x_last_B, draft_BW, z_BSZ, *,
                 gate=1.0, opts: RunOptions = RunOptions()) -> WindowOut:
     """Run one window from the snapshot `cache` with the refine edits (scaled by the runtime scalar `gate`)."""
     W = draft_BW.shape[1]
@@ -69,7 +71,7 @@ def window_pass(model: KimiLinearForCausalLM, sidecar: Sidecar, cache: dict, x_l
     return WindowOut(logits_BWV, h_BSD, halt_B, length_BL)
 
 
-def baseline_window_argmax(model: KimiLinearForCausalLM, cache: dict, x_last_B, draft_BW,
+def baseline_window_argmax(model: KimiLinearForCausalLM, cache: DecodeCache, x_last_B, draft_BW,
                            opts: RunOptions = RunOptions()):
     """Greedy tokens of the *baseline* (no edits, no [Z]) over a window: the check of `baseline_verified`."""
     h_BWD, _ = model.hidden_states(window_inputs(x_last_B, draft_BW), cache=cache, opts=opts)
@@ -97,8 +99,8 @@ def initial_carry(model: KimiLinearForCausalLM, sidecar: Sidecar, draft_BW) -> S
     return StepCarry(draft_BW, jnp.zeros((B, S, Z), F32), jnp.zeros((B, S, D), F32), jnp.zeros((B, W, 3), F32))
 
 
-def refine_step(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg: RecursiveConfig, cache: dict, x_last_B,
-                carry: StepCarry, k, z_init_BSZ, *, gate=1.0, opts: RunOptions = RunOptions()):
+def refine_step(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg: RecursiveConfig, cache: DecodeCache,
+                x_last_B, carry: StepCarry, k, z_init_BSZ, *, gate=1.0, opts: RunOptions = RunOptions()):
     """Inner step k (0-based): update z from the previous step (TRM's z update), then run the window (the full-depth
     "answer" update). The mixer runs *inside* step k, so its parameters are trained by step k's losses even though
     the carry between steps is stop-gradiented. Returns (WindowOut, proposal_BW, z used, confidence_BW3)."""
@@ -119,7 +121,8 @@ def initial_z(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg: RecursiveCon
     return sidecar.initial_z(draft_BW.shape[0], draft_embeds)
 
 
-def refine_scan(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg: RecursiveConfig, cache: dict, x_last_B,
+def refine_scan(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg: RecursiveConfig, cache: DecodeCache,
+                x_last_B,
                 draft_BW, *, gate=1.0, opts: RunOptions = RunOptions(),
                 per_step: Callable[[WindowOut, jax.Array, jax.Array], Any] | None = None):
     """All K inner steps as one `jax.lax.scan` (training and diagnostics; generation stops early instead).
@@ -157,8 +160,8 @@ def window_snapshots(model: KimiLinearForCausalLM, ids_BT, starts_BN, window_wid
     starts + W <= T - 1), the decode cache of the prefix ids[b, :start], folded into a batch of B * N windows.
 
     Returns (clean final-normed hidden states [B, T, D], window caches, x_last [B * N] = ids at the starts).
-    The caches have the layout of `model.init_cache` with one write position per window (its prefix length),
-    room for the window's W + 1 slots, and a key mask hiding every position at or after the start.
+    The caches are one `DecodeCache` (the layout of `model.init_cache`) with one write position per window (its
+    prefix length), room for the window's W + 1 slots, and a key mask hiding every position at or after the start.
     """
     B, T = ids_BT.shape
     N = starts_BN.shape[1]
@@ -166,18 +169,22 @@ def window_snapshots(model: KimiLinearForCausalLM, ids_BT, starts_BN, window_wid
     h_BTD, export = model.hidden_states(ids_BT, opts=opts, export_starts=starts_BN)
     S = T + window_width + 1
 
-    def per_window(entry):
-        if "state" in entry:  # KDA: [R, B, N, ...] -> [R, B * N, ...]
-            return {k: v.reshape(v.shape[0], B * N, *v.shape[3:]) for k, v in entry.items()}
-        out = {}
-        for k, v in entry.items():  # MLA: [R, B, T, X] -> [R, B * N, S, X] (the prefix, shared by its windows)
-            v = jnp.pad(v, [(0, 0), (0, 0), (0, S - T), (0, 0)])
-            out[k] = jnp.broadcast_to(v[:, :, None], (v.shape[0], B, N) + v.shape[2:]).reshape(
-                v.shape[0], B * N, *v.shape[2:])
-        return out
+    def fold(v):  # KDA: [R, B, N, ...] -> [R, B * N, ...]
+        return v.reshape(v.shape[0], B * N, *v.shape[3:])
 
-    segments = [[per_window(entry) for entry in seg] for seg in export["segments"]]
+    def spread(v):  # MLA: [R, B, T, X] -> [R, B * N, S, X] (the prefix, shared by its windows)
+        v = jnp.pad(v, [(0, 0), (0, 0), (0, S - T), (0, 0)])
+        return jnp.broadcast_to(v[:, :, None], (v.shape[0], B, N) + v.shape[2:]).reshape(
+            v.shape[0], B * N, *v.shape[2:])
+
+    def per_window(entry):
+        if isinstance(entry, KDAExport):
+            return KDACache(conv_BW3HK=fold(entry.conv_BNW3HK), state_BHKK=fold(entry.state_BNHKK))
+        return MLACache(latent_BSR=spread(entry.latent_BSR), k_shared_BSE=spread(entry.k_shared_BSE))
+
+    segments = [[per_window(entry) for entry in seg] for seg in export.segments]
     flat_starts = starts_BN.reshape(B * N)
-    cache = {"length": flat_starts, "key_mask": jnp.arange(S)[None, :] < flat_starts[:, None], "segments": segments}
+    cache = DecodeCache(length_B=flat_starts, key_mask_BS=jnp.arange(S)[None, :] < flat_starts[:, None],
+                        segments=segments)
     x_last = jnp.take_along_axis(jnp.asarray(ids_BT, jnp.int32), starts_BN, axis=1).reshape(B * N)
     return h_BTD, cache, x_last
