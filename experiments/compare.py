@@ -28,6 +28,8 @@ import os
 import sys
 import tempfile
 
+from kimi_jax.errors import KimiJaxError, WriteError, report
+
 STAGES = ("baseline", "after_surgery", "finetuned_vanilla", "finetuned_recursive")
 
 # (label, path in the results JSON (`-1` indexes the last list entry), which direction is better)
@@ -57,12 +59,12 @@ GREEDY_CHUNK_ACC = "greedy_chunk_accuracy.token_accuracy"  # every stage scores 
 PLOT_DPI = 110
 
 
-class CompareError(Exception):
+class CompareError(KimiJaxError):
     """A results file that cannot be compared, or an output that cannot be written there: one `error:` line, exit
     status 2."""
 
 
-class WriteFailed(Exception):
+class WriteFailed(WriteError):
     """The report or a plot could not be written (a full disk, a read-only folder): one `error:` line, exit 1."""
 
 
@@ -359,12 +361,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except CompareError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except WriteFailed as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+    except KimiJaxError as e:
+        return report(e)
 
 
 def run(args: argparse.Namespace) -> int:

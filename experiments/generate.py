@@ -36,6 +36,7 @@ import time
 from typing import TYPE_CHECKING
 
 from experiments.flags import add_kda_impl_flag
+from kimi_jax.errors import KimiJaxError, UsageError, WriteError, report
 
 if TYPE_CHECKING:
     from kimi_jax.safe_io import Writes
@@ -47,10 +48,6 @@ SEED_MODES = ("ar", "leftover", "mask")
 OVERRIDE_FLAGS = {"chunk_width": "--chunk_width", "max_inner_steps": "--max_inner_steps",
                   "commit_mode": "--commit_mode", "seed": "--draft_seed"}
 SUMMARY_METRICS = ("avg_refine_steps", "commit_rate", "avg_chunk_length", "stability_at_k", "mean_flip_rate")
-
-
-class UsageError(Exception):
-    """Bad flags, paths or prompts: reported as one `error:` line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -190,17 +187,6 @@ def context_notice(rows: list[list[int]], max_new_tokens: int, max_length: int |
             f"contexts, so the continuation may degrade; generating anyway")
 
 
-def left_pad(rows: list[list[int]], length: int, pad: int):
-    import numpy as np
-
-    ids = np.full((len(rows), length), pad, np.int32)
-    mask = np.zeros((len(rows), length), bool)
-    for b, row in enumerate(rows):
-        ids[b, length - len(row):] = row
-        mask[b, length - len(row):] = True
-    return ids, mask
-
-
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
@@ -230,6 +216,7 @@ def run(argv=None, writes: Writes | None = None) -> int:
 
     from kimi_jax import model_folder, tokenizer as tokenizer_mod
     from kimi_jax.config import KimiLinearConfig
+    from kimi_jax.decoding import left_pad
     from kimi_jax.recursive import io
     from kimi_jax.model import RunOptions
     from kimi_jax.recursive.chunked_generation import generate_recursive
@@ -337,25 +324,28 @@ def run(argv=None, writes: Writes | None = None) -> int:
     print(f"generated {total} tokens in {seconds:.2f} s: {_fmt(tokens_per_sec)} tokens/s{compile_note}")
 
     if output_json is not None:
-        from kimi_jax.safe_io import write_json_atomic
+        from kimi_jax.safe_io import describe_write_error, write_json_atomic
 
         writes.begin(output_json, "json")
-        write_json_atomic(output_json, {
-            "model_path": os.path.abspath(args.model_path),
-            "recursive_config": rcfg.to_dict(),
-            "use_recursive": use_recursive,
-            "samples": samples,
-            "metrics": metrics,
-            "traces": [traces_to_json(per) for per in traces],
-            "timing": {"seconds": seconds, "tokens_per_sec": tokens_per_sec, "generated_tokens": total,
-                       "includes_compilation": not args.warmup, "warmup_seconds": warmup_seconds},
-            "settings": {"max_new_tokens": N, "batch_size": batch_size, "num_batches": len(batches),
-                         "padded_prompt_length": length, "dtype": np.dtype(model.dtype).name,
-                         "seed": args.seed, "diagnostic": diagnostic, "chat": args.chat,
-                         "eos_token_ids": eos, "pad_token_id": pad, "model_format": info.get("model_format"),
-                         "recursive_config_source": info.get("recursive_config_source"),
-                         "sidecar": info.get("sidecar")},
-        }, allow_nan=True)
+        try:
+            write_json_atomic(output_json, {
+                "model_path": os.path.abspath(args.model_path),
+                "recursive_config": rcfg.to_dict(),
+                "use_recursive": use_recursive,
+                "samples": samples,
+                "metrics": metrics,
+                "traces": [traces_to_json(per) for per in traces],
+                "timing": {"seconds": seconds, "tokens_per_sec": tokens_per_sec, "generated_tokens": total,
+                           "includes_compilation": not args.warmup, "warmup_seconds": warmup_seconds},
+                "settings": {"max_new_tokens": N, "batch_size": batch_size, "num_batches": len(batches),
+                             "padded_prompt_length": length, "dtype": np.dtype(model.dtype).name,
+                             "seed": args.seed, "diagnostic": diagnostic, "chat": args.chat,
+                             "eos_token_ids": eos, "pad_token_id": pad, "model_format": info.get("model_format"),
+                             "recursive_config_source": info.get("recursive_config_source"),
+                             "sidecar": info.get("sidecar")},
+            }, allow_nan=True)
+        except OSError as e:
+            raise WriteError(f"{describe_write_error(e, output_json)}; {writes.describe()}") from None
         writes.finish()
         print(f"wrote {output_json}")
     return 0
@@ -364,28 +354,14 @@ def run(argv=None, writes: Writes | None = None) -> int:
 def main(argv=None) -> int:
     """Run the command; expected failures become one `error:` line on stderr and exit status 2, a failed write of
     --output_json one line and exit status 1; Ctrl-C (130) and SIGTERM (143) say whether --output_json was written."""
-    from kimi_jax.hf.safetensors_io import CheckpointError
-    from kimi_jax.orbax_model import CheckpointFormatError
-    from kimi_jax.config import ConfigError
-    from kimi_jax.recursive.config import RecursiveConfigError
-    from kimi_jax.recursive.io import LoadError
-    from kimi_jax.safe_io import (Writes, describe_write_error, interrupt_exit_code, interrupt_name,
-                                  sigterm_as_interrupt)
-    from kimi_jax.tokenizer import TokenizerError
+    from kimi_jax.safe_io import Writes, interrupt_exit_code, interrupt_name, sigterm_as_interrupt
 
     writes = Writes()
     try:
         with sigterm_as_interrupt():
             return run(argv, writes)
-    except (UsageError, RecursiveConfigError, LoadError, ConfigError, CheckpointError, CheckpointFormatError,
-            TokenizerError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if writes.current is None:
-            raise
-        print(f"error: {describe_write_error(e, writes.current[0])}; {writes.describe()}", file=sys.stderr)
-        return 1
+    except KimiJaxError as e:
+        return report(e)
     except KeyboardInterrupt as e:
         print(f"error: {interrupt_name(e)}; {writes.describe()}", file=sys.stderr)
         return interrupt_exit_code(e)

@@ -23,27 +23,20 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        from kimi_jax.evaluation import lm_eval_adapter
+        from kimi_jax.evaluation import lm_eval_adapter  # noqa: F401  (registers the kimi_jax model with lm-eval)
     except ImportError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     from lm_eval.__main__ import cli_evaluate
 
-    from kimi_jax.hf.safetensors_io import CheckpointError
-    from kimi_jax.orbax_model import CheckpointFormatError
-    from kimi_jax.config import ConfigError
-    from kimi_jax.recursive.config import RecursiveConfigError
-    from kimi_jax.recursive.io import LoadError
-    from kimi_jax.tokenizer import TokenizerError
+    from kimi_jax.errors import KimiJaxError, report
 
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]  # lm-eval's parser reads sys.argv (and inserts `run` when no subcommand is given)
     try:
         cli_evaluate()
-    except (lm_eval_adapter.AdapterError, RecursiveConfigError, LoadError, ConfigError, CheckpointError,
-            CheckpointFormatError, TokenizerError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    except KimiJaxError as e:
+        return report(e)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

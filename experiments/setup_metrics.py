@@ -28,6 +28,8 @@ import shutil
 import struct
 import sys
 
+from kimi_jax.errors import KimiJaxError, report
+
 RUN_DIRS = ("vanilla_finetune", "recursive_finetune", "evaluation")
 LAYOUT_SUFFIX = ".kimi_layout"
 LAYOUT_TAG = "custom_scalars__config__"  # the summary tag TensorBoard's custom-scalars plugin reads
@@ -45,7 +47,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
 }
 
 
-class SetupError(Exception):
+class SetupError(KimiJaxError):
     """A path that cannot be used: one `error:` line, exit status 2."""
 
 
@@ -230,9 +232,8 @@ def run(argv=None) -> int:
 def main(argv=None) -> int:
     try:
         return run(argv)
-    except SetupError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    except KimiJaxError as e:
+        return report(e)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
