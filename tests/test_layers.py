@@ -24,7 +24,7 @@ from flax import nnx
 
 import kimi_jax
 from kimi_jax.config import tiny
-from kimi_jax.layers.kda import softplus_thresholded
+from kimi_jax.layers.kda import KimiDeltaAttention, softplus_thresholded
 from kimi_jax.layers.moe import experts_dense, experts_tiled, resolve_dispatch, route, tile_rows
 from kimi_jax.layers.norms import gated_rms_norm, rms_norm
 from kimi_jax.layout import locate
@@ -94,10 +94,13 @@ def rel_err(x, ref):
 
 
 def check(name, x, ref, tol=TOL):
+    """max |x - ref| <= tol * max |ref| (in float64), and x finite."""
     e = rel_err(x, ref)
-    print(f"\n  {name}: rel max diff {e:.2e} (ref max {np.max(np.abs(np.asarray(ref))):.3g})")
-    assert np.all(np.isfinite(np.asarray(x)))
-    assert e <= tol, f"{name}: {e:.3e} > {tol}"
+    ref_max = float(np.max(np.abs(np.asarray(ref, np.float64))))
+    print(f"\n  {name}: rel max diff {e:.2e} (ref max {ref_max:.3g})")
+    chex.assert_tree_all_finite(np.asarray(x))
+    chex.assert_trees_all_close(np.asarray(x, np.float64), np.asarray(ref, np.float64), rtol=0, atol=tol * ref_max,
+                                custom_message=name)
     return e
 
 
@@ -135,13 +138,13 @@ def test_locate_unstacks_one_layer(pair):
         assert isinstance(layer, DecoderLayer)
         assert layer.mixer_kind == pair.cfg.mixer_types[i] and layer.ffn_kind == pair.cfg.ffn_types[i]
         chex.assert_shape(layer.input_norm.weight[...], (D,))
-        np.testing.assert_array_equal(np.asarray(layer.input_norm.weight[...]),
+        chex.assert_trees_all_equal(np.asarray(layer.input_norm.weight[...]),
                                       pair.torch_layer(i).input_layernorm.weight.detach().numpy())
-        np.testing.assert_array_equal(np.asarray(layer.post_attention_norm.weight[...]),
-                                      pair.torch_layer(i).post_attention_layernorm.weight.detach().numpy())
+        chex.assert_trees_all_equal(np.asarray(layer.post_attention_norm.weight[...]),
+                                    pair.torch_layer(i).post_attention_layernorm.weight.detach().numpy())
     assert locate(pair.model.segments_plan, 2)[2] == 1, "layer 2 should be the second repeat of a stacked segment"
     q_proj = pair.layer(2).mixer.qkv_proj[...][:, 0].reshape(D, -1)
-    np.testing.assert_array_equal(np.asarray(q_proj), pair.torch_layer(2).self_attn.q_proj.weight.detach().numpy().T)
+    chex.assert_trees_all_equal(np.asarray(q_proj), pair.torch_layer(2).self_attn.q_proj.weight.detach().numpy().T)
 
 
 @functools.partial(jax.jit, static_argnames=("opts",))
@@ -232,8 +235,8 @@ def test_causal_conv_custom_backward_equals_autodiff():
     kernel, w = jnp.asarray(randn(3, 4, 3, 5)), jnp.asarray(randn(4, 2, 9, 3, 5))
     ours = jax.grad(lambda *a: jnp.sum(causal_depthwise_conv(*a)[0] * w), argnums=(0, 1, 2))(u, kernel, tail)
     ref = jax.grad(lambda *a: jnp.sum(plain(*a) * w), argnums=(0, 1, 2))(u, kernel, tail)
-    for name, a, b in zip(("u", "kernel", "tail"), ours, ref):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+    chex.assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-5)  # d/d (u, kernel, tail)
+    for name, b in zip(("u", "kernel", "tail"), ref):
         assert np.max(np.abs(np.asarray(b))) > 0, name
 
 
@@ -252,6 +255,31 @@ def test_kda_mixer_cache_prefill_then_decode(pair):
     check(f"KDA cache 69+1 vs JAX full ({pair.seed})", stitched, full)
     check(f"KDA cache 69+1 vs torch full ({pair.seed})", stitched, expected)
     check(f"KDA decode token vs torch ({pair.seed})", out_dec, expected[:, -1:])
+
+
+class KDAMixerVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_cached_continuation_equals_the_cacheless_forward(self):
+        """The KDA mixer from a fresh cache, prefill 69 tokens (chunked core) then decode 1 (recurrent core), jitted
+        or op by op, equals its cacheless forward over all 70 tokens; the cache keeps its typed layout."""
+        cfg = tiny()
+        H, K, W = cfg.kda_num_heads, cfg.kda_head_dim, cfg.conv_kernel_size
+        mixer = KimiDeltaAttention(cfg, rngs=nnx.Rngs(4))
+        graph, state = nnx.split(mixer)
+        x = jnp.asarray(randn(22, B, T, cfg.hidden_size))
+
+        @self.variant
+        def continued(state, x):
+            m = nnx.merge(graph, state)
+            pre, cache = m(x[:, :T - 1], m.init_cache(B, jnp.float32))
+            dec, cache = m(x[:, T - 1:], cache)
+            return jnp.concatenate([pre, dec], axis=1), cache
+
+        out, cache = continued(state, x)
+        chex.assert_shape(out, (B, T, cfg.hidden_size))
+        chex.assert_shape(cache.conv_BW3HK, (B, W - 1, 3, H, K))
+        chex.assert_shape(cache.state_BHKK, (B, H, K, K))
+        check("KDA cache 69+1 vs full, variant", out, kda_apply(mixer, x)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------- MLA
@@ -375,15 +403,15 @@ def test_moe_correction_bias_weights_switch(pair):
     assert switch_effect > 1e-3
     check(f"MoE unbiased vs numpy ({pair.seed})", out, ref_np)
     check(f"MoE biased weights vs numpy ({pair.seed})", out_b, ref_np_b)
-    np.testing.assert_array_equal(experts_np, experts_np_b)
+    chex.assert_trees_all_equal(experts_np, experts_np_b)
     kw = dict(top_k=pair.cfg.num_experts_per_token, num_groups=1, topk_groups=1, renormalize=True,
               scaling=pair.cfg.routed_scaling_factor)
     w_b, e_b = route(jnp.asarray(x_TD), ffn.router[...], ffn.correction_bias[...], weights_use_bias=True, **kw)
     w_u, e_u = route(jnp.asarray(x_TD), ffn.router[...], ffn.correction_bias[...], weights_use_bias=False, **kw)
-    np.testing.assert_array_equal(np.asarray(e_b), np.asarray(e_u))
-    np.testing.assert_array_equal(np.sort(np.asarray(e_b), -1), np.sort(experts_np_b, -1))
+    chex.assert_trees_all_equal(e_b, e_u)
+    chex.assert_trees_all_equal(np.sort(np.asarray(e_b), -1), np.sort(experts_np_b, -1))
     order = lambda e, w: np.take_along_axis(np.asarray(w), np.argsort(np.asarray(e), -1), -1)
-    np.testing.assert_allclose(order(e_b, w_b), order(experts_np_b, w_np_b), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(order(e_b, w_b), order(experts_np_b, w_np_b), rtol=1e-5, atol=1e-6)
 
 
 def test_grouped_routing_matches_torch_router(tmp_path):
@@ -403,7 +431,7 @@ def test_grouped_routing_matches_torch_router(tmp_path):
     _, e_flat = route(jnp.asarray(x_TD), ffn.router[...], ffn.correction_bias[...], num_groups=1, **kw)
     e_j, w_j, e_t, w_t = np.asarray(e_j), np.asarray(w_j), e_t.numpy(), w_t.numpy()
     sort_j, sort_t = np.argsort(e_j, -1), np.argsort(e_t, -1)
-    np.testing.assert_array_equal(np.take_along_axis(e_j, sort_j, -1), np.take_along_axis(e_t, sort_t, -1))
+    chex.assert_trees_all_equal(np.take_along_axis(e_j, sort_j, -1), np.take_along_axis(e_t, sort_t, -1))
     check("grouped routing weights vs torch", np.take_along_axis(w_j, sort_j, -1), np.take_along_axis(w_t, sort_t, -1))
     # Every token's experts lie in a single group of 4, and grouping changed the choice for some tokens.
     assert np.all(e_j.min(-1) // 4 == e_j.max(-1) // 4)
@@ -506,20 +534,20 @@ def test_softplus_thresholded_matches_torch_formula():
     zt = torch.from_numpy(z)
     torch_formula = torch.where(zt > 20.0, zt, torch.log(1.0 + torch.exp(zt))).numpy()  # KimiLinearForgetGate
     exact = np.where(z > 20.0, z.astype(np.float64), np.logaddexp(0.0, z.astype(np.float64)))
-    np.testing.assert_allclose(ours, torch_formula, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(ours, exact, rtol=2e-6, atol=0)  # log1p form: accurate even where e^z << 1
+    chex.assert_trees_all_close(ours, torch_formula, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(ours, exact, rtol=2e-6, atol=0)  # log1p form: accurate even where e^z << 1
     print(f"\n  softplus: max abs vs torch formula {np.max(np.abs(ours - torch_formula)):.2e}")
 
     # Gradients everywhere, the exact threshold z == 20.0 included (torch takes the log branch there: sigmoid(20)).
     grad = jax.vmap(jax.grad(softplus_thresholded))
     gz = np.asarray(grad(jnp.asarray(z)))
-    assert np.all(np.isfinite(gz))
+    chex.assert_tree_all_finite(gz)
     expected_grad = np.where(z > 20.0, 1.0, 0.5 * (1.0 + np.tanh(0.5 * z.astype(np.float64))))  # sigmoid(z)
-    np.testing.assert_allclose(gz, expected_grad, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(gz, expected_grad, rtol=1e-5, atol=1e-7)
     assert float(jax.grad(softplus_thresholded)(jnp.float32(100.0))) == 1.0
     # The decay's gradient stays finite through a saturated softplus too.
     g_of_z = lambda z: jnp.sum(-jnp.exp(jnp.float32(2.0)) * softplus_thresholded(z))
-    assert np.all(np.isfinite(np.asarray(jax.grad(g_of_z)(jnp.array([100.0, 1e4, -1e4], jnp.float32)))))
+    chex.assert_tree_all_finite(jax.grad(g_of_z)(jnp.array([100.0, 1e4, -1e4], jnp.float32)))
 
 
 @pytest.mark.slow
@@ -552,12 +580,11 @@ def test_moe_tiled_dispatch_equals_dense_values_and_grads(routing):
 
     for fn in (experts_dense, experts_tiled):
         chex.assert_shape(fn(x_TD, weights_Tk, experts_Tk, *w), (T, D))
-    np.testing.assert_allclose(np.asarray(experts_tiled(x_TD, weights_Tk, experts_Tk, *w)),
-                               np.asarray(experts_dense(x_TD, weights_Tk, experts_Tk, *w)), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(experts_tiled(x_TD, weights_Tk, experts_Tk, *w),
+                                experts_dense(x_TD, weights_Tk, experts_Tk, *w), rtol=1e-5, atol=1e-6)
     g_dense = jax.grad(functools.partial(loss, experts_dense), argnums=(0, 1, 2, 3))(x_TD, *w)
     g_tiled = jax.grad(functools.partial(loss, experts_tiled), argnums=(0, 1, 2, 3))(x_TD, *w)
-    for a, b in zip(g_tiled, g_dense):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(g_tiled, g_dense, rtol=1e-4, atol=1e-5)
 
 
 def test_moe_auto_dispatch_choice(monkeypatch):
