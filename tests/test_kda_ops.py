@@ -7,6 +7,8 @@ and the error is reported per distribution.
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -14,8 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from kda_reference import (GATE_KINDS, H, K, V, assert_finite, kda_loss_grads_float64, kda_reference_np, make_inputs,
-                           rel_err)
+from kda_reference import GATE_KINDS, H, K, V, kda_loss_grads_float64, kda_reference_np, make_inputs, rel_err
 from kimi_jax.ops.kda import kda_chunked, kda_recurrent
 
 TOL = 1e-5
@@ -40,7 +41,7 @@ def test_chunked_matches_recurrent_and_float64(T, with_state):
     chex.assert_shape([o_c, o_r], (B, T, H, V))
     chex.assert_shape([S_c, S_r], (B, H, K, V))
     chex.assert_type([o_c, o_r, S_c, S_r], jnp.float32)
-    assert_finite(o_c, S_c, o_r, S_r)
+    chex.assert_tree_all_finite((o_c, S_c, o_r, S_r))
 
     errs = {
         "chunk/rec o": rel_err(o_c, o_r, axis=0),
@@ -70,6 +71,26 @@ def test_float64_reference_is_not_trivial():
     assert rel_err(o_c[0], o_ref[0]) > 1e-4
 
 
+class ChunkedVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_chunked_with_chunk_states_equals_the_recurrence(self):
+        """kda_chunked, jitted or op by op (several chunks, a ragged last one, an initial state): outputs, final
+        state and chunk-boundary states equal the token recurrence."""
+        T, C = 70, 16
+        (q, k, v, g, beta), state = make_inputs(seed=21, T=T, kinds=("realistic", "medium"), H=2, K=8, V=8,
+                                                with_state=True)
+        chunked = self.variant(functools.partial(kda_chunked, chunk_size=C, return_chunk_states=True))
+        o, S, states_BNHKV = chunked(q, k, v, g, beta, state)
+        chex.assert_shape(o, q.shape)
+        chex.assert_shape(states_BNHKV, (2, -(-T // C), 2, 8, 8))
+        chex.assert_tree_all_finite((o, S, states_BNHKV))
+        o_r, S_r = kda_recurrent_jit(q, k, v, g, beta, state)
+        assert rel_err(o, o_r) < TOL and rel_err(S, S_r) < TOL, (rel_err(o, o_r), rel_err(S, S_r))
+        _, S_prefix = kda_recurrent_jit(q[:, :3 * C], k[:, :3 * C], v[:, :3 * C], g[:, :3 * C], beta[:, :3 * C],
+                                        state)
+        assert rel_err(states_BNHKV[:, 3], S_prefix) < TOL
+
+
 # ---------------------------------------------------------------------------------------------------------- torch
 def _torch_core(fn, q, k, v, g, beta, state):
     import torch
@@ -96,7 +117,7 @@ def test_huge_gates_regression_vs_transformers_chunk():
     err_ours_S, err_torch_S = rel_err(S_ours, S_ref), rel_err(S_torch, S_ref)
     print(f"\n  huge gates vs float64: ours o={err_ours:.2e} state={err_ours_S:.2e}; "
           f"transformers chunk o={err_torch:.2e} state={err_torch_S:.2e}")
-    assert_finite(o_ours, S_ours, o_torch, S_torch)
+    chex.assert_tree_all_finite((o_ours, S_ours, o_torch, S_torch))
     assert err_ours < TOL and err_ours_S < TOL
 
 
@@ -122,8 +143,8 @@ def test_chunk_states_are_recurrent_prefix_states():
     N = -(-T // C)
     B = len(GATE_KINDS)
     chex.assert_shape(states_BNHKV, (B, N, H, K, V))
-    assert_finite(states_BNHKV)
-    np.testing.assert_array_equal(np.asarray(states_BNHKV[:, 0]), state)
+    chex.assert_tree_all_finite(states_BNHKV)
+    chex.assert_trees_all_equal(np.asarray(states_BNHKV[:, 0]), state)
     _, _, ref_states = kda_reference_np(q, k, v, g, beta, state)
     worst = 0.0
     for n in range(1, N):
@@ -134,8 +155,7 @@ def test_chunk_states_are_recurrent_prefix_states():
         assert e < TOL, (n, e)
     # The same call's outputs / final state agree with the plain call.
     o2, S2 = kda_chunked_jit(q, k, v, g, beta, state)
-    np.testing.assert_allclose(np.asarray(o), np.asarray(o2), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(S_final), np.asarray(S2), rtol=0, atol=1e-6)
+    chex.assert_trees_all_close((o, S_final), (o2, S2), rtol=0, atol=1e-6)
     print(f"\n  chunk_states vs recurrent prefix states: {worst:.2e}")
 
 
@@ -162,7 +182,7 @@ def test_gradients_finite_and_match_recurrent(kinds):
     chex.assert_trees_all_equal_shapes(grads_c, (q, k, v, g, beta, state))
     errs = []
     for name, gc, gr in zip("q k v g beta state".split(), grads_c, grads_r):
-        assert_finite(gc, gr)
+        chex.assert_tree_all_finite((gc, gr))
         assert np.max(np.abs(np.asarray(gr))) > 0, f"d/d{name} is identically zero"
         e = rel_err(gc, gr)
         errs.append(f"{name}={e:.2e}")
@@ -199,7 +219,7 @@ def test_gate_gradient_exact_under_huge_gates():
     ours = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, g, beta, state)
     truth = kda_loss_grads_float64(q, k, v, g, beta, state, w_o)
     for name, a, b in zip("q k v g beta state".split(), ours, truth):
-        assert_finite(a)
+        chex.assert_tree_all_finite(a)
         assert rel_err(a, b) < TOL, (name, rel_err(a, b))
     weighted = float(np.sum(np.asarray(ours[3], np.float64) * g))
     exact = float(np.sum(truth[3] * g))
@@ -227,7 +247,7 @@ def test_property_chunked_equals_recurrent(B, T, Hh, Kk, Vv, scale, chunk_size, 
     o_c, S_c = kda_chunked_jit(q, k, v, g, beta, state, chunk_size=chunk_size)
     o_r, S_r = kda_recurrent_jit(q, k, v, g, beta, state)
     chex.assert_shape([o_c, o_r], (B, T, Hh, Vv))
-    assert_finite(o_c, S_c, o_r, S_r)
+    chex.assert_tree_all_finite((o_c, S_c, o_r, S_r))
     e_o, e_S = rel_err(o_c, o_r), rel_err(S_c, S_r)
     print(f"\n  B={B} T={T} H={Hh} K={Kk} V={Vv} scale={scale} C={chunk_size} state={with_state}: "
           f"o {e_o:.1e} S {e_S:.1e}")
@@ -254,9 +274,9 @@ def test_gradients_through_chunk_states():
 
     grads_c = jax.jit(jax.grad(chunked, argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, g, beta, state)
     grads_r = jax.jit(jax.grad(recurrent, argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, g, beta, state)
-    np.testing.assert_array_equal(np.asarray(grads_c[0]), 0.0)  # states never read the queries
-    np.testing.assert_array_equal(np.asarray(grads_r[0]), 0.0)
+    # States never read the queries.
+    chex.assert_trees_all_equal((grads_c[0], grads_r[0]), (jnp.zeros_like(q), jnp.zeros_like(q)))
     for name, gc, gr in list(zip("q k v g beta state".split(), grads_c, grads_r))[1:]:
-        assert_finite(gc)
+        chex.assert_tree_all_finite(gc)
         assert np.max(np.abs(np.asarray(gr))) > 0, name
         assert rel_err(gc, gr) < 1e-4, (name, rel_err(gc, gr))
