@@ -12,13 +12,14 @@ Gate regimes (one per batch element, so one call covers all and errors are repor
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from kda_reference import assert_finite, kda_reference_np, make_inputs, rel_err, softplus_np
+from kda_reference import kda_reference_np, make_inputs, rel_err, softplus_np
 from kimi_jax.config import tiny
 from kimi_jax.model import KimiLinearForCausalLM, RunOptions, forward
 from kimi_jax.ops.kda import kda_chunked, resolve_kda_impl
@@ -98,11 +99,13 @@ def test_outputs_and_states_match_float64_per_gate_regime(impl, with_state):
     o, S, states = kernel(impl, return_chunk_states=True)(q, k, v, g, beta, state)
     o_ref, S_ref, per_token = kda_reference_np(q, k, v, g, beta, state)
     states_ref = chunk_states_np(per_token, state, T)
-    assert o.shape == o_ref.shape and S.shape == S_ref.shape and states.shape == states_ref.shape
-    assert_finite(o, S, states)
+    for ours, ref in ((o, o_ref), (S, S_ref), (states, states_ref)):
+        chex.assert_equal_shape([ours, ref])
+    chex.assert_tree_all_finite((o, S, states))
     errs = {name: rel_err(x, ref, axis=0) for name, x, ref in
             (("o", o, o_ref), ("final", S, S_ref), ("chunk states", states[:, 1:], states_ref[:, 1:]))}
-    np.testing.assert_array_equal(np.asarray(states[:, 0]), 0.0 if state is None else state)
+    chex.assert_trees_all_equal(np.asarray(states[:, 0]),
+                                np.zeros_like(S_ref, np.float32) if state is None else state)
     for name, e in errs.items():
         print(f"\n  {impl} {name}: " + ", ".join(f"{r} {x:.1e}" for r, x in zip(REGIMES, e)), end="")
         assert np.all(e <= TOL), (name, dict(zip(REGIMES, e)))
@@ -129,8 +132,8 @@ def test_every_gradient_matches_float64_per_gate_regime(impl, with_state):
     ours = jax.jit(jax.grad(loss, argnums=range(6)))(q, k, v, g, beta, state)
     truth = loss_grads_float64((q, k, v, g, beta), state, w_o, w_s)
     for name, a, b in zip(("q", "k", "v", "g", "beta", "state"), ours, truth):
-        assert a.shape == b.shape, name
-        assert_finite(a)
+        chex.assert_equal_shape([a, b], custom_message=name)
+        chex.assert_tree_all_finite(a)
         e = rel_err(a, b, axis=0)
         print(f"\n  {impl} d{name}: " + ", ".join(f"{r} {x:.1e}" for r, x in zip(REGIMES, e)), end="")
         assert np.all(e <= TOL), (name, dict(zip(REGIMES, e)))
@@ -157,7 +160,7 @@ def test_bf16_inputs(impl):
     o16, S16 = kernel(impl)(bf(q), bf(k), bf(v), g, beta, state)
     o_r, S_r = kernel(impl)(*(np.asarray(bf(x), np.float32) for x in (q, k, v)), g, beta, state)
     o32, S32 = kernel(impl)(q, k, v, g, beta, state)
-    assert o16.dtype == jnp.float32 and S16.dtype == jnp.float32
+    chex.assert_type([o16, S16], jnp.float32)
     assert rel_err(o16, o_r) <= TOL and rel_err(S16, S_r) <= TOL
     e_o, e_S = rel_err(o16, o32, axis=0), rel_err(S16, S32, axis=0)
     print(f"\n  {impl} bf16 vs fp32 inputs: o " + ", ".join(f"{x:.1e}" for x in e_o) + " | S "
@@ -165,8 +168,8 @@ def test_bf16_inputs(impl):
     assert np.all(e_o <= 2e-2) and np.all(e_S <= 2e-2)
     grads = jax.grad(lambda q, k, v: jnp.sum(kda_chunked(q, k, v, g, beta, state, impl=impl)[0]), argnums=(0, 1, 2))
     dq, dk, dv = jax.jit(grads)(bf(q), bf(k), bf(v))
-    assert dq.dtype == dk.dtype == dv.dtype == jnp.bfloat16
-    assert_finite(dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32))
+    chex.assert_type([dq, dk, dv], jnp.bfloat16)
+    chex.assert_tree_all_finite((dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)))
 
 
 # ------------------------------------------------------------------------------------------------- contract
@@ -195,7 +198,7 @@ def test_model_logits_equal_the_xla_path():
         logits = np.asarray(forward(model, ids, attention_mask=mask, opts=RunOptions(kda_impl=impl)))
         diff = float(np.abs(logits - ref).max())
         print(f"\n  model logits {impl} vs xla: {diff:.1e} (max |logit| {np.abs(ref).max():.1f})", end="")
-        assert diff <= 1e-5 * max(1.0, float(np.abs(ref).max()))
+        chex.assert_trees_all_close(logits, ref, rtol=0, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
 
 
 # ------------------------------------------------------------------------------------------------- lowerings
