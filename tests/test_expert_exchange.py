@@ -49,11 +49,13 @@ def test_rows_arrive_at_their_experts_in_source_order_and_come_back():
         # Expected: every source's rows for d's experts, by source then expert (each source's rows are sorted).
         want = [(s, i) for s in range(N) for i in range(ROWS) if experts[s, i] // E_LOC == d]
         n = len(want)
-        np.testing.assert_array_equal(got[d, :n], np.stack([values[s, i] for s, i in want]) if n else got[d, :0])
-        np.testing.assert_array_equal(local[d, :n], [experts[s, i] % E_LOC for s, i in want])
-        assert not got[d, n:].any() and (local[d, n:] == E_LOC).all()  # the unfilled tail
-    assert got[4:].sum() == 0  # devices 4..7 hold only experts nobody chose
-    np.testing.assert_array_equal(back, values)  # the reversed plan brings every row home
+        chex.assert_trees_all_equal(got[d, :n], np.stack([values[s, i] for s, i in want]) if n else got[d, :0])
+        chex.assert_trees_all_equal(local[d, :n], np.asarray([experts[s, i] % E_LOC for s, i in want], np.int32))
+        # The unfilled tail: zero rows, expert index E_LOC (none).
+        chex.assert_trees_all_equal((got[d, n:], local[d, n:]), (np.zeros_like(got[d, n:]),
+                                                                  np.full_like(local[d, n:], E_LOC)))
+    chex.assert_trees_all_equal(got[4:], np.zeros_like(got[4:]))  # devices 4..7 hold only experts nobody chose
+    chex.assert_trees_all_equal(back, values)  # the reversed plan brings every row home
 
 
 @pytest.mark.slow
@@ -72,7 +74,7 @@ def test_exchange_gradient_is_the_reversed_exchange():
         for i in range(ROWS):
             d = experts[s, i] // E_LOC
             row = int(np.flatnonzero((np.asarray(got[d]) == values[s, i]).all(-1))[0])
-            np.testing.assert_allclose(grad[s, i], ct[d, row], rtol=0, atol=0)
+            chex.assert_trees_all_equal(grad[s, i], ct[d, row])
     chex.assert_tree_all_finite(grad)
 
 
@@ -80,10 +82,8 @@ def test_plan_offsets():
     counts = jnp.asarray([[1, 2, 0, 3], [4, 0, 1, 1]], jnp.int32)  # 2 devices x 2 experts each
     plan = ex.plan_from_counts(counts, 1, 2)
     # device 1 sends 4 rows to device 0 (after device 0's own 3) and 2 to itself (after device 0's 3).
-    np.testing.assert_array_equal(plan.send_size, [4, 2])
-    np.testing.assert_array_equal(plan.send_off, [0, 4])
-    np.testing.assert_array_equal(plan.dst_off, [3, 3])
-    np.testing.assert_array_equal(plan.recv_size, [3, 2])
-    np.testing.assert_array_equal(plan.recv_off, [0, 3])
-    np.testing.assert_array_equal(plan.src_off, [3, 4])
-    np.testing.assert_array_equal(ex.received_experts(counts, 1, 2, 6), [1, 1, 1, 0, 1, 2])
+    want = {"send_size": [4, 2], "send_off": [0, 4], "dst_off": [3, 3], "recv_size": [3, 2], "recv_off": [0, 3],
+            "src_off": [3, 4]}
+    chex.assert_trees_all_equal({k: np.asarray(getattr(plan, k)) for k in want},
+                                {k: np.asarray(v, np.int32) for k, v in want.items()})
+    chex.assert_trees_all_equal(ex.received_experts(counts, 1, 2, 6), np.asarray([1, 1, 1, 0, 1, 2], np.int32))
