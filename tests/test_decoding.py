@@ -6,6 +6,7 @@ single compile of the jitted prefill+scan.
 
 from __future__ import annotations
 
+import chex
 import numpy as np
 import pytest
 
@@ -52,7 +53,7 @@ def hf_generate(ref, ids, max_new, attention_mask=None, eos_token_id=None, pad_t
 
 def assert_same_greedy_tokens(case, ids, mask, jax_tokens, hf_tokens, label):
     """Equal tokens, or a first divergence at a numerical near-tie of the reference's top-2 logits."""
-    assert jax_tokens.shape == hf_tokens.shape, (jax_tokens.shape, hf_tokens.shape)
+    chex.assert_equal_shape([jax_tokens, hf_tokens])
     mask = np.ones_like(ids) if mask is None else mask
     identical = True
     for b in range(ids.shape[0]):
@@ -77,11 +78,12 @@ def assert_same_greedy_tokens(case, ids, mask, jax_tokens, hf_tokens, label):
 def test_greedy_matches_transformers(irregular, prompt):
     m = irregular.model()
     ours = generate_greedy(m, prompt, N, eos_token_id=[], pad_token_id=PAD)
-    assert ours.shape == (B, N) and ours.dtype.kind == "i"
+    chex.assert_shape(ours, (B, N))
+    assert ours.dtype.kind == "i"
     theirs = hf_generate(irregular.ref, prompt, N)
     assert_same_greedy_tokens(irregular, prompt, None, ours, theirs, "unpadded")
     # The first new token is the argmax of the full forward's last position.
-    np.testing.assert_array_equal(ours[:, 0], irregular.ref_logits(prompt)[:, -1].argmax(-1))
+    chex.assert_trees_all_equal(ours[:, 0], irregular.ref_logits(prompt)[:, -1].argmax(-1))
 
 
 def test_greedy_left_padded_batch_matches_transformers(irregular, prompt, padded_prompt):
@@ -92,7 +94,7 @@ def test_greedy_left_padded_batch_matches_transformers(irregular, prompt, padded
     assert_same_greedy_tokens(irregular, ids, mask, ours, theirs, "left-padded")
     # Sample 0 is untouched by sample 1's padding; sample 1 (a shorter prompt) continues differently.
     unpadded = generate_greedy(m, prompt, N, eos_token_id=[], pad_token_id=PAD)
-    np.testing.assert_array_equal(ours[0], unpadded[0])
+    chex.assert_trees_all_equal(ours[0], unpadded[0])
     assert not np.array_equal(ours[1], unpadded[1])
 
 
@@ -107,12 +109,12 @@ def test_eos_stops_one_sample_and_pads_while_the_other_continues(irregular, prom
         hits = np.nonzero(free[b] == eos)[0]
         if hits.size:
             expected[b, hits[0] + 1:] = pad
-    np.testing.assert_array_equal(stopped, expected)
+    chex.assert_trees_all_equal(stopped, expected)
     # Sample 0 stopped at (or before) step 3 and is padded after; sample 1 kept generating past step 3.
     k0 = int(np.nonzero(free[0] == eos)[0][0])
     assert k0 <= 3 and (stopped[0, k0 + 1:] == pad).all()
     assert eos not in free[1, :4]
-    np.testing.assert_array_equal(stopped[1, :4], free[1, :4])
+    chex.assert_trees_all_equal(stopped[1, :4], free[1, :4])
     # transformers agrees (it pads finished samples with pad_token_id too).
     theirs = hf_generate(irregular.ref, prompt, N, eos_token_id=eos, pad_token_id=pad)
     assert_same_greedy_tokens(irregular, prompt, None, stopped, theirs, "eos")
@@ -135,9 +137,9 @@ def test_max_new_tokens_one(reference_factory):
     ids = small.random_ids(2, 20, seed=2)  # the shape test_model compiles the forward for
     m = small.model()
     out = generate_greedy(m, ids, 1, eos_token_id=[])
-    assert out.shape == (2, 1)
-    np.testing.assert_array_equal(out[:, 0], forward(m, ids)[:, -1].argmax(-1))
-    np.testing.assert_array_equal(out, hf_generate(small.ref, ids, 1))
+    chex.assert_shape(out, (2, 1))
+    chex.assert_trees_all_equal(out[:, 0], forward(m, ids)[:, -1].argmax(-1))
+    chex.assert_trees_all_equal(out, hf_generate(small.ref, ids, 1))
 
 
 def test_bad_inputs_raise(reference_factory):
