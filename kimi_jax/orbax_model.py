@@ -256,28 +256,35 @@ def read_meta(folder: str) -> dict:
     return meta
 
 
-def restore_arrays(folder: str, targets: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, np.ndarray | jax.Array]:
-    """Restore the given keys (a partial restore: memory is what the targets need). Arrays come back as numpy,
-    or as jax.Arrays placed by the target's sharding when it has one; dtypes are cast to the targets'."""
-    directory = os.path.abspath(os.path.join(folder, PARAMS_DIR))
-    restore_args = {}
+def restore_arrays(folder: str, targets: Mapping[str, jax.ShapeDtypeStruct], *, directory: str | None = None,
+                   error: type[Exception] = CheckpointFormatError) -> dict[str, np.ndarray | jax.Array]:
+    """Restore the keys of `targets` from an orbax PyTree folder of a checkpoint: `directory`, by default the model's
+    `folder`/params/ (a training checkpoint's train_state/ holds its optimizer state). A partial restore: memory is
+    what the targets need. Arrays come back as numpy, or as jax.Arrays placed by the target's sharding when it has
+    one; dtypes are cast to the targets'. A key that is not stored, or stored with another shape, is an `error`
+    naming the folder and the key, found from the metadata before any array is read."""
+    directory = os.path.abspath(directory or os.path.join(folder, PARAMS_DIR))
+    if not os.path.isdir(directory):
+        raise error(f"{folder}: not a complete kimi_jax checkpoint ({os.path.basename(directory)}/ is missing)")
+    stored = read_array_metadata(directory, error)
+    missing = sorted(set(targets) - set(stored))
+    if missing:
+        raise error(f"{directory}: '{missing[0]}' is missing ({len(missing)} of {len(targets)} arrays)")
+    for key, t in targets.items():
+        if tuple(stored[key].shape) != tuple(t.shape):
+            raise error(f"{directory}: '{key}' has shape {tuple(stored[key].shape)}, expected {tuple(t.shape)}")
+    restore_args, item = {}, {}
     for key, t in targets.items():
         sharding = getattr(t, "sharding", None)
         if sharding is not None:
             restore_args[key] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=t.shape, dtype=t.dtype)
+            item[key] = t
         else:
             restore_args[key] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)
-    item = {k: np.zeros((), t.dtype) if getattr(t, "sharding", None) is None else t for k, t in targets.items()}
-    if not os.path.isdir(directory):
-        raise CheckpointFormatError(f"{folder}: not a kimi_jax checkpoint ({PARAMS_DIR}/ is missing)")
-    with orbax_reading(directory, CheckpointFormatError):
-        out = ocp.PyTreeCheckpointer().restore(
+            item[key] = np.zeros((), t.dtype)
+    with orbax_reading(directory, error):
+        return ocp.PyTreeCheckpointer().restore(
             directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-    for key, t in targets.items():
-        if tuple(out[key].shape) != tuple(t.shape):
-            raise CheckpointFormatError(f"{folder}: parameter '{key}' has shape {tuple(out[key].shape)}, but "
-                                        f"config.json implies {tuple(t.shape)}")
-    return out
 
 
 def stored_arrays(folder: str) -> dict[str, jax.ShapeDtypeStruct]:

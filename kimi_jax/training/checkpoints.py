@@ -154,36 +154,18 @@ def abstract_of(tree):
                         tree)
 
 
-def restore_arrays(directory: str, targets: Mapping[str, Any]) -> dict[str, Any]:
-    """Restore the keys of `targets` (ShapeDtypeStructs) from the orbax PyTree checkpoint `directory`: as jax.Arrays
-    placed by each target's sharding, or numpy where a target has none. Checks shapes; casts to the target dtypes."""
-    import orbax.checkpoint as ocp
+def restore_trees(folder: str, likes: Mapping[str, Any]) -> dict[str, Any]:
+    """{prefix: tree} restored from checkpoint `folder`'s train_state/ in one read: each tree shaped, typed and placed
+    like `likes[prefix]` (arrays or ShapeDtypeStructs; a leaf without a sharding comes back as numpy), its leaves
+    stored under prefix + their dotted path (see `flatten`)."""
+    from kimi_jax.orbax_model import restore_arrays
 
-    from kimi_jax.orbax_failures import orbax_reading, read_array_metadata
-
-    if not os.path.isdir(directory):
-        raise TrainCheckpointError(f"{directory}: missing (the checkpoint is incomplete)")
-    stored = read_array_metadata(directory, TrainCheckpointError)
-    missing = sorted(set(targets) - set(stored))
-    if missing:
-        raise TrainCheckpointError(f"{directory}: '{missing[0]}' is missing ({len(missing)} of {len(targets)} "
-                                   f"arrays); the checkpoint was saved by a run with another optimizer or model")
-    for key, t in targets.items():
-        if tuple(stored[key].shape) != tuple(t.shape):
-            raise TrainCheckpointError(f"{directory}: '{key}' has shape {tuple(stored[key].shape)}, this run "
-                                       f"expects {tuple(t.shape)}")
-    restore_args, item = {}, {}
-    for key, t in targets.items():
-        sharding = getattr(t, "sharding", None)
-        if sharding is not None:
-            restore_args[key] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=t.shape, dtype=t.dtype)
-            item[key] = t
-        else:
-            restore_args[key] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)
-            item[key] = np.zeros((), t.dtype)
-    with orbax_reading(directory, TrainCheckpointError):
-        return ocp.PyTreeCheckpointer().restore(
-            directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    targets = {}
+    for prefix, like in likes.items():
+        targets.update(flatten(abstract_of(like), prefix))
+    flat = restore_arrays(folder, targets, directory=os.path.join(os.fspath(folder), TRAIN_STATE_DIR),
+                          error=TrainCheckpointError)
+    return {prefix: unflatten(like, flat, prefix) for prefix, like in likes.items()}
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -506,5 +488,5 @@ __all__ = ["CheckpointSaveError", "CheckpointWriter", "FORMAT", "LATEST_FILE", "
            "TRAIN_STATE_FILE", "TrainCheckpointError", "TrainWriteError", "abstract_of", "broadcast_from_main",
            "flatten", "is_complete", "latest_checkpoint", "link_tree", "list_checkpoints", "path_key",
            "read_model_files", "read_train_state", "remove_run_outputs", "remove_stale",
-           "restore_arrays", "run_outputs", "step_folder", "unflatten", "write_json_atomic",
+           "restore_trees", "run_outputs", "step_folder", "unflatten", "write_json_atomic",
            "write_text_atomic"]
