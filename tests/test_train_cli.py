@@ -259,7 +259,7 @@ def changed_keys(before: dict, after: dict) -> set:
 # -------------------------------------------------------------------------------------------------- vanilla
 @pytest.mark.slow
 def test_vanilla_training_lowers_the_held_out_loss(runs, work):
-    from kimi_jax.training.logging import vanilla_lr
+    from kimi_jax.training.vanilla import vanilla_lr
 
     result = finished(runs, "vanilla")
     out = str(work["root"] / "vanilla")
@@ -586,7 +586,8 @@ def test_resuming_with_other_settings_is_refused(runs, work):
 
 
 def test_defaults_follow_the_evaluation_plan(tmp_path, monkeypatch):
-    from experiments.train import build_parser, resolve_settings
+    from experiments.train import build_parser
+    from kimi_jax.training.run import resolve_settings
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m").mkdir()

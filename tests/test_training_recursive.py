@@ -14,7 +14,7 @@ from kimi_jax.model import KimiLinearForCausalLM, RunOptions
 from kimi_jax.recursive.config import load_preset
 from kimi_jax.recursive.sidecar import build_sidecar
 from kimi_jax.training.recursive import (build_recursive_trainer, make_recursive_optimizer, param_key,
-                                           trainable_group, unfrozen_rows)
+                                         recursive_lr, trainable_group, unfrozen_rows)
 
 # Layers: 0 KDA + dense FFN, 1 MLA, 2 KDA, 3 KDA, 4 MLA, 5 KDA, 6 KDA (MoE from layer 1). The tests read the
 # scanned rows of each layer from the layout plan.
@@ -171,3 +171,17 @@ def test_phase_a_step_on_the_pallas_kda_kernel():
     for before, after in ((one[4], kernel[4]), (one[5], kernel[5])):
         worst = max(float(np.abs(after[k] - before[k]).max()) for k in before)
         assert worst <= 1e-5, worst
+
+
+def test_logged_recursive_learning_rate_is_the_sidecar_groups():
+    rcfg = load_preset("phase_a").replace(weight_decay=0.0)
+    tx = make_recursive_optimizer(rcfg, warmup_steps=2, total_steps=9, clip_norm=1e9, lr_scale=3.0)
+    params = {"sidecar": {"cells": {"b": jnp.zeros((2,))}, "halt_head": {"w1": jnp.zeros((2,))}}}
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for count in range(9):
+        updates, state = tx.update(grads, state, params)
+        got = -float(updates["sidecar"]["cells"]["b"][0]) * (1 + 1e-8)
+        heads = -float(updates["sidecar"]["halt_head"]["w1"][0]) * (1 + 1e-8)
+        assert got == pytest.approx(recursive_lr(3.0 * rcfg.lr_sidecar, 2, 9, count), rel=1e-5, abs=1e-9)
+        assert heads == pytest.approx(recursive_lr(3.0 * rcfg.lr_heads, 2, 9, count), rel=1e-5, abs=1e-9)

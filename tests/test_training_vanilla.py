@@ -13,7 +13,7 @@ from flax import nnx
 from kimi_jax import sharding
 from kimi_jax.config import tiny
 from kimi_jax.model import KimiLinearForCausalLM
-from kimi_jax.training.vanilla import PARAM_GROUPS, build_trainer, param_group
+from kimi_jax.training.vanilla import PARAM_GROUPS, build_trainer, make_optimizer, param_group, vanilla_lr
 
 CFG = tiny(num_hidden_layers=2, mla_layers=(1,), first_k_dense=1)
 
@@ -64,3 +64,23 @@ def test_every_parameter_has_a_group_and_bad_inputs_fail():
         build_trainer(model, optax.sgd(1.0), mesh, 4, grad_accum=3)
 
 
+def _adam_lrs(tx, params, steps):
+    """The learning rate of each update: with a constant gradient, unclipped and without weight decay, Adam's
+    bias-corrected step is exactly lr * g / (|g| + eps)."""
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    out = []
+    for _ in range(steps):
+        updates, state = tx.update(grads, state, params)
+        out.append(-float(jax.tree.leaves(updates)[0].reshape(-1)[0]) * (1 + 1e-8))
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_logged_learning_rates_are_the_optimizers(schedule):
+    params = {"w": jnp.zeros((3,))}
+    tx = make_optimizer(0.5, warmup_steps=3, total_steps=12, weight_decay=0.0, clip_norm=None, schedule=schedule)
+    got = _adam_lrs(tx, params, 12)
+    want = [vanilla_lr(0.5, 3, 12, schedule, count) for count in range(12)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert want[0] == 0.0 and max(want) == pytest.approx(0.5)

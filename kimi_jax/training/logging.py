@@ -1,4 +1,4 @@
-"""Training logs: the per-step JSONL file, TensorBoard scalars, memory and learning-rate helpers, an event reader.
+"""Training logs: the per-step JSONL file, TensorBoard scalars and the memory figure.
 
 * `MetricsLog` (process 0 only) appends one JSON object per line to `{output_dir}/metrics.jsonl`: train records
   `{"type": "train", "step", "loss", <every metric of the step>, "lr", "tokens_per_sec", "steps_per_sec",
@@ -8,8 +8,7 @@
   purge marker on resume so TensorBoard hides the killed run's events after the checkpoint. Both files are written
   from the training loop's thread in whole records: a failed write (a full disk) is one LogWriteError naming the
   file, and leaves no torn record behind.
-* `read_scalars(log_dir)` reads every scalar back from the event files ({tag: [(step, value)]}), with the protobufs
-  tensorboardX ships (no TensorFlow or tensorboard needed).
+  (`kimi_jax.tb_events.read_scalars` reads the scalars back.)
 * `memory_mb()`: the peak device memory (`memory_stats()["peak_bytes_in_use"]`, the largest over local devices) where
   the backend reports it (GPU, TPU), else the host's resident set size (CPU).
 """
@@ -20,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -79,39 +77,6 @@ def host_rss_bytes() -> int:
             import resource
 
             return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-# -------------------------------------------------------------------------------------------- learning rates
-def vanilla_lr(peak: float, warmup_steps: int, total_steps: int | None, schedule: str, count: int) -> float:
-    """The learning rate `kimi_jax.training.vanilla.make_optimizer(peak, warmup_steps=, total_steps=, schedule=)` applies
-    to update number `count` (0-based: the first update uses count 0). Built from the same optax schedules."""
-    import optax
-
-    if total_steps and schedule == "cosine":
-        fn = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 0), max(total_steps, warmup_steps + 1),
-                                                end_value=0.1 * peak)
-    elif total_steps and schedule == "linear":
-        fn = optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup_steps, 1)),
-                                   optax.linear_schedule(peak, 0.0, max(total_steps - warmup_steps, 1))],
-                                  [max(warmup_steps, 1)])
-    elif warmup_steps:
-        fn = optax.linear_schedule(0.0, peak, warmup_steps)
-    else:
-        return float(peak)
-    return float(fn(count))
-
-
-def recursive_lr(peak: float, warmup_steps: int, total_steps: int | None, count: int) -> float:
-    """The learning rate of a group with peak `peak` in `kimi_jax.training.recursive.make_recursive_optimizer`."""
-    import optax
-
-    if total_steps:
-        return float(optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 0),
-                                                        max(total_steps, warmup_steps + 1),
-                                                        end_value=0.1 * peak)(count))
-    if warmup_steps:
-        return float(optax.linear_schedule(0.0, peak, warmup_steps)(count))
-    return float(peak)
 
 
 # ------------------------------------------------------------------------------------------------------- JSONL
@@ -262,9 +227,5 @@ class MetricsLog:
                 self._events.close(flush)
 
 
-def now() -> float:
-    return time.time()
-
-
 __all__ = ["METRICS_FILE", "LogWriteError", "MetricsLog", "host_rss_bytes", "memory_mb", "read_jsonl",
-           "recursive_lr", "to_python", "truncate_jsonl", "vanilla_lr"]
+           "to_python", "truncate_jsonl"]

@@ -1,4 +1,5 @@
-"""The causal-LM train step: fp32 cross-entropy, optax update, explicit shardings in and out.
+"""The vanilla stage: the causal-LM train step (fp32 cross-entropy, optax update, explicit shardings in and out) and
+`VanillaTrainer`, its implementation of the training loop's interface (`kimi_jax.training.trainer`).
 
 The model is split once into (graphdef, params); the step is a pure function of (params, opt_state, batch), jitted
 with in/out shardings from `kimi_jax.sharding`, so parameters and optimizer moments keep their shardings across
@@ -10,6 +11,7 @@ steps and the old buffers are donated.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -21,8 +23,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kimi_jax import sharding as shard_lib
 from kimi_jax.model import KimiLinearForCausalLM, RunOptions
 from kimi_jax.scoring import chunked_cross_entropy
+from kimi_jax.training.trainer import Trainer, TrainState
+from kimi_jax.tree_paths import path_names
 
 F32 = jnp.float32
+OPT_PREFIX = "opt."  # the optimizer state's keys in a checkpoint's train_state/
+COSINE_END_FRACTION = 0.1  # the cosine schedule decays to this fraction of the peak learning rate
 
 
 def lm_loss(model: KimiLinearForCausalLM, batch: dict, opts: RunOptions):
@@ -33,28 +39,40 @@ def lm_loss(model: KimiLinearForCausalLM, batch: dict, opts: RunOptions):
     return loss, {"loss": loss, "tokens": count}
 
 
+def lr_schedule(peak: float, *, warmup_steps: int = 0, total_steps: int | None = None, schedule: str = "cosine"):
+    """The learning rate per update count (0-based) of `make_optimizer`: an optax schedule, or the constant `peak`.
+    cosine: linear warmup, cosine decay to 10% at `total_steps`; linear: warmup, then linear decay to 0."""
+    if total_steps and schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 0), max(total_steps, warmup_steps + 1),
+                                                  end_value=COSINE_END_FRACTION * peak)
+    if total_steps and schedule == "linear":
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup_steps, 1)),
+                                     optax.linear_schedule(peak, 0.0, max(total_steps - warmup_steps, 1))],
+                                    [max(warmup_steps, 1)])
+    if warmup_steps:
+        return optax.linear_schedule(0.0, peak, warmup_steps)
+    return peak
+
+
+def vanilla_lr(peak: float, warmup_steps: int, total_steps: int | None, schedule: str, count: int) -> float:
+    """The learning rate `make_optimizer(peak, warmup_steps=, total_steps=, schedule=)` applies to update number
+    `count` (0-based: the first update uses count 0)."""
+    lr = lr_schedule(peak, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule)
+    return float(lr(count)) if callable(lr) else float(lr)
+
+
 def make_optimizer(learning_rate: float = 1e-4, *, warmup_steps: int = 0, total_steps: int | None = None,
                    weight_decay: float = 0.0, clip_norm: float | None = 1.0, b1: float = 0.9, b2: float = 0.95,
                    schedule: str = "cosine") -> optax.GradientTransformation:
-    if total_steps and schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 0),
-                                                max(total_steps, warmup_steps + 1), end_value=0.1 * learning_rate)
-    elif total_steps and schedule == "linear":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-                                   optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup_steps, 1))],
-                                  [max(warmup_steps, 1)])
-    elif warmup_steps:
-        lr = optax.linear_schedule(0.0, learning_rate, warmup_steps)
-    else:
-        lr = learning_rate
+    lr = lr_schedule(learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule)
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
     return optax.chain(*parts)
 
 
 @dataclasses.dataclass
-class Trainer:
-    """Holds the split model, the optimizer and the jitted step with its shardings."""
+class VanillaStep:
+    """The split model, the optimizer and the jitted step with its shardings."""
     graphdef: Any
     tx: optax.GradientTransformation
     step_fn: Callable
@@ -73,8 +91,8 @@ PARAM_GROUPS = ("embeddings", "lm_head", "mixers", "ffn", "routers", "norms")
 
 
 def param_group(path) -> str:
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    names = [n for n in names if n not in ("value", "raw_value")]
+    """The group of PARAM_GROUPS a parameter belongs to, by its path (a JAX key path or an nnx flat-state path)."""
+    names = path_names(path, drop_wrappers=True)
     key = ".".join(names)
     if names[0] == "embed_tokens":
         return "embeddings"
@@ -103,7 +121,7 @@ def restrict_optimizer(tx: optax.GradientTransformation, params, groups) -> opta
 
 def build_trainer(model: KimiLinearForCausalLM, tx: optax.GradientTransformation, mesh: Mesh, batch_size: int,
                   *, opts: RunOptions = RunOptions(), loss_fn=lm_loss, grad_accum: int = 1,
-                  trainable_groups=None) -> tuple[Trainer, Any, Any]:
+                  trainable_groups=None) -> tuple[VanillaStep, Any, Any]:
     """Shard the model and optimizer state over `mesh`; return (trainer, params, opt_state) ready for steps.
 
     `grad_accum` splits the global batch into that many micro-batches whose gradients are summed (token-weighted,
@@ -163,7 +181,7 @@ def build_trainer(model: KimiLinearForCausalLM, tx: optax.GradientTransformation
 
     step_fn = jax.jit(step, in_shardings=(param_sh, opt_sh, batch_sh), out_shardings=(param_sh, opt_sh, replicated),
                       donate_argnums=(0, 1))
-    trainer = Trainer(graphdef, tx, step_fn, param_sh, opt_sh, batch_sh, mesh)
+    trainer = VanillaStep(graphdef, tx, step_fn, param_sh, opt_sh, batch_sh, mesh)
     if _is_abstract(params):
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, param_sh)
         opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, opt_sh)
@@ -181,3 +199,88 @@ def _is_abstract(tree) -> bool:
 def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
     """Place a host batch (same on every process) on the mesh; see `kimi_jax.distributed` for per-process data."""
     return {k: jax.device_put(jnp.asarray(v), sharding) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------- the trainer
+class VanillaTrainer(Trainer):
+    """The causal-LM stage for the training loop: state.trainable = the model's parameters (the groups outside
+    `trainable_groups` get no update), state.frozen = None. Checkpoints keep the parameters in params/ and the
+    optimizer state in train_state/ ("opt.<path>")."""
+
+    stage = "vanilla"
+    loss_metric = "loss"
+
+    def __init__(self, compiled: VanillaStep, *, dtype_name: str, eval_batch_size: int, opts: RunOptions, lr: float,
+                 warmup_steps: int, num_steps: int, schedule: str):
+        from kimi_jax.training.trainer import eval_options, held_out_totals, replicated
+
+        self.compiled = compiled
+        self.dtype_name = dtype_name
+        self.mesh, self.batch_sharding = compiled.mesh, compiled.batch_sharding
+        self.eval_batch_size = eval_batch_size
+        self.eval_sharding = batch_spec(compiled.mesh, eval_batch_size)
+        self.lr, self.warmup_steps, self.num_steps, self.schedule = lr, warmup_steps, num_steps, schedule
+        graphdef, opts = compiled.graphdef, eval_options(opts, self.eval_sharding)
+        self._eval_fn = jax.jit(lambda params, batch: held_out_totals(nnx.merge(graphdef, params), batch, opts),
+                                out_shardings=replicated(compiled.mesh))
+
+    def step(self, state: TrainState, batch, key) -> tuple[TrainState, dict]:
+        del key  # the causal-LM step draws no random numbers
+        from kimi_jax import distributed
+
+        placed = distributed.global_batch(batch, self.batch_sharding)
+        params, opt_state, metrics = self.compiled.step_fn(state.trainable, state.opt_state, placed)
+        return state.advanced(params, opt_state), metrics
+
+    def learning_rate(self, step: int) -> float:
+        return vanilla_lr(self.lr, self.warmup_steps, self.num_steps, self.schedule, step - 1)
+
+    def materialize(self, state: TrainState):
+        return nnx.merge(self.compiled.graphdef, state.trainable), None
+
+    def num_params(self, state: TrainState) -> int:
+        return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.trainable)))
+
+    def state_arrays(self, state: TrainState) -> dict:
+        from kimi_jax.training.checkpoints import flatten
+
+        return flatten(state.opt_state, OPT_PREFIX)
+
+    def restore(self, folder: str, like: TrainState, step: int) -> TrainState:
+        """Parameters from the checkpoint's params/ (a model folder), optimizer state from its train_state/."""
+        from kimi_jax import model_folder
+        from kimi_jax.training.checkpoints import restore_trees
+        from kimi_jax.training.trainer import release
+
+        release((like.trainable, like.opt_state))
+        model = model_folder.load_model(folder, jnp.dtype(self.dtype_name), mesh=self.compiled.mesh)
+        params = jax.device_put(nnx.split(model)[1], self.compiled.param_shardings)
+        del model
+        opt_state = restore_trees(folder, {OPT_PREFIX: like.opt_state})[OPT_PREFIX]
+        return TrainState(params, opt_state, None, step)
+
+    def eval_stats(self, state: TrainState, batch, key) -> dict:
+        del key
+        from kimi_jax import distributed
+        from kimi_jax.training.trainer import host_totals
+
+        placed = distributed.global_batch(batch, self.eval_sharding)
+        return host_totals(jax.device_get(self._eval_fn(state.trainable, placed)))
+
+    def stage_train_tags(self, record) -> dict:
+        return {"train/loss/total": record["loss"], "train/loss/final_ce": record["loss"]}
+
+
+def build_vanilla_trainer(model: KimiLinearForCausalLM, mesh: Mesh, *, dtype_name: str, batch_size: int,
+                          eval_batch_size: int, opts: RunOptions, lr: float, warmup_steps: int, num_steps: int,
+                          schedule: str = "cosine", weight_decay: float = 0.0, clip_norm: float | None = 1.0,
+                          grad_accum: int = 1, trainable_groups=None) -> tuple[VanillaTrainer, TrainState]:
+    """The vanilla trainer of `model` on `mesh` (AdamW with `make_optimizer`'s schedule) and its state at step 0.
+    `model` may be abstract (nnx.eval_shape): the state is then ShapeDtypeStructs, to `restore` a checkpoint into."""
+    tx = make_optimizer(lr, warmup_steps=warmup_steps, total_steps=num_steps, weight_decay=weight_decay,
+                        clip_norm=clip_norm, schedule=schedule)
+    compiled, params, opt_state = build_trainer(model, tx, mesh, batch_size, opts=opts, grad_accum=grad_accum,
+                                                trainable_groups=trainable_groups)
+    trainer = VanillaTrainer(compiled, dtype_name=dtype_name, eval_batch_size=eval_batch_size, opts=opts, lr=lr,
+                             warmup_steps=warmup_steps, num_steps=num_steps, schedule=schedule)
+    return trainer, TrainState(params, opt_state)
