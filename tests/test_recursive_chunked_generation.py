@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +50,7 @@ def test_t3_verified_generation_equals_greedy(model, width, K, seed_mode, prompt
     ids, mask = prompts(50, prompt_seed)
     greedy = generate_greedy(model, ids, n_new, attention_mask=mask, eos_token_id=[])
     result = generate_recursive(model, sidecar, rcfg, ids, n_new, attention_mask=mask, eos_token_id=[])
-    np.testing.assert_array_equal(result.tokens, greedy)
+    chex.assert_trees_all_equal(result.tokens, greedy)
     assert (result.num_tokens == n_new).all()
     m = result.metrics
     assert 1 <= m["avg_refine_steps"] <= K
@@ -66,7 +67,7 @@ def test_baseline_verified_is_greedy_whatever_the_sidecar(model):
     ids, mask = prompts(8, 20)
     greedy = generate_greedy(model, ids, 50, attention_mask=mask, eos_token_id=[])
     result = generate_recursive(model, sidecar, rcfg, ids, 50, attention_mask=mask, eos_token_id=[])
-    np.testing.assert_array_equal(result.tokens, greedy)
+    chex.assert_trees_all_equal(result.tokens, greedy)
 
 
 @pytest.mark.slow
@@ -93,7 +94,7 @@ def test_eos_and_max_new_tokens_per_sample(model):
     greedy = generate_greedy(model, ids, 45, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
     result = generate_recursive(model, sidecar, rcfg, ids, 45, attention_mask=mask, eos_token_id=eos,
                                 pad_token_id=0)
-    np.testing.assert_array_equal(result.tokens, greedy)
+    chex.assert_trees_all_equal(result.tokens, greedy)
     first = np.flatnonzero(free[0] == eos)[0]
     assert result.num_tokens[0] == first + 1
     assert (result.tokens[0, first + 1:] == 0).all()
@@ -105,7 +106,7 @@ def test_recursion_disabled_is_plain_greedy(model):
     rcfg = small_rcfg(recursive_enabled=False)
     ids, mask = prompts(3, 23)
     result = generate_recursive(model, None, rcfg, ids, 20, attention_mask=mask, eos_token_id=[])
-    np.testing.assert_array_equal(result.tokens, generate_greedy(model, ids, 20, attention_mask=mask,
+    chex.assert_trees_all_equal(result.tokens, generate_greedy(model, ids, 20, attention_mask=mask,
                                                                  eos_token_id=[]))
     assert result.metrics == {} and result.traces == [[], [], []]
 
@@ -117,7 +118,7 @@ def test_diagnostic_mode_runs_k_steps_with_the_same_output(model):
     ids, mask = prompts(4, 24)
     plain = generate_recursive(model, sidecar, rcfg, ids, 30, attention_mask=mask, eos_token_id=[])
     diag = generate_recursive(model, sidecar, rcfg, ids, 30, attention_mask=mask, eos_token_id=[], diagnostic=True)
-    np.testing.assert_array_equal(plain.tokens, diag.tokens)
+    chex.assert_trees_all_equal(plain.tokens, diag.tokens)
     assert diag.metrics["executed_steps"] == 3
     assert plain.metrics["executed_steps"] == 1
     assert plain.metrics["stability_at_k"] is None  # needs all K proposals
@@ -176,7 +177,7 @@ def test_never_halting_runs_to_the_cap_or_the_fixed_point(model):
     ids, mask = prompts(3, 28)
     result = generate_recursive(model, sidecar, rcfg, ids, 12, attention_mask=mask, eos_token_id=[])
     greedy = generate_greedy(model, ids, 12, attention_mask=mask, eos_token_id=[])
-    np.testing.assert_array_equal(result.tokens, greedy)  # the fallback is the verified (exact) length
+    chex.assert_trees_all_equal(result.tokens, greedy)  # the fallback is the verified (exact) length
     for per in result.traces:
         for t in per:
             assert t.voluntary == t.fixed_point

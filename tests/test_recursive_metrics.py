@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import chex
 import numpy as np
 import pytest
 
@@ -227,12 +228,12 @@ def test_json_round_trip():
     for a, b in zip(traces, back):
         assert (a.stop_step, a.voluntary, a.length, a.fixed_point, a.target_length) == \
                (b.stop_step, b.voluntary, b.length, b.fixed_point, b.target_length)
-        np.testing.assert_array_equal(a.proposals, b.proposals)
+        chex.assert_trees_all_equal(b.proposals, a.proposals)
         assert b.proposals.shape == a.proposals.shape and np.issubdtype(b.proposals.dtype, np.integer)
         if a.halt_probs is None:
             assert b.halt_probs is None
         else:
-            np.testing.assert_array_equal(np.asarray(a.halt_probs, np.float64), b.halt_probs)
+            chex.assert_trees_all_equal(b.halt_probs, np.asarray(a.halt_probs, np.float64))
     assert recursive_metrics(back[:4], W, K) == recursive_metrics(traces[:4], W, K)
     assert recursive_metrics(back[4:], W, K) == recursive_metrics(traces[4:], W, K)
     assert traces_from_json([]) == [] and traces_to_json([]) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +54,7 @@ def test_losses_on_a_hand_computed_case():
                     + 0.1 * 0.5)
     assert float(losses["total"]) == pytest.approx(expect_total)
     # Per-step accuracy against the targets over valid positions: step 1 3/5, step 2 5/5.
-    np.testing.assert_allclose(np.asarray(stats["step_accuracy"]), [3 / 5, 5 / 5])
+    chex.assert_trees_all_close(np.asarray(stats["step_accuracy"]), np.asarray([3 / 5, 5 / 5]), rtol=1e-7)
 
 
 def test_length_targets_follow_the_lcp_and_eos():
@@ -79,7 +80,7 @@ def test_masked_ce_is_finite_with_nothing_to_fix():
     ys = dict(ys, draft=jnp.broadcast_to(targets[None], ys["draft"].shape))
     losses, _ = recursive_losses(rcfg, ys, targets, valid)
     assert float(losses["masked_ce"]) == 0.0
-    assert all(np.isfinite(float(v)) for v in losses.values())
+    chex.assert_tree_all_finite(losses)
 
 
 def test_corruption_mix_and_schedule():
@@ -96,9 +97,9 @@ def test_corruption_mix_and_schedule():
     drafts, kind = initial_drafts(jax.random.PRNGKey(2), rcfg, logits, targets, V, 1.0)
     drafts, kind, targets = np.asarray(drafts), np.asarray(kind), np.asarray(targets)
     counts = np.bincount(kind, minlength=4) / N
-    np.testing.assert_allclose(counts, 0.25, atol=0.08)
+    chex.assert_trees_all_close(counts, np.full_like(counts, 0.25), rtol=1e-7, atol=0.08)
     tf = kind == CORRUPTIONS.index("tf_argmax")
-    np.testing.assert_array_equal(drafts[tf], np.asarray(logits).argmax(-1)[tf])
+    chex.assert_trees_all_equal(drafts[tf], np.asarray(logits).argmax(-1)[tf])
     sampled = kind == CORRUPTIONS.index("sampled")
     changed = drafts[sampled] != targets[sampled]
     assert 0.1 <= changed.mean() <= 0.6  # rate t ~ U[0.1, 0.6] per window
@@ -109,7 +110,7 @@ def test_corruption_mix_and_schedule():
 def test_window_grid():
     assert num_windows(4096, 128) == 31
     starts = np.asarray(window_starts(jax.random.PRNGKey(0), 8, 300, 128))
-    assert starts.shape == (8, num_windows(300, 128))
+    chex.assert_shape(starts, (8, num_windows(300, 128)))
     assert (starts % 64 == 0).all() and (starts[:, -1] + 128 + 1 <= 300).all()
     with pytest.raises(ValueError, match="seq_len 100"):
         num_windows(100, 128)
@@ -133,8 +134,7 @@ def test_phase_a_objective_end_to_end():
         return jax.value_and_grad(f, has_aux=True)(sst)
 
     (total, aux), grads = run(sst)
-    assert np.isfinite(float(total))
-    assert all(np.isfinite(float(v)) for v in aux["loss"].values())
+    chex.assert_tree_all_finite((total, aux["loss"]))
     assert float(jnp.sum(jnp.abs(grads["cells"]["b"][...]))) > 0
     # With b = 0 nothing upstream of the edits can receive a gradient yet.
     assert float(jnp.sum(jnp.abs(grads["cells"]["a_h"][...]))) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,8 +115,8 @@ def test_t1_zero_sidecar_equals_gated_off_bitwise(model, ids):
     on = _one_pass_window(gd, st, sgd, zero_st, ids, STARTS, drafts, jnp.float32(1.0))
     off = _one_pass_window(gd, st, sgd, zero_st, ids, STARTS, drafts, jnp.float32(0.0))
     live_off = _one_pass_window(gd, st, sgd, live_st, ids, STARTS, drafts, jnp.float32(0.0))
-    np.testing.assert_array_equal(np.asarray(on[0]), np.asarray(off[0]))
-    np.testing.assert_array_equal(np.asarray(on[0]), np.asarray(live_off[0]))
+    chex.assert_trees_all_equal(np.asarray(on[0]), np.asarray(off[0]))
+    chex.assert_trees_all_equal(np.asarray(on[0]), np.asarray(live_off[0]))
 
 
 @pytest.mark.slow
@@ -128,10 +129,10 @@ def test_t2_uncorrupted_window_equals_clean_causal_logits(model, ids):
                                                          jnp.float32(1.0))
     window_logits = np.asarray(window_logits).reshape(2, 3, W, -1)
     full = np.asarray(model(jnp.asarray(ids)))  # a separate program: the plain causal forward
-    np.testing.assert_allclose(np.asarray(clean_logits), full, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(np.asarray(clean_logits), full, atol=1e-5, rtol=0)
     for b in range(2):
         for n, s in enumerate(STARTS[b]):
-            np.testing.assert_allclose(window_logits[b, n], full[b, s:s + W], atol=1e-5, rtol=0)
+            chex.assert_trees_all_close(window_logits[b, n], full[b, s:s + W], atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
@@ -151,9 +152,9 @@ def test_one_pass_equals_rewind_inference_with_live_sidecar(model, ids):
         for n, s in enumerate(STARTS[b]):
             ref_logits, ref_halt, ref_length = _rewind_window(gd, st, sgd, sst, ids[b:b + 1], drafts[b:b + 1, n],
                                                               prefix_len=int(s))
-            np.testing.assert_allclose(logits[b, n], np.asarray(ref_logits)[0], atol=1e-5, rtol=0)
-            np.testing.assert_allclose(halt[b, n], np.asarray(ref_halt)[0], atol=1e-5, rtol=0)
-            np.testing.assert_allclose(length[b, n], np.asarray(ref_length)[0], atol=1e-5, rtol=0)
+            chex.assert_trees_all_close(logits[b, n], np.asarray(ref_logits)[0], atol=1e-5, rtol=0)
+            chex.assert_trees_all_close(halt[b, n], np.asarray(ref_halt)[0], atol=1e-5, rtol=0)
+            chex.assert_trees_all_close(length[b, n], np.asarray(ref_length)[0], atol=1e-5, rtol=0)
 
 
 def test_live_sidecar_changes_logits(model, ids):
@@ -170,7 +171,7 @@ def test_live_sidecar_changes_logits(model, ids):
     # position may move; but the clean stream (outputs [3]) is untouched.
     clean_zero = np.asarray(_one_pass_window(gd, st, sgd, zero_st, ids, STARTS, drafts, jnp.float32(1.0))[3])
     clean_live = np.asarray(_one_pass_window(gd, st, sgd, live_st, ids, STARTS, drafts, jnp.float32(1.0))[3])
-    np.testing.assert_array_equal(clean_zero, clean_live)
+    chex.assert_trees_all_equal(clean_zero, clean_live)
 
 
 def test_layers_to_refine_subset_edits_only_those_layers(model, ids):
@@ -255,7 +256,7 @@ def test_scan_steps_rewind_and_carry_proposals(sharp_model, ids):
     for k in range(3):
         logits, _, _ = _rewind_window(gd, st, sgd, sst, ids[:1], draft[:1], prefix_len=0)
         expect = np.asarray(logits).argmax(-1)
-        np.testing.assert_array_equal(proposals[k, 0], expect[0])
+        chex.assert_trees_all_equal(proposals[k, 0], expect[0])
         draft = proposals[k]
 
 
@@ -286,4 +287,4 @@ def test_right_padded_commit_equals_exact_prefill(model, ids):
     for b in range(B):
         exact_ids = ids[b:b + 1, :prefix + valid[b] + 1]
         full = np.asarray(model(jnp.asarray(exact_ids)))
-        np.testing.assert_allclose(np.asarray(logits)[b, 0], full[0, -1], atol=2e-5, rtol=0)
+        chex.assert_trees_all_close(np.asarray(logits)[b, 0], full[0, -1], atol=2e-5, rtol=0)
