@@ -14,6 +14,7 @@ import re
 import shutil
 import tarfile
 
+import chex
 import numpy as np
 import pytest
 
@@ -77,7 +78,8 @@ def test_packed_targets_are_the_stream_shifted(tok, mixed_records, dataset):
     targets, inputs, weights = (rows[k].reshape(-1) for k in ("targets", "input_ids", "weights"))
     assert list(targets[:n - 1]) == ids[1:]  # targets, concatenated, are the stream shifted by one
     assert list(inputs[:n - 1]) == ids[:-1]
-    assert np.array_equal(rows["input_ids"][1:, 0], rows["targets"][:-1, -1])  # a row's last target opens the next
+    # A row's last target opens the next row.
+    chex.assert_trees_all_equal(rows["input_ids"][1:, 0], rows["targets"][:-1, -1])
     assert list(weights[:n - 1]) == [float(m) for m in mask[1:]]  # a target is scored iff its token is
     assert np.all(targets[n - 1:] == tok.pad_token_id) and np.all(weights[n - 1:] == 0)  # padding: weight 0
     assert ds.num_scored_tokens == int(weights.sum()) == sum(mask[1:])
@@ -88,7 +90,7 @@ def test_packed_targets_are_the_stream_shifted(tok, mixed_records, dataset):
         if r.kind == "pair":
             expected[pos:pos + len(tok.encode(r.prompt))] = False
         pos += length
-    assert np.array_equal(ds.loss_mask, expected)
+    chex.assert_trees_all_equal(ds.loss_mask, expected)
 
 
 def test_pair_masking_hand_checked(tok):
@@ -179,7 +181,7 @@ def test_same_seed_same_batches_and_epochs_reshuffle(dataset):
     rows = np.concatenate([it.global_rows(0, p) for p in range(spe)])
     assert len(set(rows.tolist())) == rows.size  # no row twice within an epoch
     ordered = BatchIterator(dataset, 4, seed=0, shuffle=False)
-    assert np.array_equal(next(ordered)["input_ids"], dataset.batch(np.arange(4))["input_ids"])
+    chex.assert_trees_all_equal(next(ordered)["input_ids"], dataset.batch(np.arange(4))["input_ids"])
 
 
 @pytest.mark.parametrize("stop", ["mid_epoch", "epoch_end", "next_epoch"])
@@ -211,9 +213,8 @@ def test_two_process_shares_are_disjoint_halves_of_the_global_batch(dataset):
     procs = [BatchIterator(dataset, 4, seed=5, process_index=p, process_count=2) for p in range(2)]
     for step in range(single.steps_per_epoch + 1):
         full, parts = next(single), [next(p) for p in procs]
-        assert all(part["input_ids"].shape == (2, dataset.seq_len) for part in parts)
-        for key in full:
-            assert np.array_equal(np.concatenate([parts[0][key], parts[1][key]]), full[key])
+        chex.assert_shape([part["input_ids"] for part in parts], (2, dataset.seq_len))
+        chex.assert_trees_all_equal({k: np.concatenate([parts[0][k], parts[1][k]]) for k in full}, full)
         epoch, pos = divmod(step, single.steps_per_epoch)
         rows = single.global_rows(epoch, pos)
         assert not set(rows[:2].tolist()) & set(rows[2:].tolist())
@@ -235,12 +236,12 @@ def test_eval_batches_cover_every_row_once(dataset):
     assert len(batches) == num_eval_batches(dataset, bs) == -(-dataset.num_rows // bs)
     rows = all_rows(dataset)
     got = {k: np.concatenate([b[k] for b in batches])[:dataset.num_rows] for k in rows}
-    assert all(np.array_equal(got[k], rows[k]) for k in rows)
+    chex.assert_trees_all_equal(got, rows)
     pad = np.concatenate([b["weights"] for b in batches])[dataset.num_rows:]
     assert pad.shape[0] == len(batches) * bs - dataset.num_rows and not pad.any()
     halves = [list(eval_batches(dataset, 4, process_index=p, process_count=2)) for p in range(2)]
-    assert np.array_equal(np.concatenate([halves[0][0]["targets"], halves[1][0]["targets"]]),
-                          next(eval_batches(dataset, 4))["targets"])
+    chex.assert_trees_all_equal(np.concatenate([halves[0][0]["targets"], halves[1][0]["targets"]]),
+                                next(eval_batches(dataset, 4))["targets"])
 
 
 # ---------------------------------------------------------------------------------------------- loading
