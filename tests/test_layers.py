@@ -25,6 +25,7 @@ from flax import nnx
 import kimi_jax
 from kimi_jax.config import tiny
 from kimi_jax.layers.kda import KimiDeltaAttention, softplus_thresholded
+from kimi_jax.layers.mla import MultiHeadLatentAttention
 from kimi_jax.layers.moe import experts_dense, experts_tiled, resolve_dispatch, route, tile_rows
 from kimi_jax.layers.norms import gated_rms_norm, rms_norm
 from kimi_jax.layout import locate
@@ -340,6 +341,37 @@ def test_mla_absorbed_cache_equals_expanded(pair):
     with torch.no_grad():
         expected, _ = pair.torch_layer(MLA_LAYER).self_attn(hidden_states=to_torch(x), attention_mask=None)
     check(f"MLA absorbed decode token vs torch ({pair.seed})", dec, expected.numpy()[:, -1:])
+
+
+class MLAMixerVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_absorbed_cache_with_per_sample_positions_equals_expanded(self):
+        """The MLA latent cache, jitted or op by op, with one write position per sample (row 1 holds 5 fewer tokens):
+        prefill then one decode token equals the expanded (cacheless) attention over each row's own tokens."""
+        cfg = tiny()
+        mixer = MultiHeadLatentAttention(cfg, rngs=nnx.Rngs(5))
+        graph, state = nnx.split(mixer)
+        S, n = 40, jnp.asarray([30, 25], jnp.int32)
+        x = jnp.asarray(randn(34, B, 31, cfg.hidden_size))
+
+        @self.variant
+        def decode(state, x, n):
+            m = nnx.merge(graph, state)
+            keys_BS = jnp.arange(S)[None, :] < n[:, None]
+            prefix = (jnp.arange(S)[None, None, :] <= jnp.arange(30)[None, :, None]) & keys_BS[:, None, :]
+            _, cache = m(x[:, :30], m.init_cache(B, S, jnp.float32), visible_BTS=prefix, cache_index=0)
+            one = (jnp.arange(S)[None, :] <= n[:, None])[:, None, :]  # the row's prefix and the new token at n
+            out, cache = m(jnp.take_along_axis(x, n[:, None, None], axis=1), cache, visible_BTS=one, cache_index=n)
+            return out, cache
+
+        out, cache = decode(state, x, n)
+        chex.assert_shape(out, (B, 1, cfg.hidden_size))
+        chex.assert_shape(cache.latent_BSR, (B, S, cfg.kv_lora_rank))
+        chex.assert_shape(cache.k_shared_BSE, (B, S, cfg.qk_rope_head_dim))
+        for b in range(B):
+            L = int(n[b]) + 1
+            expanded, _ = mla_apply(mixer, x[b:b + 1, :L], jnp.tril(jnp.ones((L, L), bool))[None])
+            check(f"MLA absorbed per-sample decode row {b}, variant", out[b], expanded[0, -1:])
 
 
 # ---------------------------------------------------------------------------------------------------------- FFN
