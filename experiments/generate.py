@@ -155,38 +155,6 @@ def check_output_path(path: str | None, inputs: dict[str, str | None] | None = N
     return path
 
 
-# transformers writes this for "no limit" (tokenization_utils_base.VERY_LARGE_INTEGER).
-UNSET_MAX_LENGTH = int(1e30)
-
-
-def tokenizer_max_length(folder: str) -> int | None:
-    """`model_max_length` of the folder's tokenizer_config.json: the context the model was trained for; None when
-    the file or the field is missing, or holds transformers' "no limit" value."""
-    path = os.path.join(folder, "tokenizer_config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f).get("model_max_length")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < UNSET_MAX_LENGTH:
-        return None
-    return value
-
-
-def context_notice(rows: list[list[int]], max_new_tokens: int, max_length: int | None) -> str | None:
-    """A notice when a prompt plus the new tokens exceeds the tokenizer's model_max_length, else None."""
-    if max_length is None:
-        return None
-    over = [i for i, row in enumerate(rows, 1) if len(row) + max_new_tokens > max_length]
-    if not over:
-        return None
-    longest = max(over, key=lambda i: len(rows[i - 1]))
-    return (f"{len(over)} prompt(s) ({', '.join(map(str, over[:5]))}{', ...' if len(over) > 5 else ''}) plus "
-            f"--max_new_tokens {max_new_tokens} exceed the tokenizer's model_max_length {max_length} (prompt "
-            f"{longest}: {len(rows[longest - 1])} + {max_new_tokens} tokens); the model was not trained on longer "
-            f"contexts, so the continuation may degrade; generating anyway")
-
-
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
@@ -216,10 +184,10 @@ def run(argv=None, writes: Writes | None = None) -> int:
 
     from kimi_jax import model_folder, tokenizer as tokenizer_mod
     from kimi_jax.config import KimiLinearConfig
-    from kimi_jax.decoding import left_pad
-    from kimi_jax.recursive import io
     from kimi_jax.model import RunOptions
-    from kimi_jax.recursive.chunked_generation import generate_recursive
+    from kimi_jax.prompt_generation import (PromptGenerator, check_vocabulary, context_notice, encode_prompts,
+                                            tokenizer_max_length)
+    from kimi_jax.recursive import io
     from kimi_jax.recursive.metrics import recursive_metrics, traces_to_json
 
     def notice(message: str) -> None:
@@ -245,12 +213,7 @@ def run(argv=None, writes: Writes | None = None) -> int:
         if unused:
             notice(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without recursion "
                    f"(pass --use_recursive)")
-    tok = tokenizer_mod.load(args.model_path)
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in prompts]
-    rows = [tok.encode(t) for t in texts]
-    for i, row in enumerate(rows, 1):
-        if not row:
-            raise UsageError(f"prompt {i} is empty after tokenization")
+    rows = encode_prompts(tokenizer_mod.load(args.model_path), prompts, chat=args.chat)
     too_long = context_notice(rows, args.max_new_tokens, tokenizer_max_length(args.model_path))
     if too_long:
         notice(too_long)
@@ -259,55 +222,28 @@ def run(argv=None, writes: Writes | None = None) -> int:
     model, sidecar, rcfg, tok = io.load_for_generation(args.model_path, recursive_config=args.recursive_config,
                                                        overrides=overrides, dtype=args.dtype, notice=notice,
                                                        info=info)
-    cfg = model.config
-    eos, pad = model_folder.special_tokens(cfg, tok)
-    too_big = [(i, t) for i, row in enumerate(rows, 1) for t in row if t >= cfg.vocab_size]
-    if too_big:
-        raise UsageError(f"prompt {too_big[0][0]}: token id {too_big[0][1]} is outside the model's vocabulary "
-                         f"({cfg.vocab_size})")
-
-    # Every batch has the same shape (the longest prompt; the last batch topped up with copies), so the generator
-    # compiles once for the whole run.
-    batch_size = min(args.batch_size or len(rows), len(rows))
-    length = max(len(r) for r in rows)
-    batches = [list(range(s, min(s + batch_size, len(rows)))) for s in range(0, len(rows), batch_size)]
+    eos, pad = model_folder.special_tokens(model.config, tok)
+    check_vocabulary(rows, model.config.vocab_size)
     N = args.max_new_tokens
-    diagnostic = bool(args.diagnostic and use_recursive)
-
-    def generate(idx: list[int], progress: bool):
-        chunk_rows = [rows[i] for i in idx] + [rows[idx[-1]]] * (batch_size - len(idx))
-        ids, mask = left_pad(chunk_rows, length, pad)
-        return generate_recursive(model, sidecar, rcfg, ids, N, attention_mask=mask, eos_token_id=eos,
-                                  pad_token_id=pad, diagnostic=diagnostic, progress=progress,
-                                  opts=RunOptions(kda_impl=args.kda_impl))
+    generator = PromptGenerator(model, sidecar, rcfg, rows, max_new_tokens=N, eos_ids=eos, pad_id=pad,
+                                batch_size=args.batch_size, diagnostic=args.diagnostic,
+                                opts=RunOptions(kda_impl=args.kda_impl))
+    diagnostic = generator.diagnostic
 
     warmup_seconds = None
     if args.warmup:
         t0 = time.perf_counter()
-        generate(batches[0], progress=False)
+        generator.run_batch(generator.batches[0])
         warmup_seconds = time.perf_counter() - t0
 
     from tqdm import tqdm
 
-    # One bar: over prompts when there are several batches, else the recursive generator's own bar over tokens.
-    bar = tqdm(total=len(rows), desc="generate", unit="prompt", disable=args.quiet or len(batches) == 1,
-               file=sys.stderr)
-    samples, traces, seconds = [], [], 0.0
-    for idx in batches:
-        res = generate(idx, progress=use_recursive and not args.quiet and len(batches) == 1)
-        seconds += res.seconds
-        for j, i in enumerate(idx):
-            n = int(res.num_tokens[j])
-            new = [int(t) for t in np.asarray(res.tokens[j, :n])]
-            shown = new[:-1] if new and new[-1] in eos else new
-            sample = {"prompt": prompts[i], "prompt_tokens": [int(t) for t in rows[i]], "tokens": new,
-                      "text": tok.decode(shown), "num_tokens": n}
-            samples.append(sample)
-            traces.append(res.traces[j])
-            header = f"=== [{i + 1}/{len(rows)}] {prompts[i]!r}"
-            tqdm.write(f"{header}\n{sample['text']}\n--- {n} token{'s' if n != 1 else ''}", file=sys.stdout)
-        bar.update(len(idx))
-    bar.close()
+    def show(i: int, sample: dict) -> None:
+        n = sample["num_tokens"]
+        header = f"=== [{i + 1}/{len(rows)}] {prompts[i]!r}"
+        tqdm.write(f"{header}\n{sample['text']}\n--- {n} token{'s' if n != 1 else ''}", file=sys.stdout)
+
+    samples, traces, seconds = generator.generate(prompts, tok, progress=not args.quiet, on_sample=show)
 
     total = sum(s["num_tokens"] for s in samples)
     tokens_per_sec = total / seconds if seconds > 0 else None
@@ -337,9 +273,10 @@ def run(argv=None, writes: Writes | None = None) -> int:
                 "traces": [traces_to_json(per) for per in traces],
                 "timing": {"seconds": seconds, "tokens_per_sec": tokens_per_sec, "generated_tokens": total,
                            "includes_compilation": not args.warmup, "warmup_seconds": warmup_seconds},
-                "settings": {"max_new_tokens": N, "batch_size": batch_size, "num_batches": len(batches),
-                             "padded_prompt_length": length, "dtype": np.dtype(model.dtype).name,
-                             "seed": args.seed, "diagnostic": diagnostic, "chat": args.chat,
+                "settings": {"max_new_tokens": N, "batch_size": generator.batch_size,
+                             "num_batches": len(generator.batches), "padded_prompt_length": generator.length,
+                             "dtype": np.dtype(model.dtype).name, "seed": args.seed, "diagnostic": diagnostic,
+                             "chat": args.chat,
                              "eos_token_ids": eos, "pad_token_id": pad, "model_format": info.get("model_format"),
                              "recursive_config_source": info.get("recursive_config_source"),
                              "sidecar": info.get("sidecar")},
