@@ -80,6 +80,20 @@ def test_writer_saves_async_atomically_keeps_the_newest_and_restores_exactly(tmp
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_restoring_a_tree_the_checkpoint_does_not_hold_names_the_folder_and_the_key(tmp_path):
+    writer = ck.CheckpointWriter(str(tmp_path / "run"))
+    opt = {"w": np.ones((2, 3), np.float32)}
+    save_step(writer, 1, {"w": np.zeros(2, np.float32)}, opt)
+    writer.close()
+    folder = ck.step_folder(str(tmp_path / "run"), 1)
+    state_dir = os.path.join(folder, ck.TRAIN_STATE_DIR)
+    np.testing.assert_array_equal(ck.restore_trees(folder, {"rng": np.zeros(2, np.uint32)})["rng"], [0, 1])
+    with pytest.raises(ck.TrainCheckpointError, match=f"^{state_dir}: 'trainable.w' is missing \\(1 of 1 arrays\\)"):
+        ck.restore_trees(folder, {"trainable.": {"w": np.ones((2, 3), np.float32)}})
+    with pytest.raises(ck.TrainCheckpointError, match=f"^{state_dir}: 'opt.w' has shape \\(2, 3\\), expected \\(3,\\)"):
+        ck.restore_trees(folder, {"opt.": {"w": np.ones(3, np.float32)}})
+
+
 def test_params_are_hard_linked_when_unchanged_and_written_when_linking_fails(tmp_path):
     from kimi_jax.orbax_model import model_param_arrays, save_model
 

@@ -52,6 +52,7 @@ from kimi_jax.tree_paths import path_key, path_names
 
 F32 = jnp.float32
 HEAD_MODULES = ("halt_head", "length_head")
+SIDECAR = "sidecar"  # the sidecar's entry in the trainable tree
 FROZEN_IN_PHASE_C = ("ffn.router", "ffn.correction_bias")  # "keep the MoE router frozen"
 # The objective's loss terms, logged as train/loss/<name> where a step reports them (l2sp: phase c).
 LOSS_NAMES = ("total", "final_ce", "masked_ce", "halt", "ponder", "length", "stability", "l2sp")
@@ -153,7 +154,7 @@ class RecursiveStep:
     def materialize(self, trainable, base) -> tuple[KimiLinearForCausalLM, Sidecar]:
         """The model (phase-C blocks merged in) and the sidecar as nnx modules, for saving and evaluation."""
         model = nnx.merge(self.graphdef, _merge_base(base, trainable.get("base")))
-        return model, nnx.merge(self.side_graphdef, trainable["sidecar"])
+        return model, nnx.merge(self.side_graphdef, trainable[SIDECAR])
 
 
 def build_recursive_trainer(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg: RecursiveConfig,
@@ -171,19 +172,20 @@ def build_recursive_trainer(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg
     rows = unfrozen_rows(model.config, rcfg, base) if phase == "c" else {}
     if phase == "c" and not rows:
         raise ValueError("recursive phase c: unfreeze_layers selects no trainable block")
-    trainable = {"sidecar": side}
+    trainable = {SIDECAR: side}
     if rows:
         flat = {param_key(path): x for path, x in jax.tree_util.tree_leaves_with_path(base)}
         trainable["base"] = {k: flat[k] for k in rows}
     resolver = shard_lib.Resolver(mesh)
     replicated = NamedSharding(mesh, P())
     base_sh = shard_lib.state_shardings(base, mesh, resolver)
-    train_sh = {"sidecar": jax.tree.map(lambda _: replicated, side)}
+    train_sh = {SIDECAR: jax.tree.map(lambda _: replicated, side)}
     if rows:
         by_key = {param_key(path): sh for path, sh in jax.tree_util.tree_leaves_with_path(base_sh)}
         train_sh["base"] = {k: by_key[k] for k in rows}
     abstract_opt = jax.eval_shape(tx.init, trainable)
-    opt_sh = shard_lib.state_shardings(abstract_opt, mesh, resolver) if rows else jax.tree.map(
+    # Phase C: the unfrozen blocks' moments are sharded like the blocks, the sidecar's replicated like the sidecar.
+    opt_sh = shard_lib.state_shardings(abstract_opt, mesh, resolver, replicated=(SIDECAR,)) if rows else jax.tree.map(
         lambda _: replicated, abstract_opt)
     batch_sh = batch_spec(mesh, batch_size)
     if opts.activation_sharding is None:
@@ -201,7 +203,7 @@ def build_recursive_trainer(model: KimiLinearForCausalLM, sidecar: Sidecar, rcfg
 
         def loss_of(tr):
             m = nnx.merge(graphdef, _merge_base(frozen, tr.get("base")))
-            total, aux = recursive_objective(m, nnx.merge(side_graphdef, tr["sidecar"]), rcfg, batch, key,
+            total, aux = recursive_objective(m, nnx.merge(side_graphdef, tr[SIDECAR]), rcfg, batch, key,
                                              progress=progress, train_base=phase == "c", opts=opts, eos_ids=eos)
             if phase == "c":
                 flat = {param_key(path): x for path, x in jax.tree_util.tree_leaves_with_path(frozen)}
