@@ -46,20 +46,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shlex
 import sys
 import time
 
 from experiments.flags import add_kda_impl_flag
-from kimi_jax import model_folder
 from kimi_jax.errors import KimiJaxError, UsageError, report
 from kimi_jax.evaluation.results import NOTHING_WRITTEN, summary_lines, write_results
 from kimi_jax.evaluation.runner import evaluate_stage
 from kimi_jax.evaluation.settings import (COMMIT_MODES, DEFAULT_BATCH_SIZE, DEFAULT_EVAL_DATA, DEFAULT_MAX_NEW_TOKENS,
                                           DEFAULT_NUM_CHUNKS, DEFAULT_NUM_FEWSHOT, DEFAULT_SEED, DEFAULT_SEQ_LEN,
                                           DTYPES, SEED_MODES, STAGES, EvalSettings)
-from kimi_jax.evaluation.stage import StagePlan, plan_stage, print_notice
+from kimi_jax.evaluation.stage import StagePlan, plan_stage, resolve_model_path
 from kimi_jax.safe_io import Writes
 
 DEFAULT_OUTPUT_DIR = "./eval_results"
@@ -146,11 +144,7 @@ def _prepare(argv: list[str]) -> tuple[EvalSettings, StagePlan]:
     settings = settings_of(args)
     settings.check()
     t_start = time.perf_counter()
-    if not os.path.isdir(args.model_path):
-        raise UsageError(f"--model_path {args.model_path}: no such folder")
-    folder, resolved_notice = model_folder.resolve(args.model_path)
-    if resolved_notice:
-        print_notice(resolved_notice)
+    folder = resolve_model_path(args.model_path)
     plan = plan_stage(settings, folder, model_path_given=args.model_path, output_dir=args.output_dir,
                       log_dir=None if args.no_tensorboard else args.log_dir,
                       command_line="python -m experiments.evaluate " + shlex.join(argv), t_start=t_start)

@@ -29,15 +29,15 @@ from kimi_jax.evaluation import results as eval_results
 from kimi_jax.evaluation.batched_generation import BatchedGenerator, strip_eos
 from kimi_jax.evaluation.core_metrics import core_metrics
 from kimi_jax.evaluation.generation import generation
-from kimi_jax.evaluation.inputs import (NO_GENERATION_PROMPTS, PROMPT_ALIGN, GSM8KTask, HeldOut, load_held_out,
-                                        load_inputs, padded_prompt_length)
+from kimi_jax.evaluation.inputs import (NO_GENERATION_PROMPTS, PROMPT_ALIGN, HeldOut, load_held_out, load_inputs,
+                                        padded_prompt_length)
 from kimi_jax.evaluation.performance import TIMING_REPEATS, add_peak_memory, performance
 from kimi_jax.evaluation.reasoning import reasoning
 from kimi_jax.evaluation.recursive_metrics import chunk_accuracy, recursive_section
 from kimi_jax.evaluation.runner import evaluate_stage
 from kimi_jax.evaluation.schema import validate_results
 from kimi_jax.evaluation.settings import EvalSettings
-from kimi_jax.evaluation.stage import load_stage_model, plan_stage
+from kimi_jax.evaluation.stage import load_stage_model, plan_stage, resolve_model_path
 from kimi_jax.safe_io import Writes
 from kimi_jax.tb_events import read_scalars
 from kimi_jax.tokenizer_fixtures import local_corpus
@@ -140,6 +140,18 @@ def test_plan_settles_configs_and_creates_nothing(evaluation_folders, data, tmp_
     assert plan.rcfg.chunk_width == CHUNK_WIDTH and plan.logdir is None
     plan = make_plan(settings_for("finetuned_recursive", data), evaluation_folders["step"], tmp_path)
     assert plan.step == 7
+
+
+def test_a_training_output_folder_means_its_newest_checkpoint(evaluation_folders, tmp_path):
+    notices = []
+    run = evaluation_folders["run"]
+    assert resolve_model_path(run, notices.append) == evaluation_folders["step"]
+    assert notices == [f"{run} is a training output folder: evaluating its newest checkpoint "
+                       f"{evaluation_folders['step']}"]
+    assert resolve_model_path(evaluation_folders["model"], notices.append) == evaluation_folders["model"]
+    assert len(notices) == 1
+    with pytest.raises(UsageError, match="no such folder"):
+        resolve_model_path(str(tmp_path / "none"), notices.append)
 
 
 @pytest.mark.parametrize("stage,folder,message", [

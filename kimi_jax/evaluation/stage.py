@@ -1,5 +1,6 @@
 """One stage of the plan: what it evaluates, every check made before anything heavy is loaded, and its model.
 
+* `resolve_model_path` maps --model_path to its model folder (a training output folder to its newest step_N);
 * `plan_stage` settles, from the settings and the model folder, everything a run needs before the data and the
   weights load (`StagePlan`): the checkpoint step, the recursive config (validated), the chunk width of the greedy
   chunk accuracy, the stage's sidecar rule (only the small sidecar is read) and the output folders (checked, not
@@ -24,7 +25,7 @@ import numpy as np
 
 from kimi_jax import model_folder
 from kimi_jax.errors import UsageError
-from kimi_jax.evaluation.settings import EvalSettings
+from kimi_jax.evaluation.settings import DEFAULT_KDA_IMPL, RECURSIVE_STAGES, EvalSettings
 
 Notice = Callable[[str], None]
 KIMI_JAX_META = "kimi_jax.json"  # an orbax folder's metadata; a training checkpoint records its step there
@@ -54,6 +55,17 @@ class StagePlan:
     logdir: str | None  # TensorBoard folder LOG_DIR/evaluation/STAGE; None: no scalars
     command_line: str
     t_start: float  # time.perf_counter() when the run started
+
+
+def resolve_model_path(model_path: str, notice: Notice = print_notice) -> str:
+    """The model folder --model_path names: itself, or the newest `step_N` of a training output folder (a notice
+    says which, `kimi_jax.model_folder.resolve`); UsageError when there is no such folder."""
+    if not os.path.isdir(model_path):
+        raise UsageError(f"--model_path {model_path}: no such folder")
+    folder, resolved = model_folder.resolve(model_path)
+    if resolved is not None:
+        notice(f"{model_path} is a training output folder: evaluating its newest checkpoint {folder}")
+    return folder
 
 
 def checkpoint_step(folder: str) -> int | None:
@@ -107,7 +119,6 @@ def check_stage_sidecar(stage: str, folder: str, rcfg) -> None:
     """Before the model is loaded (only the small sidecar is read): after_surgery must not run a trained sidecar,
     finetuned_recursive must run the folder's saved one."""
     from kimi_jax.config import KimiLinearConfig
-    from kimi_jax.evaluation.settings import RECURSIVE_STAGES
     from kimi_jax.recursive import io
 
     if stage not in RECURSIVE_STAGES:
@@ -191,8 +202,8 @@ class LoadedStage:
     zero_init: bool | None = None  # whether the sidecar is still the zero-init surgery; None without one
 
     @classmethod
-    def from_loaded(cls, model, sidecar, rcfg, tokenizer, *, kda_impl: str = "auto", info: dict | None = None
-                    ) -> "LoadedStage":
+    def from_loaded(cls, model, sidecar, rcfg, tokenizer, *, kda_impl: str = DEFAULT_KDA_IMPL,
+                    info: dict | None = None) -> "LoadedStage":
         """A stage around an already loaded model (and sidecar when `rcfg` enables recursion)."""
         from kimi_jax.model import RunOptions
 
@@ -230,4 +241,4 @@ def load_stage_model(settings: EvalSettings, plan: StagePlan, notice: Notice = p
 
 __all__ = ["LoadedStage", "OVERRIDE_FLAGS", "StagePlan", "check_output_folder", "check_stage_sidecar",
            "checkpoint_step", "greedy_chunk_config", "load_stage_model", "plan_stage", "print_notice",
-           "sidecar_is_zero_init"]
+           "resolve_model_path", "sidecar_is_zero_init"]
