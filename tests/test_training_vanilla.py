@@ -1,4 +1,4 @@
-"""The vanilla train step: gradient accumulation and restricted fine-tuning."""
+"""The vanilla stage: gradient accumulation, restricted groups, the logged learning rate, held-out statistics."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from flax import nnx
 
 from kimi_jax import sharding
 from kimi_jax.config import tiny
-from kimi_jax.model import KimiLinearForCausalLM
-from kimi_jax.training.vanilla import PARAM_GROUPS, build_trainer, make_optimizer, param_group, vanilla_lr
+from kimi_jax.model import KimiLinearForCausalLM, RunOptions
+from kimi_jax.scoring import cross_entropy
+from kimi_jax.training.vanilla import (PARAM_GROUPS, build_trainer, build_vanilla_trainer, make_optimizer,
+                                       param_group, vanilla_lr)
 
 CFG = tiny(num_hidden_layers=2, mla_layers=(1,), first_k_dense=1)
 
@@ -40,8 +42,7 @@ def test_grad_accumulation_equals_the_full_batch():
     _, full, m_full = one_step(optax.sgd(1.0))
     _, accum, m_accum = one_step(optax.sgd(1.0), grad_accum=2)
     assert float(m_accum["loss"]) == pytest.approx(float(m_full["loss"]), abs=1e-6)
-    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(accum)):
-        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+    chex.assert_trees_all_close(accum, full, atol=2e-6, rtol=1e-5)
 
 
 def test_restricted_groups_leave_the_rest_bit_identical():
@@ -84,3 +85,20 @@ def test_logged_learning_rates_are_the_optimizers(schedule):
     want = [vanilla_lr(0.5, 3, 12, schedule, count) for count in range(12)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert want[0] == 0.0 and max(want) == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_held_out_stats_equal_the_full_logits_cross_entropy_and_accuracy():
+    """The trainer's held-out statistics (the blocked scorer, no [B, T, V] logits) against the full logits."""
+    model = KimiLinearForCausalLM(CFG, rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh("fsdp=1", jax.devices()[:1])
+    trainer, state = build_vanilla_trainer(model, mesh, dtype_name="float32", batch_size=4, eval_batch_size=4,
+                                           opts=RunOptions(remat=False), lr=1e-3, warmup_steps=0, num_steps=1)
+    b = batch()
+    got = trainer.eval_stats(state, b, key=None)
+    logits_BTV = model(jnp.asarray(b["input_ids"]))
+    nll, tokens = cross_entropy(logits_BTV, jnp.asarray(b["targets"]), jnp.asarray(b["weights"]))
+    correct = jnp.sum((jnp.argmax(logits_BTV, axis=-1) == b["targets"]) * b["weights"])
+    chex.assert_trees_all_close(got, {"nll": float(nll), "tokens": float(tokens), "correct": float(correct)},
+                                rtol=1e-5)
+    assert got["tokens"] == float(b["weights"].sum())

@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
