@@ -51,7 +51,7 @@ import sys
 import time
 
 from experiments.flags import add_kda_impl_flag
-from kimi_jax.errors import KimiJaxError, UsageError, report
+from kimi_jax.errors import UsageError
 from kimi_jax.evaluation.results import NOTHING_WRITTEN, summary_lines, write_results
 from kimi_jax.evaluation.runner import evaluate_stage
 from kimi_jax.evaluation.settings import (COMMIT_MODES, DEFAULT_BATCH_SIZE, DEFAULT_EVAL_DATA, DEFAULT_MAX_NEW_TOKENS,
@@ -165,17 +165,9 @@ def run(argv=None, writes: Writes | None = None) -> int:
 def main(argv=None) -> int:
     """Run the command; expected failures become one `error:` line on stderr and exit status 2; a failed write is
     one line and exit status 1; Ctrl-C (130) and SIGTERM (143) say which files were written before they came."""
-    from kimi_jax.safe_io import interrupt_exit_code, interrupt_name, sigterm_as_interrupt
+    from kimi_jax.safe_io import run_command
 
-    writes = Writes()
-    try:
-        with sigterm_as_interrupt():
-            return run(argv, writes)
-    except KimiJaxError as e:
-        return report(e)
-    except KeyboardInterrupt as e:
-        print(f"error: {interrupt_name(e)}; {writes.describe(NOTHING_WRITTEN)}", file=sys.stderr)
-        return interrupt_exit_code(e)
+    return run_command(run, argv, Writes(), NOTHING_WRITTEN)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import time
 from typing import TYPE_CHECKING
 
 from experiments.flags import add_kda_impl_flag
-from kimi_jax.errors import KimiJaxError, UsageError, WriteError, report
+from kimi_jax.errors import UsageError, WriteError
 
 if TYPE_CHECKING:
     from kimi_jax.safe_io import Writes
@@ -155,14 +155,6 @@ def check_output_path(path: str | None, inputs: dict[str, str | None] | None = N
     return path
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 # -------------------------------------------------------------------------------------------------------- main
 def run(argv=None, writes: Writes | None = None) -> int:
     """The command without main()'s error handling; `writes` records what reached the disk."""
@@ -188,6 +180,7 @@ def run(argv=None, writes: Writes | None = None) -> int:
     from kimi_jax.prompt_generation import (PromptGenerator, check_vocabulary, context_notice, encode_prompts,
                                             tokenizer_max_length)
     from kimi_jax.recursive import io
+    from kimi_jax.evaluation.results import fmt_value
     from kimi_jax.recursive.metrics import recursive_metrics, traces_to_json
 
     def notice(message: str) -> None:
@@ -253,11 +246,11 @@ def run(argv=None, writes: Writes | None = None) -> int:
         print(f"recursive: chunk_width {rcfg.chunk_width}, max_inner_steps {rcfg.max_inner_steps}, commit_mode "
               f"{rcfg.commit_mode}, draft seed {rcfg.seed}, sidecar {info.get('sidecar')}"
               + (", diagnostic" if diagnostic else ""))
-        print("metrics: " + "  ".join(f"{k} {_fmt(metrics.get(k))}" for k in SUMMARY_METRICS))
+        print("metrics: " + "  ".join(f"{k} {fmt_value(metrics.get(k))}" for k in SUMMARY_METRICS))
     else:
         print("baseline: greedy decoding (recursion disabled)")
     compile_note = "" if args.warmup else " (includes XLA compilation; --warmup excludes it)"
-    print(f"generated {total} tokens in {seconds:.2f} s: {_fmt(tokens_per_sec)} tokens/s{compile_note}")
+    print(f"generated {total} tokens in {seconds:.2f} s: {fmt_value(tokens_per_sec)} tokens/s{compile_note}")
 
     if output_json is not None:
         from kimi_jax.safe_io import describe_write_error, write_json_atomic
@@ -291,17 +284,9 @@ def run(argv=None, writes: Writes | None = None) -> int:
 def main(argv=None) -> int:
     """Run the command; expected failures become one `error:` line on stderr and exit status 2, a failed write of
     --output_json one line and exit status 1; Ctrl-C (130) and SIGTERM (143) say whether --output_json was written."""
-    from kimi_jax.safe_io import Writes, interrupt_exit_code, interrupt_name, sigterm_as_interrupt
+    from kimi_jax.safe_io import Writes, run_command
 
-    writes = Writes()
-    try:
-        with sigterm_as_interrupt():
-            return run(argv, writes)
-    except KimiJaxError as e:
-        return report(e)
-    except KeyboardInterrupt as e:
-        print(f"error: {interrupt_name(e)}; {writes.describe()}", file=sys.stderr)
-        return interrupt_exit_code(e)
+    return run_command(run, argv, Writes())
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from typing import Callable, Iterator, Mapping
+
 from kimi_jax.errors import KimiJaxError
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -371,6 +373,22 @@ class Writes:
         return "; ".join(parts) if parts else nothing
 
 
+def run_command(run, argv, writes: "Writes", nothing: str = "no output file was written") -> int:
+    """A command's main(): `run(argv, writes)` with SIGTERM raised like Ctrl-C; an expected failure (a KimiJaxError)
+    becomes one `error:` line and its exit code; Ctrl-C (130) and SIGTERM (143) one line saying which of the
+    command's files were written before they came."""
+    from kimi_jax.errors import KimiJaxError, report
+
+    try:
+        with sigterm_as_interrupt():
+            return run(argv, writes)
+    except KimiJaxError as e:
+        return report(e)
+    except KeyboardInterrupt as e:
+        print(f"error: {interrupt_name(e)}; {writes.describe(nothing)}", file=sys.stderr)
+        return interrupt_exit_code(e)
+
+
 def _identity(path: str) -> tuple[int, int] | None:
     """(device, inode) of the file at `path`, None when there is none: an atomic replace gives it a new inode."""
     try:
@@ -466,7 +484,8 @@ def _read_holder(fd: int) -> str:
         return ""
 
 
-__all__ = ["EXIT_SIGINT", "EXIT_SIGTERM", "FolderLock", "OutputError", "Terminated", "atomic_folder", "check_writable_location", "deferred_interrupts", "read_utf8", "Writes",
-           "describe_write_error", "interrupt_exit_code", "interrupt_name", "pid_alive", "refuse_overlap",
-           "remove_path", "remove_stale_temporaries", "sigterm_as_interrupt", "storage_error", "temporary_sibling",
-           "write_json_atomic", "write_text_atomic"]
+__all__ = ["EXIT_SIGINT", "EXIT_SIGTERM", "FolderLock", "OutputError", "Terminated", "Writes", "atomic_folder",
+           "check_writable_location", "deferred_interrupts", "describe_write_error", "interrupt_exit_code",
+           "interrupt_name", "pid_alive", "read_utf8", "refuse_overlap", "remove_path", "remove_stale_temporaries",
+           "run_command", "sigterm_as_interrupt", "storage_error", "temporary_sibling", "write_json_atomic",
+           "write_text_atomic"]

@@ -17,26 +17,17 @@ import shutil
 import subprocess
 import sys
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax import nnx
+from conftest import EVAL_NEW_TOKENS as N
 
 from experiments import evaluate
+from kimi_jax import model_folder
 from kimi_jax.evaluation import results as eval_results, stage as eval_stage
-from kimi_jax import model_folder, orbax_model
-from kimi_jax import tokenizer as tokenizer_mod
-from kimi_jax.config import tiny
 from kimi_jax.evaluation.schema import SchemaError, validate_results
-from kimi_jax.tb_events import read_scalars
-from kimi_jax.model import KimiLinearForCausalLM
 from kimi_jax.recursive import io
-from kimi_jax.recursive.config import load_preset
-from kimi_jax.recursive.sidecar import build_sidecar
-from kimi_jax.tokenizer_fixtures import build_kimi_format_tokenizer, local_corpus
+from kimi_jax.tb_events import read_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from conftest import EVAL_COMMON as COMMON, EVAL_NEW_TOKENS as N, EVAL_SMALL_SIDECAR as SMALL_SIDECAR
 
 
 def cli(*args) -> tuple[int, str, str]:

@@ -166,7 +166,8 @@ def write_results(result: dict, plan: StagePlan, writes: Writes, notice: Callabl
 
 
 # ------------------------------------------------------------------------------------------------ summary
-def _fmt(v) -> str:
+def fmt_value(v) -> str:
+    """A figure for a summary line: 4 significant digits, "n/a" for a missing one."""
     if v is None:
         return "n/a"
     if isinstance(v, float):
@@ -182,42 +183,42 @@ def summary_lines(result: dict, written: list[str], logdir: str | None) -> list[
              + (", recursive" if meta["use_recursive"] else ", baseline")]
     core = result["core"]
     if core["status"] == "ok":
-        lines.append(f"core ({core['path']} path): perplexity {_fmt(core['perplexity'])}  bits/byte "
-                     f"{_fmt(core['bits_per_byte'])}  token accuracy {_fmt(core['token_accuracy'])}  over "
+        lines.append(f"core ({core['path']} path): perplexity {fmt_value(core['perplexity'])}  bits/byte "
+                     f"{fmt_value(core['bits_per_byte'])}  token accuracy {fmt_value(core['token_accuracy'])}  over "
                      f"{core['num_tokens']} tokens" + (" (truncated)" if core["truncated"] else ""))
     else:
         lines.append(f"core: skipped ({core['reason']})")
     r = result["reasoning"]
     if r["status"] == "ok":
-        lines.append(f"gsm8k ({r['num_fewshot']}-shot, n={r['n']}): strict-match {_fmt(r['strict_match'])}  "
-                     f"flexible-extract {_fmt(r['flexible_extract'])}")
+        lines.append(f"gsm8k ({r['num_fewshot']}-shot, n={r['n']}): strict-match {fmt_value(r['strict_match'])}  "
+                     f"flexible-extract {fmt_value(r['flexible_extract'])}")
     else:
         lines.append(f"gsm8k: skipped ({r['reason']})")
     g = result["generation"]
     if g["status"] == "ok":
-        lines.append(f"generation ({g['num_samples']} samples): mean length {_fmt(g['length']['mean_tokens'])}  "
-                     f"distinct-1/2/3 {_fmt(g['distinct_1'])}/{_fmt(g['distinct_2'])}/{_fmt(g['distinct_3'])}  "
-                     f"4-gram repetition {_fmt(g['repetition_rate_4gram'])}")
+        lines.append(f"generation ({g['num_samples']} samples): mean length {fmt_value(g['length']['mean_tokens'])}  "
+                     f"distinct-1/2/3 {fmt_value(g['distinct_1'])}/{fmt_value(g['distinct_2'])}/{fmt_value(g['distinct_3'])}  "
+                     f"4-gram repetition {fmt_value(g['repetition_rate_4gram'])}")
     p = result["performance"]
     if p["status"] == "ok":
         for name in ("baseline", "recursive"):
             if p[name] is not None:
-                lines.append(f"performance ({name}): prefill {_fmt(p[name]['prefill_tokens_per_sec'])} tokens/s  "
-                             f"decode {_fmt(p[name]['decode_tokens_per_sec'])} tokens/s (compilation excluded)")
+                lines.append(f"performance ({name}): prefill {fmt_value(p[name]['prefill_tokens_per_sec'])} tokens/s  "
+                             f"decode {fmt_value(p[name]['decode_tokens_per_sec'])} tokens/s (compilation excluded)")
         lines.append(f"peak memory {p['peak_memory_bytes'] / MIB:.1f} MiB ({p['peak_memory_source']})")
     gc = result["greedy_chunk_accuracy"]
     if gc["status"] == "ok":
         lines.append(f"greedy chunk accuracy (W={gc['chunk_width']}, {gc['num_chunks']} chunks): "
-                     f"{_fmt(gc['token_accuracy'])}")
+                     f"{fmt_value(gc['token_accuracy'])}")
     rec = result.get("recursive")
     if rec is not None:
         m = rec["metrics"]
-        lines.append("recursive: " + "  ".join(f"{k} {_fmt(m.get(k))}" for k in SUMMARY_RECURSIVE_METRICS))
+        lines.append("recursive: " + "  ".join(f"{k} {fmt_value(m.get(k))}" for k in SUMMARY_RECURSIVE_METRICS))
         acc = rec["chunk_accuracy_at_k"]
         if acc["status"] == "ok":
             lines.append(f"chunk accuracy@k (k=1..{acc['max_inner_steps']}, {acc['num_chunks']} chunks): "
-                         + " ".join(_fmt(v) for v in acc["token_accuracy_at_k"])
-                         + f"  vs baseline greedy {_fmt(acc['baseline_greedy']['token_accuracy'])}")
+                         + " ".join(fmt_value(v) for v in acc["token_accuracy_at_k"])
+                         + f"  vs baseline greedy {fmt_value(acc['baseline_greedy']['token_accuracy'])}")
     for path in written:
         if path == logdir:
             lines.append(f"wrote TensorBoard scalars to {path} (the folder under --log_dir, default ./logs of the "
@@ -229,4 +230,4 @@ def summary_lines(result: dict, written: list[str], logdir: str | None) -> list[
 
 
 __all__ = ["NOTHING_WRITTEN", "ResultsWriteError", "SCHEMA_VERSION", "SECTIONS", "assemble_results",
-           "newer_step_exists", "output_paths", "scalars_of", "summary_lines", "write_results"]
+           "fmt_value", "newer_step_exists", "output_paths", "scalars_of", "summary_lines", "write_results"]

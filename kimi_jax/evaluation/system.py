@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Callable
 
-__all__ = ["code_version", "hardware", "peak_memory", "timed", "utc_timestamp"]
+__all__ = ["code_version", "device_peak_bytes", "hardware", "peak_memory", "timed", "utc_timestamp"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,9 +53,9 @@ def hardware() -> dict[str, Any]:
             "python": platform.python_version(), "jax_version": jax.__version__}
 
 
-def peak_memory() -> dict[str, Any]:
-    """{"peak_bytes", "source"}: the largest `memory_stats()["peak_bytes_in_use"]` over local devices where the
-    backend reports it ("device_memory_stats"), else the process's peak RSS from getrusage ("host_peak_rss")."""
+def device_peak_bytes() -> int | None:
+    """The largest `memory_stats()["peak_bytes_in_use"]` over the local devices, or None where the backend does not
+    report it (CPU)."""
     import jax
 
     peaks = []
@@ -66,8 +66,15 @@ def peak_memory() -> dict[str, Any]:
             stats = None
         if stats and "peak_bytes_in_use" in stats:
             peaks.append(int(stats["peak_bytes_in_use"]))
-    if peaks:
-        return {"peak_bytes": max(peaks), "source": "device_memory_stats"}
+    return max(peaks) if peaks else None
+
+
+def peak_memory() -> dict[str, Any]:
+    """{"peak_bytes", "source"}: `device_peak_bytes()` where the backend reports it ("device_memory_stats"), else the
+    process's peak RSS from getrusage ("host_peak_rss")."""
+    peak = device_peak_bytes()
+    if peak is not None:
+        return {"peak_bytes": peak, "source": "device_memory_stats"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_bytes": int(rss) * (1 if sys.platform == "darwin" else 1024), "source": "host_peak_rss"}
 

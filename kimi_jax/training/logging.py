@@ -49,19 +49,10 @@ def to_python(value: Any) -> Any:
 
 def memory_mb() -> float:
     """Peak device memory in MB where the backend reports it, else the host's resident set size in MB."""
-    import jax
+    from kimi_jax.evaluation.system import device_peak_bytes
 
-    peaks = []
-    for device in jax.local_devices():
-        try:
-            stats = device.memory_stats()
-        except Exception:  # some backends raise instead of returning None
-            stats = None
-        if stats and "peak_bytes_in_use" in stats:
-            peaks.append(stats["peak_bytes_in_use"])
-    if peaks:
-        return max(peaks) / 2**20
-    return host_rss_bytes() / 2**20
+    peak = device_peak_bytes()
+    return (peak if peak is not None else host_rss_bytes()) / 2**20
 
 
 def host_rss_bytes() -> int:
