@@ -228,9 +228,10 @@ def main(argv=None) -> int:
     elif os.path.exists(marker):
         with open(marker) as f:
             if json.load(f) != dataclasses.asdict(sizes):
-                print(f"error: {workdir} holds a demo run of another size (--quick vs default); pass --fresh or "
-                      f"another --workdir", file=sys.stderr)
-                return 2
+                from kimi_jax.errors import UsageError, report
+
+                return report(UsageError(f"{workdir} holds a demo run of another size (--quick vs default); pass "
+                                         f"--fresh or another --workdir"))
     os.makedirs(os.path.join(workdir, ".done"), exist_ok=True)
     with open(marker, "w") as f:
         json.dump(dataclasses.asdict(sizes), f)

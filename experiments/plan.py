@@ -176,58 +176,50 @@ def sharded_bytes(tree) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from kimi_jax.config import ConfigError
+    """Expected failures (bad flags, configs, meshes, topologies) become one `error:` line and exit status 2."""
+    from kimi_jax.errors import KimiJaxError, report
 
     try:
-        cfg = load_config(args.config)  # checked before JAX and its devices are set up
-    except ConfigError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return run(parse_args(argv))
+    except KimiJaxError as e:
+        return report(e)
+
+
+def run(args) -> int:
+    from kimi_jax.errors import KimiJaxError, UsageError
+
+    cfg = load_config(args.config)  # checked before JAX and its devices are set up
     if args.save_hlo:  # checked before the compile, which can take many minutes
         from kimi_jax.safe_io import OutputError, check_writable_location, refuse_overlap
 
-        try:
-            refuse_overlap(args.save_hlo, "--save_hlo",
-                           {"--config": args.config if os.path.exists(args.config) else None})
-            if os.path.isdir(args.save_hlo):
-                raise OutputError(f"--save_hlo {args.save_hlo} is a folder; give a file name")
-            check_writable_location(os.path.dirname(os.path.abspath(args.save_hlo)), "--save_hlo",
-                                    shown=args.save_hlo)
-        except OutputError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        refuse_overlap(args.save_hlo, "--save_hlo", {"--config": args.config if os.path.exists(args.config) else None})
+        if os.path.isdir(args.save_hlo):
+            raise OutputError(f"--save_hlo {args.save_hlo} is a folder; give a file name")
+        check_writable_location(os.path.dirname(os.path.abspath(args.save_hlo)), "--save_hlo", shown=args.save_hlo)
     rcfg = None
     if args.stage == "recursive":
-        from kimi_jax.recursive.config import RecursiveConfigError, resolve
+        from kimi_jax.recursive.config import resolve
 
-        try:
-            rcfg = resolve(args.recursive_config or f"phase_{args.phase}")
-            changes = {k: v for k, v in (("chunk_width", args.chunk_width), ("max_inner_steps", args.max_inner_steps))
-                       if v is not None}
-            rcfg = rcfg.replace(recursive_enabled=True, phase=args.phase, **changes)
-        except RecursiveConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        rcfg = resolve(args.recursive_config or f"phase_{args.phase}")
+        changes = {k: v for k, v in (("chunk_width", args.chunk_width), ("max_inner_steps", args.max_inner_steps))
+                   if v is not None}
+        rcfg = rcfg.replace(recursive_enabled=True, phase=args.phase, **changes)
     for name, value in (("--batch_size", args.batch_size), ("--seq_len", args.seq_len)):
         if value < 1:
-            print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+            raise UsageError(f"{name} must be >= 1, got {value}")
     import jax
 
     if args.devices is not None:
         if args.devices < 1:
-            print(f"error: --devices must be >= 1, got {args.devices}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--devices must be >= 1, got {args.devices}")
         try:
             jax.config.update("jax_num_cpu_devices", args.devices)
         except Exception:  # backend already initialised (e.g. inside tests): use what exists
             pass
         cpu = jax.devices("cpu")
         if len(cpu) < args.devices:
-            print(f"error: --devices {args.devices}: only {len(cpu)} CPU devices exist in this process (JAX was "
-                  "initialised before the planner could ask for more)", file=sys.stderr)
-            return 2
+            raise UsageError(f"--devices {args.devices}: only {len(cpu)} CPU devices exist in this process (JAX was "
+                             "initialised before the planner could ask for more)")
         devices, platform = cpu[:args.devices], "cpu"
     else:
         try:
@@ -235,9 +227,8 @@ def main(argv=None) -> int:
 
             devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
         except Exception as e:
-            print(f"error: --topology {args.topology}: cannot build it ({type(e).__name__}: {str(e)[:200]}); "
-                  "compiling for TPU topologies needs libtpu (see JAX_NOTES §5)", file=sys.stderr)
-            return 2
+            raise UsageError(f"--topology {args.topology}: cannot build it ({type(e).__name__}: {str(e)[:200]}); "
+                             "compiling for TPU topologies needs libtpu (see JAX_NOTES §5)") from None
         platform = "tpu"
 
     import jax.numpy as jnp
@@ -247,11 +238,7 @@ def main(argv=None) -> int:
     from kimi_jax.model import KimiLinearForCausalLM, RunOptions
     from kimi_jax.training.vanilla import build_trainer, make_optimizer
 
-    try:
-        mesh = sharding.make_mesh(args.mesh, devices)
-    except sharding.ShardingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    mesh = sharding.make_mesh(args.mesh, devices)
     n = len(devices)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     t0 = time.time()
@@ -275,7 +262,7 @@ def main(argv=None) -> int:
             if rcfg.uses_lora:
                 rcfg.lora_layer_indices(cfg.num_hidden_layers)
             if rcfg.phase == "c" and not rcfg.unfrozen_layer_indices(cfg.mixer_types):
-                raise ValueError(f"recursive phase c: unfreeze_layers {rcfg.to_dict()['unfreeze_layers']} selects no "
+                raise UsageError(f"recursive phase c: unfreeze_layers {rcfg.to_dict()['unfreeze_layers']} selects no "
                                  f"layer of this {cfg.num_hidden_layers}-layer model; set unfreeze_layers in the "
                                  f"recursive config (a list of layer indices, every_4th or mla)")
             sidecar = nnx.eval_shape(lambda: build_sidecar(cfg, rcfg))
@@ -283,9 +270,10 @@ def main(argv=None) -> int:
             # of phase c in the trainable tree (sharded like the base, their AdamW state too).
             trainer, frozen, params, opt_state = build_recursive_trainer(
                 model, sidecar, rcfg, make_recursive_optimizer(rcfg), mesh, args.batch_size, opts=opts)
-        except ValueError as e:
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
+        except ValueError as e:  # num_windows: a sequence too short for one window
+            if isinstance(e, KimiJaxError):
+                raise
+            raise UsageError(str(e)) from None
         batch = {k: jax.ShapeDtypeStruct((args.batch_size, args.seq_len), dt, sharding=trainer.batch_sharding)
                  for k, dt in (("input_ids", jnp.int32), ("weights", jnp.float32))}
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
