@@ -26,7 +26,14 @@ def test_score_chunks_hand_case():
     assert s["exact_chunk_rate_at_k"] == [0.0, 1.0]
     assert s["mean_correct_prefix_at_k"] == [(2 + 0) / 2, 4.0]
     assert s["agreement_with_baseline_greedy_at_k"] == [1.0, 6 / 8]
-    assert s["baseline_greedy"] == {"token_accuracy": 6 / 8, "exact_chunk_rate": 0.0, "mean_correct_prefix": 1.0}
+    greedy_scores = {k: v for k, v in s["baseline_greedy"].items() if not k.endswith("_stderr")}
+    assert greedy_scores == {"token_accuracy": 6 / 8, "exact_chunk_rate": 0.0, "mean_correct_prefix": 1.0,
+                             "per_chunk_correct": [3, 3]}
+    # per-chunk values: accuracy (3/4, 3/4) -> stderr 0; correct prefix (2, 0) -> std sqrt(2) / sqrt(2) = 1
+    assert s["baseline_greedy"]["token_accuracy_stderr"] == 0.0
+    assert s["baseline_greedy"]["mean_correct_prefix_stderr"] == pytest.approx(1.0)
+    assert s["per_chunk_correct_at_k"] == [[3, 3], [4, 4]] and s["token_accuracy_at_k_stderr"] == [0.0, 0.0]
+    assert s["exact_chunk_rate_at_k_stderr"] == [0.0, 0.0] and "per_chunk_correct" not in s["draft"]
     assert s["draft"]["agreement_with_baseline_greedy"] == 1.0
     assert (s["num_chunks"], s["chunk_width"], s["max_inner_steps"]) == (2, 4, 2)
 

@@ -28,7 +28,10 @@ def test_repetition_rate_per_sample_then_averaged():
 
 def test_length_stats():
     s = length_stats([4, 10, 10], [True, False, True], max_new_tokens=10)
-    assert s == {"mean_tokens": 8.0, "min_tokens": 4, "max_tokens": 10, "fraction_hit_max_new_tokens": 1 / 3}
+    assert s == {"mean_tokens": 8.0, "min_tokens": 4, "max_tokens": 10, "fraction_hit_max_new_tokens": 1 / 3,
+                 # sample std of (4, 10, 10) is sqrt(12), of (0, 1, 0) sqrt(1/3); / sqrt(3)
+                 "mean_tokens_stderr": pytest.approx(2.0), "fraction_hit_max_new_tokens_stderr": pytest.approx(1 / 3)}
+    assert length_stats([7], [True], 10)["mean_tokens_stderr"] is None
     assert length_stats([], [], 10)["mean_tokens"] is None
     stats = generation_stats([[1, 2, 3, 4, 1, 2, 3, 4]], [8], [False], 8)
     assert stats["distinct_1"] == 0.5 and stats["repetition_rate_4gram"] == pytest.approx(1 / 5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 
 import pytest
@@ -66,7 +67,11 @@ def test_score_completion_and_summary():
     rec3 = score_completion(item, "The total is 7.")
     assert not rec3["strict_correct"] and rec3["flexible_correct"]
     s = summarize([rec, rec2, rec3])
-    assert s == {"n": 3, "strict_match": 1 / 3, "flexible_extract": 2 / 3, "reasoning_accuracy": 1 / 3}
+    # Bernoulli items: the sample std (ddof=1) of k hits in n is sqrt(p (1 - p) n / (n - 1)); / sqrt(n)
+    se = pytest.approx(math.sqrt((1 / 3) * (2 / 3) / 2))
+    assert s == {"n": 3, "strict_match": 1 / 3, "flexible_extract": 2 / 3, "reasoning_accuracy": 1 / 3,
+                 "strict_match_stderr": se, "flexible_extract_stderr": se, "reasoning_accuracy_stderr": se}
+    assert summarize([rec])["strict_match_stderr"] is None
 
 
 def test_fewshot_prompt_format():

@@ -96,6 +96,29 @@ def test_every_scored_token_counted_once_with_its_window_context():
         [w for w in rolling_windows(29, 16, 6) if w[2] > 12])
 
 
+def test_per_document_sums_and_their_bootstrap_intervals():
+    """The per-document sums add up to the totals and feed a seeded bootstrap over documents; one document has no
+    uncertainty."""
+    from kimi_jax.evaluation import uncertainty
+
+    docs = [doc(np.arange(1000, 1000 + n), num_bytes=3 * n) for n in (12, 30, 7, 19, 25, 16, 9, 40)]
+    out = evaluate_perplexity(docs, _recording_scorer([]), seq_len=16, stride=6, batch_size=3, pad_id=0)
+    per = out["per_document"]
+    assert per["num_tokens"] == [d.num_scored for d in docs] and per["num_bytes"] == [d.num_bytes for d in docs]
+    assert sum(per["nll_sum"]) == pytest.approx(out["nll_sum"]) and sum(per["num_correct"]) == out["num_correct"]
+    for d, (n_doc, nll_doc) in enumerate(zip(per["num_tokens"], per["nll_sum"])):
+        expected = sum(j - start + 1 for start, first, end in rolling_windows(n_doc, 16, 6) for j in range(first, end))
+        assert nll_doc == expected, d
+    ppl = uncertainty.bootstrap_ratio(per["nll_sum"], per["num_tokens"], uncertainty.perplexity_transform)
+    assert out["perplexity_stderr"] == ppl.stderr > 0 and out["perplexity_ci95"] == [ppl.low, ppl.high]
+    assert out["perplexity_ci95"][0] < out["perplexity"] < out["perplexity_ci95"][1]
+    for name in ("nll_per_token", "bits_per_byte", "token_accuracy"):
+        low, high = out[f"{name}_ci95"]
+        assert low <= out[name] <= high and out[f"{name}_stderr"] > 0, name
+    one = evaluate_perplexity(docs[:1], _recording_scorer([]), seq_len=16, stride=6, batch_size=3, pad_id=0)
+    assert one["perplexity_stderr"] is None and one["bits_per_byte_ci95"] is None
+
+
 def test_uniform_distribution_gives_perplexity_vocab_size():
     V = 97
 

@@ -343,6 +343,53 @@ def test_a_failed_results_write_is_a_write_error(baseline, tmp_path, monkeypatch
                             f"is unchanged)")
 
 
+UNCERTAINTY_SUFFIXES = ("_stderr", "_ci95")
+PER_UNIT_FIELDS = ("per_document", "per_chunk_correct", "per_chunk_correct_at_k")
+
+
+def _without_uncertainty(value):
+    """A result as written before the uncertainty fields existed."""
+    if isinstance(value, dict):
+        return {k: _without_uncertainty(v) for k, v in value.items()
+                if not k.endswith(UNCERTAINTY_SUFFIXES) and k not in PER_UNIT_FIELDS}
+    if isinstance(value, list):
+        return [_without_uncertainty(v) for v in value]
+    return value
+
+
+def test_sections_carry_standard_errors_and_old_results_still_validate(baseline):
+    from kimi_jax.evaluation.uncertainty import mean_stderr
+
+    settings, plan, loaded, inputs, generator = baseline
+    core = core_metrics(loaded, inputs.held_out, settings)
+    per = core["per_document"]
+    assert len(per["nll_sum"]) == core["num_documents"] == 3 and sum(per["num_tokens"]) == core["num_tokens"]
+    assert sum(per["num_correct"]) == core["num_correct"] and sum(per["num_bytes"]) == core["num_bytes"]
+    np.testing.assert_allclose(sum(per["nll_sum"]), core["nll_sum"], rtol=1e-12)
+    for name in ("perplexity", "bits_per_byte", "token_accuracy", "nll_per_token"):
+        low, high = core[f"{name}_ci95"]
+        assert low <= core[name] <= high and core[f"{name}_stderr"] >= 0, name
+    section, _ = reasoning(generator, loaded, inputs.gsm8k, settings)
+    assert section["strict_match_stderr"] == mean_stderr([float(i["strict_correct"]) for i in section["items"]])
+    run = generation(generator, loaded, inputs.generation_prompts, inputs.generation_rows, settings)
+    assert run.section["length"]["mean_tokens_stderr"] == mean_stderr(
+        [float(s["num_tokens"]) for s in run.section["samples"]])
+    acc, greedy = chunk_accuracy(loaded, inputs.held_out, plan.chunk_rcfg, settings)
+    assert sum(greedy["per_chunk_correct"]) == greedy["token_accuracy"] * greedy["num_chunks"] * CHUNK_WIDTH
+    sections = {"core": core, "reasoning": section, "generation": run.section,
+                "performance": {"status": "skipped", "reason": "not measured here"}, "greedy_chunk_accuracy": greedy,
+                "recursive": None}
+    result = eval_results.assemble_results(settings, plan, loaded, inputs, sections, {"core": 0.5})
+    json.dumps(result, allow_nan=False)  # plain JSON numbers and lists
+    old = _without_uncertainty(result)
+    assert "per_document" not in old["core"] and "strict_match_stderr" not in old["reasoning"]
+    validate_results(old)  # results written before the uncertainty fields still load
+    broken = json.loads(json.dumps(result))
+    broken["core"]["perplexity_ci95"] = [1.0]
+    with pytest.raises(ValueError, match=re.escape("$.core.perplexity_ci95")):
+        validate_results(broken)
+
+
 def _toy_result(settings, plan, loaded, inputs) -> dict:
     """A valid result from hand-made sections (the writers and the summary do not care how they were measured)."""
     skipped = {"status": "skipped", "reason": "not measured here"}

@@ -16,7 +16,10 @@ Nothing the drafts or proposals see depends on the true chunk (they see only the
 the sidecar), so the scores are leak-free; `tests/test_eval_chunk_accuracy.py` checks this by changing the chunk.
 Reported per k: token accuracy (position-wise matches / (chunks x W)), exact-chunk rate, mean correct-prefix length
 (LCP with the truth, in tokens) and agreement with the baseline's greedy continuation; the same for the baseline's
-greedy continuation itself (the comparison) and the seed draft.
+greedy continuation itself (the comparison) and the seed draft. Every score is a mean over chunks and carries its
+standard error over chunks (``*_stderr``, lm-eval's ``mean_stderr``; None for one chunk); the correct positions of
+each chunk (``per_chunk_correct_at_k`` [K][C], the baseline greedy's ``per_chunk_correct`` [C]) are kept for paired
+comparisons between stages (the chunks are the same for the same data, seq_len and chunk width).
 
 Rows: the held-out documents' token streams (each with its prefix token) concatenated and cut into consecutive rows of
 ``L = (n + 1) * W + 1`` tokens holding ``n = max(1, seq_len // W - 1)`` windows at starts W, 2W, .., nW (the first W
@@ -29,6 +32,10 @@ import functools
 from typing import Sequence
 
 import numpy as np
+
+from kimi_jax.evaluation.uncertainty import mean_stderr
+
+AT_K_SCORES = ("token_accuracy", "exact_chunk_rate", "mean_correct_prefix", "agreement_with_baseline_greedy")
 
 __all__ = ["chunk_rows", "evaluate_chunk_accuracy", "score_chunks"]
 
@@ -52,10 +59,20 @@ def _lcp(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _scores(pred: np.ndarray, truth: np.ndarray, greedy: np.ndarray) -> dict:
+    """Each score, a mean over chunks, with its standard error over chunks (``*_stderr``), and the correct
+    positions of every chunk (``per_chunk_correct``, for paired comparisons)."""
     eq = pred == truth
-    return {"token_accuracy": float(eq.mean()), "exact_chunk_rate": float(eq.all(axis=1).mean()),
-            "mean_correct_prefix": float(_lcp(pred, truth).mean()),
-            "agreement_with_baseline_greedy": float((pred == greedy).mean())}
+    per_chunk = {"token_accuracy": eq.mean(axis=1), "exact_chunk_rate": eq.all(axis=1).astype(np.float64),
+                 "mean_correct_prefix": _lcp(pred, truth).astype(np.float64),
+                 "agreement_with_baseline_greedy": (pred == greedy).mean(axis=1)}
+    out = {name: float(values.mean()) for name, values in per_chunk.items()}
+    out.update({f"{name}_stderr": mean_stderr(values) for name, values in per_chunk.items()})
+    out["per_chunk_correct"] = [int(v) for v in eq.sum(axis=1)]
+    return out
+
+
+def _without(scores: dict, *names: str) -> dict:
+    return {k: v for k, v in scores.items() if k not in names and k.removesuffix("_stderr") not in names}
 
 
 def score_chunks(truth: np.ndarray, greedy: np.ndarray, draft: np.ndarray, proposals: np.ndarray) -> dict:
@@ -71,9 +88,10 @@ def score_chunks(truth: np.ndarray, greedy: np.ndarray, draft: np.ndarray, propo
         "exact_chunk_rate_at_k": [s["exact_chunk_rate"] for s in per_k],
         "mean_correct_prefix_at_k": [s["mean_correct_prefix"] for s in per_k],
         "agreement_with_baseline_greedy_at_k": [s["agreement_with_baseline_greedy"] for s in per_k],
-        "baseline_greedy": {k: v for k, v in _scores(greedy, truth, greedy).items()
-                            if k != "agreement_with_baseline_greedy"},
-        "draft": {k: v for k, v in _scores(draft, truth, greedy).items()},
+        **{f"{name}_at_k_stderr": [s[f"{name}_stderr"] for s in per_k] for name in AT_K_SCORES},
+        "per_chunk_correct_at_k": [s["per_chunk_correct"] for s in per_k],
+        "baseline_greedy": _without(_scores(greedy, truth, greedy), "agreement_with_baseline_greedy"),
+        "draft": _without(_scores(draft, truth, greedy), "per_chunk_correct"),
     }
 
 

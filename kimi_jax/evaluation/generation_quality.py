@@ -9,17 +9,21 @@
 * ``repetition_rate`` (n = 4): per sample, the fraction of its 4-gram occurrences that repeat a 4-gram seen
   earlier in the same sample, ``1 - unique/total``; averaged over the samples that have at least one 4-gram.
 
-An undefined value (no n-grams at all) is None, never NaN.
+The means over samples (mean length, fraction hitting the limit, 4-gram repetition) carry ``*_stderr``
+(`kimi_jax.evaluation.uncertainty.mean_stderr`, None for fewer than two samples); distinct-n pools the n-grams of all
+samples (not a mean over samples) and has none. An undefined value (no n-grams at all) is None, never NaN.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from kimi_jax.evaluation.uncertainty import mean_stderr
+
 PROMPT_CHARS = 200
 
 __all__ = ["PROMPT_CHARS", "distinct_n", "generation_stats", "length_stats", "ngrams", "prompt_snippets",
-           "repetition_rate"]
+           "repetition_rate", "sample_repetition_rates"]
 
 
 def prompt_snippets(texts: Sequence[str], count: int, max_chars: int = PROMPT_CHARS) -> list[str]:
@@ -49,22 +53,31 @@ def distinct_n(samples: Sequence[Sequence[int]], n: int) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
-def repetition_rate(samples: Sequence[Sequence[int]], n: int = 4) -> float | None:
+def sample_repetition_rates(samples: Sequence[Sequence[int]], n: int = 4) -> list[float]:
+    """1 - unique/total n-grams of each sample that has at least one n-gram."""
     rates = []
     for s in samples:
         grams = ngrams(list(s), n)
         if grams:
             rates.append(1.0 - len(set(grams)) / len(grams))
+    return rates
+
+
+def repetition_rate(samples: Sequence[Sequence[int]], n: int = 4) -> float | None:
+    rates = sample_repetition_rates(samples, n)
     return sum(rates) / len(rates) if rates else None
 
 
 def length_stats(num_tokens: Sequence[int], ended_with_eos: Sequence[bool], max_new_tokens: int) -> dict:
     n = len(num_tokens)
     if n == 0:
-        return {"mean_tokens": None, "min_tokens": None, "max_tokens": None, "fraction_hit_max_new_tokens": None}
-    hit = sum(1 for k, eos in zip(num_tokens, ended_with_eos) if k >= max_new_tokens and not eos)
+        return {"mean_tokens": None, "min_tokens": None, "max_tokens": None, "fraction_hit_max_new_tokens": None,
+                "mean_tokens_stderr": None, "fraction_hit_max_new_tokens_stderr": None}
+    hits = [float(k >= max_new_tokens and not eos) for k, eos in zip(num_tokens, ended_with_eos)]
     return {"mean_tokens": sum(num_tokens) / n, "min_tokens": int(min(num_tokens)), "max_tokens": int(max(num_tokens)),
-            "fraction_hit_max_new_tokens": hit / n}
+            "fraction_hit_max_new_tokens": sum(hits) / n,
+            "mean_tokens_stderr": mean_stderr([float(k) for k in num_tokens]),
+            "fraction_hit_max_new_tokens_stderr": mean_stderr(hits)}
 
 
 def generation_stats(continuations: Sequence[Sequence[int]], num_tokens: Sequence[int],
@@ -76,4 +89,5 @@ def generation_stats(continuations: Sequence[Sequence[int]], num_tokens: Sequenc
         "distinct_2": distinct_n(continuations, 2),
         "distinct_3": distinct_n(continuations, 3),
         "repetition_rate_4gram": repetition_rate(continuations, 4),
+        "repetition_rate_4gram_stderr": mean_stderr(sample_repetition_rates(continuations, 4)),
     }

@@ -171,11 +171,20 @@ def score_completion(item: dict, completion: str) -> dict:
 
 
 def summarize(records: Sequence[dict]) -> dict:
-    """Accuracies over per-item records (``strict_correct`` / ``flexible_correct``)."""
+    """Accuracies over per-item records (``strict_correct`` / ``flexible_correct``) and their standard errors
+    (lm-eval's ``mean_stderr``: sample std / sqrt(n), None for one item); the records keep the per-problem
+    correctness that paired comparisons need."""
+    from kimi_jax.evaluation.uncertainty import mean_stderr
+
     n = len(records)
-    strict = sum(bool(r["strict_correct"]) for r in records) / n if n else None
-    flexible = sum(bool(r["flexible_correct"]) for r in records) / n if n else None
-    return {"n": n, "strict_match": strict, "flexible_extract": flexible, "reasoning_accuracy": strict}
+    strict_flags = [float(bool(r["strict_correct"])) for r in records]
+    flexible_flags = [float(bool(r["flexible_correct"])) for r in records]
+    strict = sum(strict_flags) / n if n else None
+    flexible = sum(flexible_flags) / n if n else None
+    strict_se, flexible_se = mean_stderr(strict_flags), mean_stderr(flexible_flags)
+    return {"n": n, "strict_match": strict, "flexible_extract": flexible, "reasoning_accuracy": strict,
+            "strict_match_stderr": strict_se, "flexible_extract_stderr": flexible_se,
+            "reasoning_accuracy_stderr": strict_se}
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -19,6 +19,11 @@ Over all scored targets t of all documents (never averaging per-document or per-
     bits_per_byte  = sum_t -log p(x_t | context) / (ln 2 * sum of the UTF-8 bytes of the scored text)
     token_accuracy = sum_t 1[argmax p(. | context) == x_t] / N
 
+Their uncertainty: the per-document sums (``per_document``: nll_sum, num_tokens, num_correct, num_bytes, one entry
+per document in order) are kept, and each metric gets ``{metric}_stderr`` and ``{metric}_ci95`` from a seeded
+bootstrap over documents (`document_uncertainty`; tokens of one document are not independent, documents are). The
+per-document sums also let `kimi_jax.evaluation.verdicts` pair two stages document by document.
+
 A *scorer* maps a batch of windows (``ids [B, T]``, ``targets [B, T]``, right-padded to ``T = seq_len``) to the
 per-position NLL and top-1 correctness; `kimi_jax.scoring.make_scorer` is the jitted one for a Kimi-Linear model (the
 clean causal forward, without [B, T, V] logits: for a recursive stage, exactly the baseline/commit path, without the sidecar), and tests plug in scorers
@@ -35,8 +40,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 Scorer = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+MAX_EXP_ARGUMENT = 700.0  # exp(> 709) overflows a float64: no perplexity beyond this mean NLL
+UNCERTAIN_METRICS = ("perplexity", "nll_per_token", "bits_per_byte", "token_accuracy")  # with *_stderr, *_ci95
 
-__all__ = ["ScoredDocument", "Scorer", "bits_per_byte", "document_from_record", "documents_from_records",
+__all__ = ["ScoredDocument", "Scorer", "UNCERTAIN_METRICS", "bits_per_byte", "document_from_record",
+           "document_uncertainty", "documents_from_records",
            "evaluate_perplexity", "prefix_token_id", "rolling_windows", "tokens_fingerprint",
            "truncate_documents"]
 
@@ -205,7 +213,9 @@ def evaluate_perplexity(docs: Sequence[ScoredDocument], scorer: Scorer, *, seq_l
         for start, first, end in rolling_windows(doc.num_targets, seq_len, stride):
             if doc.scored[first:end].any():
                 jobs.append((d, start, first, end))
-    nll_sum, correct, count = 0.0, 0, 0
+    doc_nll = np.zeros(len(docs), np.float64)  # per-document sums: the units of the bootstrap (uncertainty.py)
+    doc_correct = np.zeros(len(docs), np.int64)
+    doc_count = np.zeros(len(docs), np.int64)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(jobs), desc="perplexity", unit="window", disable=not progress)
@@ -226,15 +236,18 @@ def evaluate_perplexity(docs: Sequence[ScoredDocument], scorer: Scorer, *, seq_l
             raise ValueError(f"the scorer returned shapes {nll.shape} and {hit.shape}, expected {ids.shape}")
         if not np.all(np.isfinite(nll[weights])):
             raise FloatingPointError("the model produced a non-finite NLL on a scored token")
-        nll_sum += float(nll[weights].sum())
-        correct += int(hit[weights].sum())
-        count += int(weights.sum())
+        for row, (d, _, _, _) in enumerate(batch):
+            doc_nll[d] += float(nll[row][weights[row]].sum())
+            doc_correct[d] += int(hit[row][weights[row]].sum())
+            doc_count[d] += int(weights[row].sum())
         bar.update(len(batch))
     bar.close()
-    num_bytes = int(sum(doc.num_bytes for doc in docs))
+    doc_bytes = [int(doc.num_bytes) for doc in docs]
+    nll_sum, correct, count = float(doc_nll.sum()), int(doc_correct.sum()), int(doc_count.sum())
+    num_bytes = sum(doc_bytes)
     mean = nll_sum / count if count else None
-    return {
-        "perplexity": None if mean is None or mean > 700.0 else float(math.exp(mean)),  # exp(>709) overflows
+    out = {
+        "perplexity": None if mean is None or mean > MAX_EXP_ARGUMENT else float(math.exp(mean)),
         "nll_per_token": mean,
         "bits_per_byte": bits_per_byte(nll_sum, num_bytes),
         "token_accuracy": correct / count if count else None,
@@ -246,4 +259,33 @@ def evaluate_perplexity(docs: Sequence[ScoredDocument], scorer: Scorer, *, seq_l
         "num_windows": len(jobs),
         "seq_len": int(seq_len),
         "stride": int(stride),
+        "per_document": {"nll_sum": [float(v) for v in doc_nll], "num_tokens": [int(v) for v in doc_count],
+                         "num_correct": [int(v) for v in doc_correct], "num_bytes": doc_bytes},
     }
+    out.update(document_uncertainty(out["per_document"]))
+    return out
+
+
+def document_uncertainty(per_document: dict) -> dict:
+    """The bootstrap over documents (`kimi_jax.evaluation.uncertainty.bootstrap_ratio`) of perplexity, NLL per token,
+    bits per byte and token accuracy from the per-document sums: ``{metric}_stderr`` and ``{metric}_ci95`` ([low,
+    high], the `uncertainty.CONFIDENCE` percentile interval), None when there are fewer than two documents (or no
+    bytes, for bits per byte) or the perplexity overflows."""
+    from kimi_jax.evaluation import uncertainty as u
+
+    nll, tokens = per_document["nll_sum"], per_document["num_tokens"]
+    byte_counts, correct = per_document["num_bytes"], per_document["num_correct"]
+    intervals = {
+        "nll_per_token": u.bootstrap_ratio(nll, tokens),
+        "token_accuracy": u.bootstrap_ratio(correct, tokens),
+        "bits_per_byte": u.bootstrap_ratio(nll, byte_counts, u.bits_per_byte_transform) if sum(byte_counts) else None,
+    }
+    mean = intervals["nll_per_token"]
+    intervals["perplexity"] = (u.bootstrap_ratio(nll, tokens, u.perplexity_transform)
+                               if mean is not None and mean.high <= MAX_EXP_ARGUMENT else None)
+    out = {}
+    for name in UNCERTAIN_METRICS:
+        iv = intervals[name]
+        out[f"{name}_stderr"] = None if iv is None else iv.stderr
+        out[f"{name}_ci95"] = None if iv is None else [iv.low, iv.high]
+    return out
