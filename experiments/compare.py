@@ -11,9 +11,14 @@ atomically (the old file or the new one, never a part); a write that fails (a fu
 The four questions of EVALUATION_PLAN.md are answered explicitly, with the numbers and tolerances used:
   1. Does surgery preserve the baseline? after_surgery vs baseline: perplexity within --ppl_tolerance (relative)
      and identical greedy generations / GSM8K completions (the zero-init sidecar with verified commits).
-  2. Does fine-tuning help? finetuned_vanilla vs baseline: perplexity and reasoning accuracy.
-  3. Does recursion help? finetuned_recursive vs finetuned_vanilla: reasoning accuracy and leak-free chunk
-     accuracy after K inner steps vs the vanilla model's greedy chunk accuracy.
+  2. Does fine-tuning help? finetuned_vanilla vs baseline: perplexity (the answer) and reasoning accuracy.
+  3. Does recursion help? finetuned_recursive vs finetuned_vanilla: leak-free chunk accuracy after K inner steps
+     vs the vanilla model's greedy chunk accuracy (the answer), and reasoning accuracy.
+Questions 2 and 3 are paired comparisons (kimi_jax.evaluation.verdicts): the difference with its 95% interval from a
+paired bootstrap over documents, problems or chunks, and "yes" only when the interval lies entirely on the improving
+side ("no": entirely on the other side; else "inconclusive"). Results without per-unit data compare on the point
+estimates, marked "no uncertainty", and are never "yes". The tables show "value ± standard error" where the results
+carry one.
   4. Is recursion efficient? finetuned_recursive's avg_refine_steps (the plan's target: 1-2) and its decode
      throughput relative to the baseline path.
 """
@@ -147,8 +152,29 @@ def _completions(data: dict) -> list:
     return [r.get("completion") for r in (data.get("reasoning", {}).get("items") or [])]
 
 
+def _chunk_comparison(rec: dict, vanilla: dict):
+    """Chunk accuracy after K inner steps (recursive) against the vanilla model's greedy continuation, paired by
+    chunk when both scored the same chunks (same width and count)."""
+    from kimi_jax.evaluation.verdicts import compare_chunk_accuracy
+
+    acc = (rec.get("recursive") or {}).get("chunk_accuracy_at_k") or {}
+    greedy = vanilla.get("greedy_chunk_accuracy") or {}
+    per_k = acc.get("per_chunk_correct_at_k") or [None]
+    same = acc.get("chunk_width") == greedy.get("chunk_width") and acc.get("num_chunks") == greedy.get("num_chunks")
+    return compare_chunk_accuracy("chunk accuracy (greedy vanilla -> recursive after K steps)",
+                                  get(vanilla, GREEDY_CHUNK_ACC), greedy.get("per_chunk_correct"),
+                                  get(rec, CHUNK_ACC), per_k[-1], acc.get("chunk_width") if same else None)
+
+
 def verdicts(results: dict[str, dict], ppl_tol: float) -> list[tuple[str, str]]:
-    """[(question, answer sentence)] for the plan's four key questions, from whatever stages are present."""
+    """[(question, answer sentence)] for the plan's four key questions, from whatever stages are present.
+
+    Questions 2 and 3 are paired comparisons with a 95% interval (`kimi_jax.evaluation.verdicts`); the answer is
+    the verdict of the question's primary metric (2: perplexity, 3: chunk accuracy), the other one is reported with
+    its own verdict. Question 1 stays an exactness check (perplexity within the tolerance, identical generations),
+    with the perplexity interval reported."""
+    from kimi_jax.evaluation.verdicts import compare_gsm8k, compare_perplexity
+
     out = []
     base, surg = results.get("baseline"), results.get("after_surgery")
     vanilla, rec = results.get("finetuned_vanilla"), results.get("finetuned_recursive")
@@ -160,34 +186,31 @@ def verdicts(results: dict[str, dict], ppl_tol: float) -> list[tuple[str, str]]:
         same_gen = _samples(base) == _samples(surg)
         same_gsm = _completions(base) == _completions(surg)
         ok = rel is not None and rel <= ppl_tol and same_gen and same_gsm
+        interval = compare_perplexity(base, surg)
         out.append((q, f"{'yes' if ok else 'no'}: max |delta ppl| = {abs(p1 - p0) if rel is not None else 'n/a'}"
                        f" (relative {_fmt(rel)}, tolerance {ppl_tol:g}); greedy generations "
                        f"{'identical' if same_gen else 'differ'} ({len(_samples(surg))} samples); GSM8K completions "
-                       f"{'identical' if same_gsm else 'differ'} ({len(_completions(surg))} items)"))
+                       f"{'identical' if same_gsm else 'differ'} ({len(_completions(surg))} items); "
+                       f"{interval.describe(with_verdict=False)}"))
     else:
         out.append((q, "not answered: needs baseline and after_surgery"))
 
     q = "2. Does fine-tuning help?"
     if base and vanilla:
-        p0, p1 = get(base, "core.perplexity"), get(vanilla, "core.perplexity")
-        a0, a1 = get(base, "reasoning.strict_match"), get(vanilla, "reasoning.strict_match")
-        better = p1 is not None and p0 is not None and p1 < p0
-        out.append((q, f"{'yes' if better else 'no'}: perplexity {_fmt(p0)} -> {_fmt(p1)}"
-                       + (f" ({(p1 - p0) / p0:+.2%})" if p0 and p1 is not None else "")
-                       + f"; GSM8K strict {_fmt(a0)} -> {_fmt(a1)}"))
+        ppl = compare_perplexity(base, vanilla)
+        gsm = compare_gsm8k(base, vanilla)
+        p0, p1 = ppl.a, ppl.b
+        out.append((q, f"{ppl.verdict}: {ppl.describe()}"
+                       + (f", relative {(p1 - p0) / p0:+.2%}" if p0 and p1 is not None else "")
+                       + f"; {gsm.describe()}"))
     else:
         out.append((q, "not answered: needs baseline and finetuned_vanilla"))
 
     q = "3. Does recursion help?"
     if vanilla and rec:
-        a0, a1 = get(vanilla, "reasoning.strict_match"), get(rec, "reasoning.strict_match")
-        c_rec = get(rec, CHUNK_ACC)
-        c_van = get(vanilla, GREEDY_CHUNK_ACC)  # the vanilla model's own greedy continuation, same chunks
-        gain_chunk = c_rec is not None and c_van is not None and c_rec > c_van
-        gain_gsm = a0 is not None and a1 is not None and a1 > a0
-        verdict = "yes" if gain_chunk and (gain_gsm or a1 == a0) else "no"
-        out.append((q, f"{verdict}: chunk accuracy after K steps {_fmt(c_rec)} vs greedy {_fmt(c_van)}; GSM8K "
-                       f"strict {_fmt(a0)} (vanilla) -> {_fmt(a1)} (recursive)"))
+        chunk = _chunk_comparison(rec, vanilla)
+        gsm = compare_gsm8k(vanilla, rec)
+        out.append((q, f"{chunk.verdict}: {chunk.describe()}; {gsm.describe()} (vanilla -> recursive)"))
     else:
         out.append((q, "not answered: needs finetuned_vanilla and finetuned_recursive"))
 
@@ -198,7 +221,8 @@ def verdicts(results: dict[str, dict], ppl_tol: float) -> list[tuple[str, str]]:
         steps = get(rec, "recursive.metrics.avg_refine_steps")
         ok = steps is not None and steps <= 2
         ratio = f"{t_rec / t_base:.2f}x the baseline decode throughput" if t_rec and t_base else "throughput n/a"
-        out.append((q, f"{'yes' if ok else 'no'}: avg_refine_steps {_fmt(steps)} (target 1-2), {ratio}"))
+        out.append((q, f"{'yes' if ok else 'no'}: avg_refine_steps {_fmt(steps)} (target 1-2, a point estimate), "
+                       f"{ratio}"))
     else:
         out.append((q, "not answered: needs finetuned_recursive"))
     return out
@@ -223,6 +247,25 @@ def table_rows(results: dict[str, dict], stages: list[str]):
     return rows
 
 
+def stderr_path(path: str) -> str:
+    """Where a metric's standard error is: `{field}_stderr` next to the field (for a list entry, the same entry of
+    `{field}_stderr`)."""
+    parts = path.split(".")
+    if parts[-1].lstrip("-").isdigit():
+        return ".".join(parts[:-2] + [parts[-2] + "_stderr", parts[-1]])
+    return path + "_stderr"
+
+
+def table_stderrs(results: dict[str, dict], stages: list[str]) -> dict[str, list]:
+    """{label: [standard error per stage, None where the results carry none]} for the table's metrics."""
+    return {label: [get(results[s], stderr_path(path)) if s in results else None for s in stages]
+            for label, path, _ in METRICS}
+
+
+def _cell(v, se) -> str:
+    return _fmt(v) if se is None or v is None else f"{_fmt(v)} ± {_fmt(se)}"
+
+
 def print_table(rows, stages: list[str]) -> None:
     try:
         from rich.console import Console
@@ -242,17 +285,20 @@ def print_table(rows, stages: list[str]) -> None:
     Console().print(table)
 
 
-def markdown(rows, stages, answers, missing, plots) -> str:
+def markdown(rows, stages, answers, missing, plots, stderrs: dict[str, list] | None = None) -> str:
     lines = ["# Stage comparison", ""]
     if missing:
         lines += [f"Missing stages (skipped): {', '.join(missing)}", ""]
     lines.append("| metric | " + " | ".join(stages) + " |")
     lines.append("|---|" + "---|" * len(stages))
     for label, values, marks in rows:
-        cells = [(f"**{_fmt(v)}**" if m == "+" else f"*{_fmt(v)}*" if m == "-" else _fmt(v))
-                 for v, m in zip(values, marks)]
+        ses = (stderrs or {}).get(label) or [None] * len(values)
+        cells = [(f"**{_cell(v, se)}**" if m == "+" else f"*{_cell(v, se)}*" if m == "-" else _cell(v, se))
+                 for v, m, se in zip(values, marks, ses)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Bold: better than the first stage; italics: worse.", "", "## Key questions", ""]
+    lines += ["", "Bold: better than the first stage; italics: worse (point estimates; ± one standard error where "
+                  "the results carry one). The key questions below say which differences are significant: the "
+                  "difference of the paired units with its 95% interval.", "", "## Key questions", ""]
     lines += [f"- **{q}** {a}" for q, a in answers]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
@@ -389,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
     plots = plot(rows, stages, plots_dir)
     with _writing(output):
         os.makedirs(os.path.dirname(output), exist_ok=True)
-        write_text_atomic(output, markdown(rows, stages, answers, missing, plots))
+        write_text_atomic(output, markdown(rows, stages, answers, missing, plots, table_stderrs(results, stages)))
     print(f"report: {output}; plots: {', '.join(plots)}")
     return 0
 

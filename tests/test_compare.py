@@ -7,11 +7,13 @@ import contextlib
 import copy
 import io as std_io
 import json
+import math
 import os
 
 import pytest
 
 from experiments import compare
+from kimi_jax.evaluation.uncertainty import MIN_PAIRED_UNITS
 
 
 def run(*args) -> tuple[int, str, str]:
@@ -67,12 +69,24 @@ def test_all_four_questions_and_highlighting(evaluation_runs, tmp_path):
     write_stage(tmp_path, "baseline", runs["baseline"]["json"])
     write_stage(tmp_path, "after_surgery", runs["after_surgery"]["json"])
     vanilla = copy.deepcopy(runs["baseline"]["json"])
-    vanilla["core"]["perplexity"] *= 0.5  # fine-tuning halved the perplexity
+    core = vanilla["core"]  # fine-tuning halved the perplexity: every document ln 2 nats per token better
+    per = core["per_document"]
+    per["nll_sum"] = [v - math.log(2) * t for v, t in zip(per["nll_sum"], per["num_tokens"])]
+    core["nll_sum"] = sum(per["nll_sum"])
+    core["nll_per_token"] = core["nll_sum"] / core["num_tokens"]
+    core["perplexity"] = math.exp(core["nll_per_token"])
     write_stage(tmp_path, "finetuned_vanilla", vanilla)
     write_stage(tmp_path, "finetuned_recursive", runs["finetuned_recursive"]["json"])
     rc, stdout, _ = run(*compare.STAGES, "--eval_dir", tmp_path)
     assert rc == 0
-    assert "Does fine-tuning help? yes" in answer(stdout, 2) and "-50.00%" in answer(stdout, 2)
+    # A verdict needs MIN_PAIRED_UNITS documents and an interval two: the demo's held-out tokens here may be fewer
+    # documents, and then even a halving is not shown to be significant (the old answer was "yes").
+    docs = len(per["nll_sum"])
+    expected = "yes" if docs >= MIN_PAIRED_UNITS else "inconclusive" if docs >= 2 else "inconclusive (no uncertainty)"
+    assert f"Does fine-tuning help? {expected}: perplexity" in answer(stdout, 2)
+    perplexity_part = answer(stdout, 2).split("; GSM8K")[0]
+    assert "-50.00%" in perplexity_part and ("95% CI [" in perplexity_part) == (docs >= 2)
+    assert "GSM8K strict" in answer(stdout, 2) and "Does fine-tuning help?" in (tmp_path / "comparison.md").read_text()
     assert "Does recursion help?" in answer(stdout, 3) and "not answered" not in answer(stdout, 3)
     assert "avg_refine_steps" in answer(stdout, 4)
     rows = {label: (values, marks) for label, values, marks in
@@ -184,3 +198,27 @@ def test_help_shows_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "folder of the {stage}_results.json files (default ./eval_results)" in text
     assert "(default: {eval_dir}/comparison.md)" in text and "(default 1e-4)" in text
+
+
+def _old_format(value):
+    """A result as written before the uncertainty fields (``*_stderr``, ``*_ci95``, per-unit lists) existed."""
+    if isinstance(value, dict):
+        return {k: _old_format(v) for k, v in value.items() if not k.endswith(("_stderr", "_ci95"))
+                and k not in ("per_document", "per_chunk_correct", "per_chunk_correct_at_k")}
+    if isinstance(value, list):
+        return [_old_format(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_old_results_without_uncertainty_still_compare(evaluation_runs, tmp_path):
+    runs = evaluation_runs
+    old = _old_format(runs["baseline"]["json"])
+    assert "per_document" not in old["core"]
+    write_stage(tmp_path, "baseline", old)
+    write_stage(tmp_path, "after_surgery", _old_format(runs["after_surgery"]["json"]))
+    write_stage(tmp_path, "finetuned_vanilla", runs["baseline"]["json"])  # a new-format file against an old one
+    rc, stdout, stderr = run("baseline", "after_surgery", "finetuned_vanilla", "--eval_dir", tmp_path)
+    assert rc == 0, stderr
+    assert "Does surgery preserve the baseline? yes" in answer(stdout, 1) and "no uncertainty" in answer(stdout, 1)
+    assert "Does fine-tuning help? inconclusive (no uncertainty): perplexity" in answer(stdout, 2)
