@@ -18,6 +18,8 @@ The measures they use:
 * :mod:`kimi_jax.evaluation.generation_quality`: prompts, lengths, distinct-n, repetition;
 * :mod:`kimi_jax.evaluation.chunk_accuracy`: leak-free chunk accuracy@k of the recursive model;
 * :mod:`kimi_jax.evaluation.system`: code version, hardware, peak memory;
+* :mod:`kimi_jax.evaluation.uncertainty`: standard errors, bootstrap intervals, paired tests and verdicts;
+* :mod:`kimi_jax.evaluation.verdicts`: paired comparisons of two stages' results (`experiments.compare`);
 * :mod:`kimi_jax.evaluation.schema` + ``schema.json``: the results file layout and its validator;
 * :mod:`kimi_jax.evaluation.lm_eval_adapter`: the `kimi_jax` model for lm-evaluation-harness.
 """
