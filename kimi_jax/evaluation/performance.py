@@ -153,4 +153,5 @@ def add_peak_memory(section: dict) -> None:
     section["peak_memory_note"] = PEAK_MEMORY_NOTE
 
 
-__all__ = ["DECODE_FALLBACK", "DECODE_MARGINAL", "MAX_TIMING_ROUNDS", "NOTE", "TIMING_REPEATS", "add_peak_memory", "measure_path", "measure_prefill", "performance"]
+__all__ = ["DECODE_FALLBACK", "DECODE_MARGINAL", "MAX_TIMING_ROUNDS", "NOTE", "TIMING_REPEATS", "add_peak_memory",
+           "measure_path", "measure_prefill", "performance"]
