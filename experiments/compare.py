@@ -15,8 +15,8 @@ The four questions of EVALUATION_PLAN.md are answered explicitly, with the numbe
   3. Does recursion help? finetuned_recursive vs finetuned_vanilla: leak-free chunk accuracy after K inner steps
      vs the vanilla model's greedy chunk accuracy (the answer), and reasoning accuracy.
 Questions 2 and 3 are paired comparisons (kimi_jax.evaluation.verdicts): the difference with its 95% interval from a
-paired bootstrap over documents, problems or chunks, and "yes" only when the interval lies entirely on the improving
-side ("no": entirely on the other side; else "inconclusive"). Results without per-unit data compare on the point
+paired bootstrap over the windows of the held-out documents, problems or chunks, and "yes" only when the interval
+lies entirely on the improving side ("no": entirely on the other side; else "inconclusive"). Results without per-unit data compare on the point
 estimates, marked "no uncertainty", and are never "yes". The tables show "value ± standard error" where the results
 carry one.
   4. Is recursion efficient? finetuned_recursive's avg_refine_steps (the plan's target: 1-2) and its decode

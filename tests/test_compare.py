@@ -69,9 +69,10 @@ def test_all_four_questions_and_highlighting(evaluation_runs, tmp_path):
     write_stage(tmp_path, "baseline", runs["baseline"]["json"])
     write_stage(tmp_path, "after_surgery", runs["after_surgery"]["json"])
     vanilla = copy.deepcopy(runs["baseline"]["json"])
-    core = vanilla["core"]  # fine-tuning halved the perplexity: every document ln 2 nats per token better
-    per = core["per_document"]
-    per["nll_sum"] = [v - math.log(2) * t for v, t in zip(per["nll_sum"], per["num_tokens"])]
+    core = vanilla["core"]  # fine-tuning halved the perplexity: every window ln 2 nats per token better
+    for field in ("per_document", "per_window"):
+        per = core[field]
+        per["nll_sum"] = [v - math.log(2) * t for v, t in zip(per["nll_sum"], per["num_tokens"])]
     core["nll_sum"] = sum(per["nll_sum"])
     core["nll_per_token"] = core["nll_sum"] / core["num_tokens"]
     core["perplexity"] = math.exp(core["nll_per_token"])
@@ -79,8 +80,8 @@ def test_all_four_questions_and_highlighting(evaluation_runs, tmp_path):
     write_stage(tmp_path, "finetuned_recursive", runs["finetuned_recursive"]["json"])
     rc, stdout, _ = run(*compare.STAGES, "--eval_dir", tmp_path)
     assert rc == 0
-    # A verdict needs MIN_PAIRED_UNITS documents and an interval two: the demo's held-out tokens here may be fewer
-    # documents, and then even a halving is not shown to be significant (the old answer was "yes").
+    # A verdict needs MIN_PAIRED_UNITS windows and an interval two: the demo's held-out tokens here may be fewer
+    # windows, and then even a halving is not shown to be significant (the old answer was "yes").
     docs = len(per["nll_sum"])
     expected = "yes" if docs >= MIN_PAIRED_UNITS else "inconclusive" if docs >= 2 else "inconclusive (no uncertainty)"
     assert f"Does fine-tuning help? {expected}: perplexity" in answer(stdout, 2)
@@ -204,7 +205,8 @@ def _old_format(value):
     """A result as written before the uncertainty fields (``*_stderr``, ``*_ci95``, per-unit lists) existed."""
     if isinstance(value, dict):
         return {k: _old_format(v) for k, v in value.items() if not k.endswith(("_stderr", "_ci95"))
-                and k not in ("per_document", "per_chunk_correct", "per_chunk_correct_at_k")}
+                and k not in ("per_document", "per_window", "uncertainty_unit", "per_chunk_correct",
+                                                "per_chunk_correct_at_k")}
     if isinstance(value, list):
         return [_old_format(v) for v in value]
     return value

@@ -96,9 +96,9 @@ def test_every_scored_token_counted_once_with_its_window_context():
         [w for w in rolling_windows(29, 16, 6) if w[2] > 12])
 
 
-def test_per_document_sums_and_their_bootstrap_intervals():
-    """The per-document sums add up to the totals and feed a seeded bootstrap over documents; one document has no
-    uncertainty."""
+def test_per_document_and_per_window_sums_and_their_bootstrap_intervals():
+    """The per-document and per-window sums add up to the totals; the windows feed a seeded bootstrap (bits per
+    byte: NLL per token's interval times tokens per byte); a single window has no uncertainty."""
     from kimi_jax.evaluation import uncertainty
 
     docs = [doc(np.arange(1000, 1000 + n), num_bytes=3 * n) for n in (12, 30, 7, 19, 25, 16, 9, 40)]
@@ -109,14 +109,29 @@ def test_per_document_sums_and_their_bootstrap_intervals():
     for d, (n_doc, nll_doc) in enumerate(zip(per["num_tokens"], per["nll_sum"])):
         expected = sum(j - start + 1 for start, first, end in rolling_windows(n_doc, 16, 6) for j in range(first, end))
         assert nll_doc == expected, d
-    ppl = uncertainty.bootstrap_ratio(per["nll_sum"], per["num_tokens"], uncertainty.perplexity_transform)
+    win = out["per_window"]
+    expected_windows = [(d, w) for d, n in enumerate(per["num_tokens"]) for w in rolling_windows(n, 16, 6)]
+    assert out["uncertainty_unit"] == "window" and len(win["nll_sum"]) == out["num_windows"] == len(expected_windows)
+    assert win["document"] == [d for d, _ in expected_windows]
+    assert win["num_tokens"] == [end - first for _, (start, first, end) in expected_windows]
+    assert win["nll_sum"] == [sum(j - start + 1 for j in range(first, end)) for _, (start, first, end) in expected_windows]
+    for d in range(len(docs)):
+        assert sum(v for v, dd in zip(win["nll_sum"], win["document"]) if dd == d) == per["nll_sum"][d]
+    assert sum(win["num_correct"]) == out["num_correct"]
+    ppl = uncertainty.bootstrap_ratio(win["nll_sum"], win["num_tokens"], uncertainty.perplexity_transform)
     assert out["perplexity_stderr"] == ppl.stderr > 0 and out["perplexity_ci95"] == [ppl.low, ppl.high]
     assert out["perplexity_ci95"][0] < out["perplexity"] < out["perplexity_ci95"][1]
     for name in ("nll_per_token", "bits_per_byte", "token_accuracy"):
         low, high = out[f"{name}_ci95"]
         assert low <= out[name] <= high and out[f"{name}_stderr"] > 0, name
-    one = evaluate_perplexity(docs[:1], _recording_scorer([]), seq_len=16, stride=6, batch_size=3, pad_id=0)
-    assert one["perplexity_stderr"] is None and one["bits_per_byte_ci95"] is None
+    scale = out["num_tokens"] / (math.log(2.0) * out["num_bytes"])
+    assert out["bits_per_byte_stderr"] == pytest.approx(out["nll_per_token_stderr"] * scale, rel=1e-12)
+    assert out["bits_per_byte_ci95"] == pytest.approx([v * scale for v in out["nll_per_token_ci95"]], rel=1e-12)
+    one = evaluate_perplexity(docs[2:3], _recording_scorer([]), seq_len=16, stride=6, batch_size=3, pad_id=0)
+    assert one["num_windows"] == 1 and one["perplexity_stderr"] is None and one["bits_per_byte_ci95"] is None
+    # one long document still has an interval: its windows are the units
+    long = evaluate_perplexity(docs[-1:], _recording_scorer([]), seq_len=16, stride=6, batch_size=3, pad_id=0)
+    assert long["num_windows"] > 2 and long["perplexity_stderr"] > 0
 
 
 def test_uniform_distribution_gives_perplexity_vocab_size():

@@ -346,7 +346,7 @@ def test_a_failed_results_write_is_a_write_error(baseline, tmp_path, monkeypatch
 
 
 UNCERTAINTY_SUFFIXES = ("_stderr", "_ci95")
-PER_UNIT_FIELDS = ("per_document", "per_chunk_correct", "per_chunk_correct_at_k")
+PER_UNIT_FIELDS = ("per_document", "per_window", "uncertainty_unit", "per_chunk_correct", "per_chunk_correct_at_k")
 
 
 def _without_uncertainty(value):
@@ -368,6 +368,9 @@ def test_sections_carry_standard_errors_and_old_results_still_validate(baseline)
     assert len(per["nll_sum"]) == core["num_documents"] == 3 and sum(per["num_tokens"]) == core["num_tokens"]
     assert sum(per["num_correct"]) == core["num_correct"] and sum(per["num_bytes"]) == core["num_bytes"]
     np.testing.assert_allclose(sum(per["nll_sum"]), core["nll_sum"], rtol=1e-12)
+    win = core["per_window"]
+    assert len(win["nll_sum"]) == core["num_windows"] and sum(win["num_tokens"]) == core["num_tokens"]
+    np.testing.assert_allclose(sum(win["nll_sum"]), core["nll_sum"], rtol=1e-12)
     for name in ("perplexity", "bits_per_byte", "token_accuracy", "nll_per_token"):
         low, high = core[f"{name}_ci95"]
         assert low <= core[name] <= high and core[f"{name}_stderr"] >= 0, name
@@ -384,7 +387,7 @@ def test_sections_carry_standard_errors_and_old_results_still_validate(baseline)
     result = eval_results.assemble_results(settings, plan, loaded, inputs, sections, {"core": 0.5})
     json.dumps(result, allow_nan=False)  # plain JSON numbers and lists
     old = _without_uncertainty(result)
-    assert "per_document" not in old["core"] and "strict_match_stderr" not in old["reasoning"]
+    assert "per_window" not in old["core"] and "strict_match_stderr" not in old["reasoning"]
     validate_results(old)  # results written before the uncertainty fields still load
     broken = json.loads(json.dumps(result))
     broken["core"]["perplexity_ci95"] = [1.0]

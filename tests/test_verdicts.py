@@ -84,7 +84,7 @@ def test_results_without_per_unit_data_compare_without_uncertainty(base):
         del item["strict_correct"]
     ppl = compare_perplexity(old, new)
     assert ppl.verdict == INCONCLUSIVE_NO_UNCERTAINTY and ppl.low is None and ppl.difference < 0
-    assert "no uncertainty: no per-document sums" in ppl.describe()
+    assert "no uncertainty: no per-window or per-document sums" in ppl.describe()
     assert compare_gsm8k(old, new).verdict == INCONCLUSIVE_NO_UNCERTAINTY
     answer = dict(compare.verdicts({"baseline": old, "finetuned_vanilla": new}, 1e-4))["2. Does fine-tuning help?"]
     assert answer.startswith("inconclusive (no uncertainty): perplexity")
@@ -128,3 +128,59 @@ def test_question_one_keeps_its_exactness_check_and_reports_the_interval(base):
     answers = dict(compare.verdicts({"baseline": base, "after_surgery": copy.deepcopy(base)}, 1e-4))
     answer = answers["1. Does surgery preserve the baseline?"]
     assert answer.startswith("yes: max |delta ppl| = 0.0") and "95% CI [0, 0]" in answer
+
+
+def with_windows(result: dict, nll, tokens, seq_len: int = 256, stride: int = 256) -> dict:
+    """`result` with per-window sums (every document split into two windows) that reproduce `nll`/`tokens`."""
+    out = copy.deepcopy(result)
+    win_nll, win_tokens, doc = [], [], []
+    for d, (v, t) in enumerate(zip(nll, tokens)):
+        first = t // 2
+        win_nll += [v * first / t, v - v * first / t]
+        win_tokens += [first, t - first]
+        doc += [d, d]
+    out["core"].update(per_window={"nll_sum": win_nll, "num_tokens": win_tokens, "num_correct": [0] * len(doc),
+                                   "document": doc}, seq_len=seq_len, stride=stride)
+    return out
+
+
+def test_perplexity_pairs_windows_when_both_stages_have_them_else_documents(base):
+    """Per-window sums are the units when both stages scored the same windows: a few long documents (fewer than a
+    verdict needs) still give a verdict from their windows."""
+    few = 3  # documents
+    tokens = [600] * few
+    a = stage([3.0 * t for t in tokens], tokens, [False] * 10)
+    b = stage([2.5 * t for t in tokens], tokens, [False] * 10)
+    assert compare_perplexity(a, b).verdict == u.INCONCLUSIVE  # 3 documents: too few
+    rng = np.random.default_rng(3)
+    wa = with_windows(a, [3.0 * t for t in tokens], tokens)
+    wa["core"]["per_window"] = {"nll_sum": [], "num_tokens": [], "num_correct": [], "document": []}
+    for d, t in enumerate(tokens):  # 12 windows per document, noisy per window
+        for w_tokens in [t // 12] * 12:
+            wa["core"]["per_window"]["nll_sum"].append(float(w_tokens * rng.normal(3.0, 0.3)))
+            wa["core"]["per_window"]["num_tokens"].append(w_tokens)
+            wa["core"]["per_window"]["num_correct"].append(0)
+            wa["core"]["per_window"]["document"].append(d)
+    per_w = wa["core"]["per_window"]
+    wa["core"]["perplexity"] = math.exp(sum(per_w["nll_sum"]) / sum(per_w["num_tokens"]))
+    wb = copy.deepcopy(wa)
+    wb["core"]["per_window"]["nll_sum"] = [v - 0.5 * t for v, t in zip(per_w["nll_sum"], per_w["num_tokens"])]
+    wb["core"]["perplexity"] = math.exp(sum(wb["core"]["per_window"]["nll_sum"]) / sum(per_w["num_tokens"]))
+    for r in (wa, wb):  # documents that no longer reproduce the perplexity: only the windows can pair
+        del r["core"]["per_document"]
+    cmp = compare_perplexity(wa, wb)
+    assert cmp.verdict == u.YES and cmp.n == few * 12 and "windows" in cmp.method
+    # windows of another seq_len do not pair, and without per-document sums nothing does
+    other = copy.deepcopy(wb)
+    other["core"]["seq_len"] = 128
+    assert compare_perplexity(wa, other).verdict == INCONCLUSIVE_NO_UNCERTAINTY
+    # both kinds present: the windows win; different windows: the documents
+    both_a, both_b = with_windows(base, *_doc_sums(base)), with_windows(improved(base), *_doc_sums(improved(base)))
+    assert compare_perplexity(both_a, both_b).n == 2 * NUM_DOCS
+    both_b["core"]["stride"] = 128
+    assert compare_perplexity(both_a, both_b).n == NUM_DOCS and "documents" in compare_perplexity(both_a, both_b).method
+
+
+def _doc_sums(result: dict):
+    per = result["core"]["per_document"]
+    return per["nll_sum"], per["num_tokens"]

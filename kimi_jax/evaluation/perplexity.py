@@ -19,10 +19,16 @@ Over all scored targets t of all documents (never averaging per-document or per-
     bits_per_byte  = sum_t -log p(x_t | context) / (ln 2 * sum of the UTF-8 bytes of the scored text)
     token_accuracy = sum_t 1[argmax p(. | context) == x_t] / N
 
-Their uncertainty: the per-document sums (``per_document``: nll_sum, num_tokens, num_correct, num_bytes, one entry
-per document in order) are kept, and each metric gets ``{metric}_stderr`` and ``{metric}_ci95`` from a seeded
-bootstrap over documents (`document_uncertainty`; tokens of one document are not independent, documents are). The
-per-document sums also let `kimi_jax.evaluation.verdicts` pair two stages document by document.
+Their uncertainty: the sums per window (``per_window``: nll_sum, num_tokens, num_correct and the document, one entry
+per window in order) and per document (``per_document``: nll_sum, num_tokens, num_correct, num_bytes) are kept, and
+each metric gets ``{metric}_stderr`` and ``{metric}_ci95`` from a seeded bootstrap over **windows** (`window_uncertainty`):
+each window scores a contiguous block of one document, so this is a block bootstrap with blocks of ``stride`` tokens
+(``seq_len`` for the first window of a document). Tokens next to each other are not independent; blocks of hundreds
+of tokens nearly are, and there are enough of them for an interval even when the held-out set is a few long
+documents (the demo's four plays), where a bootstrap over documents could not give one. Bits per byte's interval is
+NLL per token's scaled by the scored tokens per byte (the data's, the same for every stage). The per-window sums let
+`kimi_jax.evaluation.verdicts` pair two stages window by window (results from before they existed pair by
+document).
 
 A *scorer* maps a batch of windows (``ids [B, T]``, ``targets [B, T]``, right-padded to ``T = seq_len``) to the
 per-position NLL and top-1 correctness; `kimi_jax.scoring.make_scorer` is the jitted one for a Kimi-Linear model (the
@@ -44,7 +50,7 @@ MAX_EXP_ARGUMENT = 700.0  # exp(> 709) overflows a float64: no perplexity beyond
 UNCERTAIN_METRICS = ("perplexity", "nll_per_token", "bits_per_byte", "token_accuracy")  # with *_stderr, *_ci95
 
 __all__ = ["ScoredDocument", "Scorer", "UNCERTAIN_METRICS", "bits_per_byte", "document_from_record",
-           "document_uncertainty", "documents_from_records",
+           "documents_from_records", "window_uncertainty",
            "evaluate_perplexity", "prefix_token_id", "rolling_windows", "tokens_fingerprint",
            "truncate_documents"]
 
@@ -213,9 +219,12 @@ def evaluate_perplexity(docs: Sequence[ScoredDocument], scorer: Scorer, *, seq_l
         for start, first, end in rolling_windows(doc.num_targets, seq_len, stride):
             if doc.scored[first:end].any():
                 jobs.append((d, start, first, end))
-    doc_nll = np.zeros(len(docs), np.float64)  # per-document sums: the units of the bootstrap (uncertainty.py)
+    doc_nll = np.zeros(len(docs), np.float64)  # per-document sums
     doc_correct = np.zeros(len(docs), np.int64)
     doc_count = np.zeros(len(docs), np.int64)
+    win_nll = np.zeros(len(jobs), np.float64)  # per-window sums: the units of the bootstrap (uncertainty.py)
+    win_correct = np.zeros(len(jobs), np.int64)
+    win_count = np.zeros(len(jobs), np.int64)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(jobs), desc="perplexity", unit="window", disable=not progress)
@@ -237,9 +246,13 @@ def evaluate_perplexity(docs: Sequence[ScoredDocument], scorer: Scorer, *, seq_l
         if not np.all(np.isfinite(nll[weights])):
             raise FloatingPointError("the model produced a non-finite NLL on a scored token")
         for row, (d, _, _, _) in enumerate(batch):
-            doc_nll[d] += float(nll[row][weights[row]].sum())
-            doc_correct[d] += int(hit[row][weights[row]].sum())
-            doc_count[d] += int(weights[row].sum())
+            w = b0 + row
+            win_nll[w] = float(nll[row][weights[row]].sum())
+            win_correct[w] = int(hit[row][weights[row]].sum())
+            win_count[w] = int(weights[row].sum())
+            doc_nll[d] += win_nll[w]
+            doc_correct[d] += win_correct[w]
+            doc_count[d] += win_count[w]
         bar.update(len(batch))
     bar.close()
     doc_bytes = [int(doc.num_bytes) for doc in docs]
@@ -261,26 +274,26 @@ def evaluate_perplexity(docs: Sequence[ScoredDocument], scorer: Scorer, *, seq_l
         "stride": int(stride),
         "per_document": {"nll_sum": [float(v) for v in doc_nll], "num_tokens": [int(v) for v in doc_count],
                          "num_correct": [int(v) for v in doc_correct], "num_bytes": doc_bytes},
+        "per_window": {"nll_sum": [float(v) for v in win_nll], "num_tokens": [int(v) for v in win_count],
+                       "num_correct": [int(v) for v in win_correct], "document": [int(job[0]) for job in jobs]},
+        "uncertainty_unit": "window",
     }
-    out.update(document_uncertainty(out["per_document"]))
+    out.update(window_uncertainty(out["per_window"], count / num_bytes if num_bytes else None))
     return out
 
 
-def document_uncertainty(per_document: dict) -> dict:
-    """The bootstrap over documents (`kimi_jax.evaluation.uncertainty.bootstrap_ratio`) of perplexity, NLL per token,
-    bits per byte and token accuracy from the per-document sums: ``{metric}_stderr`` and ``{metric}_ci95`` ([low,
-    high], the `uncertainty.CONFIDENCE` percentile interval), None when there are fewer than two documents (or no
-    bytes, for bits per byte) or the perplexity overflows."""
+def window_uncertainty(per_window: dict, tokens_per_byte: float | None) -> dict:
+    """The bootstrap over windows (`kimi_jax.evaluation.uncertainty.bootstrap_ratio`) of perplexity, NLL per token and
+    token accuracy from the per-window sums, and bits per byte's as NLL per token's times `tokens_per_byte` / ln 2:
+    ``{metric}_stderr`` and ``{metric}_ci95`` ([low, high], the `uncertainty.CONFIDENCE` percentile interval), None
+    when there are fewer than two windows (or no bytes, for bits per byte) or the perplexity overflows."""
     from kimi_jax.evaluation import uncertainty as u
 
-    nll, tokens = per_document["nll_sum"], per_document["num_tokens"]
-    byte_counts, correct = per_document["num_bytes"], per_document["num_correct"]
-    intervals = {
-        "nll_per_token": u.bootstrap_ratio(nll, tokens),
-        "token_accuracy": u.bootstrap_ratio(correct, tokens),
-        "bits_per_byte": u.bootstrap_ratio(nll, byte_counts, u.bits_per_byte_transform) if sum(byte_counts) else None,
-    }
-    mean = intervals["nll_per_token"]
+    nll, tokens, correct = per_window["nll_sum"], per_window["num_tokens"], per_window["num_correct"]
+    mean = u.bootstrap_ratio(nll, tokens)
+    intervals = {"nll_per_token": mean, "token_accuracy": u.bootstrap_ratio(correct, tokens)}
+    intervals["bits_per_byte"] = None if mean is None or not tokens_per_byte else dataclasses.replace(
+        mean, **{k: getattr(mean, k) * tokens_per_byte / math.log(2.0) for k in ("value", "stderr", "low", "high")})
     intervals["perplexity"] = (u.bootstrap_ratio(nll, tokens, u.perplexity_transform)
                                if mean is not None and mean.high <= MAX_EXP_ARGUMENT else None)
     out = {}

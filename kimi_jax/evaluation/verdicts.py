@@ -1,8 +1,9 @@
 """Paired comparisons of two evaluation stages with their uncertainty (`python -m experiments.compare` prints them).
 
 Each comparison pairs the units both stages measured (`kimi_jax.evaluation.uncertainty`):
-* perplexity: the per-document NLL and token sums of ``core.per_document``, a paired bootstrap over documents of
-  ``ppl(b) - ppl(a)``; only when both stages scored the same tokens (``core.tokens_fingerprint``);
+* perplexity: the NLL and token sums per window of ``core.per_window`` (per document, ``core.per_document``, for
+  results written before the windows were kept), a paired bootstrap over windows of ``ppl(b) - ppl(a)``; only when
+  both stages scored the same tokens (``core.tokens_fingerprint``) in the same windows (``seq_len``, ``stride``);
 * GSM8K exact match: the per-problem correctness of ``reasoning.items`` paired by problem id, a paired bootstrap of
   the accuracy difference and McNemar's exact test;
 * chunk accuracy: the correct positions per chunk (``per_chunk_correct`` / ``per_chunk_correct_at_k``), a paired
@@ -88,11 +89,12 @@ def _from_difference(metric: str, a, b, better: str, d: u.Difference | None, uni
     return PairedComparison(metric, a, b, better, d.difference, d.low, d.high, d.n, v, method)
 
 
-def _per_document(core: dict | None):
-    """(nll sums, token counts) of an ok core section whose per-document sums reproduce its perplexity, else None."""
-    if not core or core.get("status") != "ok" or not isinstance(core.get("per_document"), dict):
+def _units(core: dict | None, field: str):
+    """(nll sums, token counts) of ``core[field]`` (per_window or per_document) when the core section is ok and the
+    sums reproduce its perplexity, else None."""
+    if not core or core.get("status") != "ok" or not isinstance(core.get(field), dict):
         return None
-    per = core["per_document"]
+    per = core[field]
     nll, tokens = per.get("nll_sum"), per.get("num_tokens")
     if not nll or not tokens or len(nll) != len(tokens) or sum(tokens) <= 0:
         return None
@@ -104,17 +106,23 @@ def _per_document(core: dict | None):
 
 
 def compare_perplexity(a: dict, b: dict, *, margin: float = 0.0) -> PairedComparison:
-    """Perplexity of results `a` against `b` (whole results dicts), paired by document; lower is better. `margin`
-    is the equivalence margin in perplexity units."""
+    """Perplexity of results `a` against `b` (whole results dicts), paired by window (by document for results
+    without per-window sums); lower is better. `margin` is the equivalence margin in perplexity units."""
     core_a, core_b = a.get("core") or {}, b.get("core") or {}
     pa, pb = core_a.get("perplexity"), core_b.get("perplexity")
-    units_a, units_b = _per_document(core_a), _per_document(core_b)
-    if units_a is None or units_b is None:
-        return _point_only("perplexity", pa, pb, "lower", "no per-document sums")
+    same_windows = all(core_a.get(k) == core_b.get(k) for k in ("seq_len", "stride"))
+    for field, unit in (("per_window", "windows"), ("per_document", "documents")):
+        if field == "per_window" and not same_windows:
+            continue
+        units_a, units_b = _units(core_a, field), _units(core_b, field)
+        if units_a is not None and units_b is not None:
+            break
+    else:
+        return _point_only("perplexity", pa, pb, "lower", "no per-window or per-document sums")
     if core_a.get("tokens_fingerprint") != core_b.get("tokens_fingerprint") or len(units_a[0]) != len(units_b[0]):
         return _point_only("perplexity", pa, pb, "lower", "the stages scored different tokens")
     d = u.paired_bootstrap(units_a[0], units_a[1], units_b[0], units_b[1], u.perplexity_transform)
-    return _from_difference("perplexity", pa, pb, "lower", d, "documents", margin)
+    return _from_difference("perplexity", pa, pb, "lower", d, unit, margin)
 
 
 def _gsm8k_flags(reasoning: dict | None, key: str) -> dict | None:
