@@ -464,7 +464,7 @@ def bench_train(args) -> None:
     import jax.numpy as jnp
     import torch
 
-    from experiments.plan import analytic_flops_per_token
+    from kimi_jax.flops import analytic_flops_per_token
     from kimi_jax import RunOptions, sharding
     from kimi_jax.training.vanilla import build_trainer, make_optimizer
 
