@@ -46,6 +46,9 @@ def test_losses_on_a_hand_computed_case():
     # ponder: lambda_1 = 0.5, lambda_2 := 1 -> p = (0.5, 0.5), E[N] = 1.5, normalised by K = 2.
     assert float(losses["ponder"]) == pytest.approx(0.75)
     assert float(stats["expected_steps"]) == pytest.approx(1.5)
+    # the halt head's mean lambda_k per step (the raw head: step K is not forced to 1 here)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    chex.assert_trees_all_close(np.asarray(stats["halt_prob"]), np.asarray([0.5, (sig(2) + sig(-1)) / 2]), rtol=1e-6)
     # length: uniform logits over 0..W -> CE = log(4) whatever the LCP targets.
     assert float(losses["length"]) == pytest.approx(math.log(4))
     # stability: right at step 1 (w0 p0, p1; w1 p0); hinges 0, 0.5, 1 -> 1.5 / 3.

@@ -404,6 +404,9 @@ def test_tensorboard_has_every_tag(runs, work):
     np.testing.assert_allclose([v for _, v in scalars["train/loss/total"]], [r["total"] for r in train], rtol=1e-6)
     np.testing.assert_allclose([v for _, v in scalars["train/generation/avg_refine_steps"]],
                                [r["expected_steps"] for r in train], rtol=1e-6)
+    for k in (1, 2):  # the halt head's mean probability at inner step k
+        np.testing.assert_allclose([v for _, v in scalars[f"train/generation/halt_prob/k{k}"]],
+                                   [r["halt_prob"][k - 1] for r in train], rtol=1e-6)
     finished(runs, "vanilla")
     vanilla = read_scalars(os.path.join(str(work["root"] / "vanilla"), "logs"))
     assert {"train/loss/total", "train/loss/final_ce", "train/lr", "evaluation/perplexity"} <= set(vanilla)

@@ -157,7 +157,8 @@ def recursive_losses(rcfg: RecursiveConfig, ys: dict, targets_NW, valid_NW, eos_
              "commit_rate": jnp.mean(1.0 - p_KN[-1]),
              "avg_chunk_length": jnp.mean(jnp.sum(p_KN * verified_KN.astype(F32), axis=0)),
              "step_accuracy": jnp.sum(correct_KNW, axis=(1, 2)) / jnp.maximum(jnp.sum(m), 1.0),
-             "halt_agree_rate": jnp.mean(agree_KN, axis=1)}
+             "halt_agree_rate": jnp.mean(agree_KN, axis=1),
+             "halt_prob": jnp.mean(jax.nn.sigmoid(halt_logits), axis=1)}  # mean lambda_k of the halt head, per step
     return losses, stats
 
 

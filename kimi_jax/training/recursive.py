@@ -344,6 +344,8 @@ class RecursiveTrainer(Trainer):
         tags.update({"train/generation/avg_refine_steps": record.get("expected_steps"),
                      "train/generation/commit_rate": record.get("commit_rate"),
                      "train/generation/avg_chunk_length": record.get("avg_chunk_length")})
+        for k, prob in enumerate(record.get("halt_prob") or [], 1):
+            tags[f"train/generation/halt_prob/k{k}"] = prob
         return tags
 
     def stage_eval_tags(self, result) -> dict:
