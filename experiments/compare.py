@@ -62,6 +62,7 @@ SCALE = {"performance.peak_memory_bytes": 1 / 2 ** 20}
 CHUNK_ACC = "recursive.chunk_accuracy_at_k.token_accuracy_at_k.-1"
 GREEDY_CHUNK_ACC = "greedy_chunk_accuracy.token_accuracy"  # every stage scores its own greedy continuation
 PLOT_DPI = 110
+Z_95 = 1.959964  # the standard normal quantile of a two-sided 95% interval: the plots' error bars
 
 
 class CompareError(KimiJaxError):
@@ -266,22 +267,26 @@ def _cell(v, se) -> str:
     return _fmt(v) if se is None or v is None else f"{_fmt(v)} ± {_fmt(se)}"
 
 
-def print_table(rows, stages: list[str]) -> None:
+def print_table(rows, stages: list[str], stderrs: dict[str, list] | None = None) -> None:
+    stderrs = stderrs or {}
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover
         print(" | ".join(["metric"] + stages))
         for label, values, marks in rows:
-            print(" | ".join([label] + [_fmt(v) + m for v, m in zip(values, marks)]))
+            ses = stderrs.get(label) or [None] * len(values)
+            print(" | ".join([label] + [_cell(v, se) + m for v, m, se in zip(values, marks, ses)]))
         return
-    table = Table(title="Evaluation stages (green: better than the first stage, red: worse)")
+    table = Table(title="Evaluation stages (± one standard error; green: better than the first stage, red: worse)")
     table.add_column("metric")
     for s in stages:
         table.add_column(s, justify="right")
     color = {"+": "green", "-": "red", "": ""}
     for label, values, marks in rows:
-        table.add_row(label, *[f"[{color[m]}]{_fmt(v)}[/]" if color[m] else _fmt(v) for v, m in zip(values, marks)])
+        ses = stderrs.get(label) or [None] * len(values)
+        table.add_row(label, *[f"[{color[m]}]{_cell(v, se)}[/]" if color[m] else _cell(v, se)
+                               for v, m, se in zip(values, marks, ses)])
     Console().print(table)
 
 
@@ -301,11 +306,14 @@ def markdown(rows, stages, answers, missing, plots, stderrs: dict[str, list] | N
                   "difference of the paired units with its 95% interval.", "", "## Key questions", ""]
     lines += [f"- **{q}** {a}" for q, a in answers]
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+        lines += ["", "## Plots", "", "Error bars: +- 1.96 standard errors (the normal 95% interval of each stage's own "
+                  "value; the paired intervals above are the ones that compare stages).", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, stages, plots_dir: str) -> list[str]:
+def plot(rows, stages, plots_dir: str, stderrs: dict[str, list] | None = None) -> list[str]:
+    """One PNG per group of metrics, a bar per stage; error bars span +- Z_95 standard errors (the normal 95%
+    interval) where the results carry a standard error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,7 +335,10 @@ def plot(rows, stages, plots_dir: str) -> list[str]:
         fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3.0), squeeze=False)
         for ax, label in zip(axes[0], present):
             vals = [v if v is not None else float("nan") for v in by_label[label]]
-            ax.bar(range(len(stages)), vals, color="#4c72b0")
+            ses = (stderrs or {}).get(label) or [None] * len(vals)
+            errs = [Z_95 * se if se is not None else 0.0 for se in ses]
+            ax.bar(range(len(stages)), vals, color="#4c72b0", yerr=errs if any(errs) else None, capsize=3,
+                   ecolor="black")
             ax.set_xticks(range(len(stages)), [s.replace("_", "\n") for s in stages], fontsize=7)
             ax.set_title(label, fontsize=9)
         fig.tight_layout()
@@ -428,14 +439,15 @@ def run(args: argparse.Namespace) -> int:
         raise CompareError(f"none of the stages has a results file in {args.eval_dir}")
     stages = [s for s in args.stages if s in results]
     rows = table_rows(results, stages)
-    print_table(rows, stages)
+    stderrs = table_stderrs(results, stages)
+    print_table(rows, stages, stderrs)
     answers = verdicts(results, args.ppl_tolerance)
     for q, a in answers:
         print(f"{q} {a}")
-    plots = plot(rows, stages, plots_dir)
+    plots = plot(rows, stages, plots_dir, stderrs)
     with _writing(output):
         os.makedirs(os.path.dirname(output), exist_ok=True)
-        write_text_atomic(output, markdown(rows, stages, answers, missing, plots, table_stderrs(results, stages)))
+        write_text_atomic(output, markdown(rows, stages, answers, missing, plots, stderrs))
     print(f"report: {output}; plots: {', '.join(plots)}")
     return 0
 

@@ -224,3 +224,26 @@ def test_old_results_without_uncertainty_still_compare(evaluation_runs, tmp_path
     assert rc == 0, stderr
     assert "Does surgery preserve the baseline? yes" in answer(stdout, 1) and "no uncertainty" in answer(stdout, 1)
     assert "Does fine-tuning help? inconclusive (no uncertainty): perplexity" in answer(stdout, 2)
+
+
+def test_plots_draw_95_percent_error_bars_and_the_table_shows_standard_errors(tmp_path, monkeypatch, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    seen = []
+    original = Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        seen.append(kwargs.get("yerr"))
+        return original(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", bar)
+    rows = [("perplexity", [10.0, 9.0], ["", "+"]), ("distinct-2", [0.3, 0.4], ["", "+"])]
+    stages = ["baseline", "finetuned_vanilla"]
+    written = compare.plot(rows, stages, str(tmp_path), {"perplexity": [0.5, None]})
+    assert seen == [[compare.Z_95 * 0.5, 0.0], None] and len(written) == 2  # no standard error: no error bar
+    compare.print_table(rows, stages, {"perplexity": [0.5, None]})
+    out = capsys.readouterr().out
+    assert "10.00 ± 0.5" in out and "± one standard error" in " ".join(out.split())
