@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f".txt file) its last 5%% of characters from a line or word boundary (default "
                         f"{DEFAULT_EVAL_DATA})")
     p.add_argument("--max_samples", type=int, metavar="N",
-                   help="at most N GSM8K problems, generation prompts and chunk-accuracy chunks (each)")
+                   help="at most N GSM8K problems and generation prompts (each; the chunks: --num_chunks)")
     p.add_argument("--max_eval_tokens", type=int, metavar="N",
                    help="use at most N held-out tokens (perplexity and chunk rows; default: all; recorded as "
                         "truncated)")

@@ -226,8 +226,9 @@ def flat_params(model) -> dict:
 # ---------------------------------------------------------------------------------------------- evaluation runs
 EVAL_SMALL_SIDECAR = dict(chunk_width=64, max_inner_steps=2, d_state=32, refine_rank=8, gate_hidden=16, mixer_heads=2)
 EVAL_NEW_TOKENS = 16
-EVAL_COMMON = ["--eval_data", "demo", "--max_eval_tokens", "2000", "--max_samples", "2", "--num_fewshot", "1",
-               "--max_new_tokens", str(EVAL_NEW_TOKENS), "--seq_len", "128", "--batch_size", "2", "--quiet"]
+EVAL_COMMON = ["--eval_data", "demo", "--max_eval_tokens", "2000", "--max_samples", "2", "--num_chunks", "2",
+               "--num_fewshot", "1", "--max_new_tokens", str(EVAL_NEW_TOKENS), "--seq_len", "128", "--batch_size", "2",
+               "--quiet"]
 
 
 def _evaluate_cli(*args):

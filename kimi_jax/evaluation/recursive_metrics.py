@@ -28,7 +28,7 @@ def chunk_accuracy(loaded, held_out: HeldOut, chunk_rcfg, settings: EvalSettings
     serves the greedy continuation."""
     from kimi_jax.recursive.sidecar import build_sidecar
 
-    max_chunks = min(settings.num_chunks, settings.max_samples or settings.num_chunks)
+    max_chunks = settings.num_chunks  # --max_samples caps GSM8K and the generation prompts, not the chunks
     rows, starts = chunk_rows([d.ids for d in held_out.docs], chunk_rcfg.chunk_width, settings.seq_len, max_chunks)
     if rows.shape[0] == 0:
         skipped = {"status": "skipped",
