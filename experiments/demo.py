@@ -1,6 +1,6 @@
 """The evaluation plan end to end on a laptop-sized Kimi-Linear, with real data the project obtains itself.
 
-    python -m experiments.demo [--workdir ./workdir] [--quick] [--fresh]
+    python -m experiments.demo [--workdir ./workdir] [--quick | --study] [--fresh]
 
 Every stage runs the plan's own command (EVALUATION_PLAN.md, translated to `python -m experiments.*`) in a child
 process, exactly as a user with the real 48B would, on a tiny model of the same architecture (KDA + MLA + MoE):
@@ -14,6 +14,15 @@ process, exactly as a user with the real 48B would, on a tiny model of the same 
 Finished steps are reused on a re-run (a marker per step under `{workdir}/.done/`); `--fresh` starts clean.
 `--quick` shrinks every step (the CI test runs it). Measured on 2 cores from an empty workdir: 3 min 27 s quick, 10 min
 8 s default (aims: 5 and 20 minutes).
+
+`--study` (default workdir ./study) is the recursion study, about half an hour on 2 cores: the same plan on a model
+pretrained longer, which must come out clearly better than unigram statistics of its training data (a paired
+verdict over held-out windows, `kimi_jax.evaluation.unigram`; the study stops if it does not), then recursive phase
+a for long enough that its training metrics move, against a vanilla fine-tune given the same analytic FLOPs
+(`kimi_jax.flops`), every stage scored on the same 512 held-out chunks. It ends with
+`eval_results/recursion_study.md` (+ .json): the unigram verdict, the recursive training metrics at the start and end
+of training, chunk accuracy@k for k = 1..K against the vanilla model's and its own greedy chunks, and the fine-tune's
+perplexity, each difference with its paired 95% interval (`kimi_jax.evaluation.recursion_study`).
 XLA compilations are cached on disk under `{workdir}/jax_cache`, shared by every step's process, and run with
 LLVM's cheap pipeline (`FAST_COMPILE_FLAGS`; the tiny programs take longer to compile than to run).
 """
@@ -47,14 +56,23 @@ class Sizes:
     max_new_tokens: int
     eval_batches: int  # held-out batches for periodic evaluation during training
     eval_tokens: int  # held-out tokens scored by experiments.evaluate (0 = all)
+    num_chunks: int  # held-out chunks for chunk accuracy@k and the greedy chunk accuracy
+    vanilla_lr: float = 1e-5  # experiments.train's default
+    study: bool = False  # the recursion study: vanilla_steps from equal FLOPs, the unigram check, the study report
 
 
 FULL = Sizes(vocab=2048, layers=4, hidden=128, seq_len=256, batch=8, pretrain_steps=400, vanilla_steps=120,
              recursive_steps=120, chunk_width=64, inner_steps=2, eval_samples=12, max_new_tokens=48, eval_batches=8,
-             eval_tokens=0)
+             eval_tokens=0, num_chunks=64)
 QUICK = Sizes(vocab=1024, layers=4, hidden=64, seq_len=192, batch=4, pretrain_steps=40, vanilla_steps=12,
               recursive_steps=12, chunk_width=64, inner_steps=2, eval_samples=2, max_new_tokens=16, eval_batches=2,
-              eval_tokens=4000)
+              eval_tokens=4000, num_chunks=2)
+# vanilla_steps 0: set from the recursive run's FLOPs (recursion_study.equal_compute_steps). The vanilla fine-tune
+# continues at a tenth of the pretraining rate (experiments.train's 1e-5 barely moves a model this small).
+STUDY = Sizes(vocab=2048, layers=4, hidden=128, seq_len=256, batch=8, pretrain_steps=1600, vanilla_steps=0,
+              recursive_steps=300, chunk_width=64, inner_steps=2, eval_samples=4, max_new_tokens=32, eval_batches=8,
+              eval_tokens=0, num_chunks=512, vanilla_lr=3e-4, study=True)
+PRETRAIN_LR = 3e-3
 
 
 def tiny_config(tok, s: Sizes):
@@ -94,10 +112,18 @@ class Demo:
     def done(self, name: str) -> bool:
         return os.path.exists(self.path(".done", name))
 
-    def mark(self, name: str) -> None:
+    def mark(self, name: str, seconds: float) -> None:
         os.makedirs(self.path(".done"), exist_ok=True)
         with open(self.path(".done", name), "w") as f:
-            f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+            json.dump({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1)}, f)
+
+    def seconds(self, name: str) -> float | None:
+        """How long a finished step took (None for markers written before the time was kept)."""
+        try:
+            with open(self.path(".done", name)) as f:
+                return float(json.load(f)["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def step(self, name: str, title: str, fn) -> None:
         if self.done(name):
@@ -107,7 +133,7 @@ class Demo:
         t0 = time.time()
         fn()
         self.timings.append((title, time.time() - t0))
-        self.mark(name)
+        self.mark(name, time.time() - t0)
 
     def run(self, *args) -> None:
         cmd = [sys.executable, "-m", *map(str, args)]
@@ -146,7 +172,7 @@ class Demo:
         s = self.s
         self.run("experiments.train", "--stage", "vanilla", "--model_path", self.path("models", "tiny-kimi-init"),
                  "--data", "demo", "--seq_len", s.seq_len, "--batch_size", s.batch, "--num_steps", s.pretrain_steps,
-                 "--lr", 3e-3, "--warmup_steps", max(1, s.pretrain_steps // 10), "--output_dir", self.path("pretrain"),
+                 "--lr", PRETRAIN_LR, "--warmup_steps", max(1, s.pretrain_steps // 10), "--output_dir", self.path("pretrain"),
                  "--log_dir", self.path("logs", "pretrain"), "--save_interval", s.pretrain_steps,
                  "--eval_interval", s.pretrain_steps, "--max_eval_batches", s.eval_batches, "--no-resume")
         self.run("convert.orbax_to_hf", "--ckpt", self.path("pretrain", f"step_{s.pretrain_steps}"),
@@ -165,6 +191,7 @@ class Demo:
                  "--eval_data", "demo", "--max_samples", s.eval_samples, "--max_new_tokens", s.max_new_tokens,
                  "--seq_len", s.seq_len, "--num_fewshot", 1 if self.quick else 3, "--batch_size", 4,
                  "--chunk_width", s.chunk_width,  # every stage scores greedy chunk accuracy on the same chunks
+                 "--num_chunks", s.num_chunks,
                  *(["--max_eval_tokens", s.eval_tokens] if s.eval_tokens else []), *extra)
 
     def recursive_flags(self) -> list:
@@ -178,6 +205,74 @@ class Demo:
                  "--data", "demo", "--seq_len", s.seq_len, "--save_interval", max(1, steps // 2),
                  "--eval_interval", max(1, steps // 2), "--max_eval_batches", s.eval_batches, *extra)
 
+    # ------------------------------------------------------------------ the recursion study's parts
+    def stage_json(self, stage: str) -> dict:
+        with open(self.path("eval_results", f"{stage}_results.json")) as f:
+            return json.load(f)
+
+    def compute(self) -> dict:
+        """The equal-compute budget: the vanilla steps of the recursive run's analytic FLOPs (study only)."""
+        from kimi_jax.config import KimiLinearConfig
+        from kimi_jax.evaluation.recursion_study import equal_compute_steps
+        from kimi_jax.recursive.config import load_preset
+
+        s = self.s
+        cfg = KimiLinearConfig.from_pretrained(self.path("ckpt", "tiny-kimi"))
+        rcfg = load_preset("phase_a").replace(recursive_enabled=True, phase="a", chunk_width=s.chunk_width,
+                                              max_inner_steps=s.inner_steps)
+        return equal_compute_steps(cfg, rcfg, batch_size=s.batch, seq_len=s.seq_len,
+                                   recursive_steps=s.recursive_steps, remat=True)  # experiments.train's default
+
+    def vanilla_steps(self) -> int:
+        return self.compute()["vanilla_steps"] if self.s.study else self.s.vanilla_steps
+
+    def unigram_check(self) -> None:
+        """The pretrained baseline against unigram statistics, paired by held-out window; stops the study unless
+        the baseline is clearly better."""
+        from kimi_jax.evaluation.recursion_study import unigram_comparison, unigram_reference
+        from kimi_jax.safe_io import write_json_atomic
+
+        base = self.stage_json("baseline")
+        core = base["core"]
+        unigram = unigram_reference(self.path("ckpt", "tiny-kimi"), "demo", seq_len=core["seq_len"],
+                                    stride=core["stride"], max_eval_tokens=self.s.eval_tokens or None)
+        write_json_atomic(self.path("eval_results", "unigram_reference.json"), unigram)
+        cmp = unigram_comparison(unigram, base)
+        print(f"  unigram -> pretrained baseline: {cmp.describe()}", flush=True)
+        if cmp.verdict != "yes":
+            raise SystemExit(f"error: the pretrained model is not clearly better than unigram statistics "
+                             f"({cmp.describe()}); pretrain longer (Sizes.pretrain_steps in experiments/demo.py)")
+
+    def study_report(self) -> None:
+        from flax import nnx
+
+        from kimi_jax.config import KimiLinearConfig
+        from kimi_jax.evaluation import recursion_study as rs
+        from kimi_jax.evaluation.verdicts import compare_perplexity
+        from kimi_jax.model import KimiLinearForCausalLM
+        from kimi_jax.safe_io import write_json_atomic, write_text_atomic
+
+        s = self.s
+        cfg = KimiLinearConfig.from_pretrained(self.path("ckpt", "tiny-kimi"))
+        with open(self.path("eval_results", "unigram_reference.json")) as f:
+            unigram = json.load(f)
+        base, vanilla, rec = (self.stage_json(n) for n in ("baseline", "finetuned_vanilla", "finetuned_recursive"))
+        params = nnx.eval_shape(lambda: KimiLinearForCausalLM(cfg, rngs=nnx.Rngs(0))).num_params()
+        sizes = dict(dataclasses.asdict(s), params_m=params / 1e6, vocab_size=cfg.vocab_size)
+        timings = {label: self.seconds(name) or 0.0 for name, label in (
+            ("pretrain", "pretrain + export"), ("train_vanilla", "vanilla fine-tune"),
+            ("train_recursive", "recursive fine-tune"))}
+        md, data = rs.study_report(
+            sizes=sizes, compute=self.compute(), timings=timings, unigram=rs.unigram_comparison(unigram, base),
+            baseline=base, unigram_result=unigram, vanilla_vs_baseline=compare_perplexity(base, vanilla),
+            chunks=rs.chunk_accuracy_by_step(rec, vanilla),
+            trajectory=rs.training_trajectory(self.path("checkpoints", "recursive_finetune", "metrics.jsonl")),
+            command="python -m experiments.demo --study" + (f" --workdir {self.w}" if self.w != os.path.abspath(
+                "./study") else ""))
+        write_json_atomic(self.path("eval_results", "recursion_study.json"), data)
+        write_text_atomic(self.path("eval_results", "recursion_study.md"), md)
+        print(md, flush=True)
+
     def main(self) -> None:
         s = self.s
         ckpt = self.path("ckpt", "tiny-kimi")
@@ -185,7 +280,12 @@ class Demo:
         self.step("pretrain", "0b. pretrain the tiny base with our trainer, export it as an HF folder", self.pretrain)
         self.step("convert", "1a. convert the HF checkpoint once (HF -> orbax), set up the metrics", self.convert)
         self.step("eval_baseline", "1b. evaluate: baseline", lambda: self.evaluate(ckpt, "baseline"))
-        self.step("train_vanilla", "2a. vanilla fine-tune", lambda: self.train("vanilla_finetune", s.vanilla_steps))
+        if s.study:
+            self.step("unigram", "1c. study: is the baseline clearly better than unigram statistics?",
+                      self.unigram_check)
+        vanilla_extra = ["--lr", s.vanilla_lr] if s.study else []
+        self.step("train_vanilla", "2a. vanilla fine-tune" + (" (the recursive run's FLOPs)" if s.study else ""),
+                  lambda: self.train("vanilla_finetune", self.vanilla_steps(), *vanilla_extra))
         self.step("eval_vanilla", "2b. evaluate: finetuned_vanilla",
                   lambda: self.evaluate(self.path("checkpoints", "vanilla_finetune"), "finetuned_vanilla"))
         self.step("eval_surgery", "3. surgery: evaluate after_surgery (must match the baseline)",
@@ -194,9 +294,10 @@ class Demo:
                   lambda: self.train("recursive_finetune", s.recursive_steps, "--use_recursive",
                                      "--max_inner_steps", s.inner_steps))
         middle = max(1, s.recursive_steps // 2)
-        self.step("eval_recursive_mid", f"4b. evaluate: finetuned_recursive at step_{middle}",
-                  lambda: self.evaluate(self.path("checkpoints", "recursive_finetune", f"step_{middle}"),
-                                        "finetuned_recursive", "--use_recursive"))
+        if not s.study:  # the study evaluates the end of training only
+            self.step("eval_recursive_mid", f"4b. evaluate: finetuned_recursive at step_{middle}",
+                      lambda: self.evaluate(self.path("checkpoints", "recursive_finetune", f"step_{middle}"),
+                                            "finetuned_recursive", "--use_recursive"))
         self.step("eval_recursive", "4c. evaluate: finetuned_recursive (final)",
                   lambda: self.evaluate(self.path("checkpoints", "recursive_finetune"), "finetuned_recursive",
                                         "--use_recursive"))
@@ -204,6 +305,9 @@ class Demo:
         print("\n[demo] 5. compare the four stages", flush=True)
         self.run("experiments.compare", "baseline", "after_surgery", "finetuned_vanilla", "finetuned_recursive",
                  "--eval_dir", self.path("eval_results"), "--output", self.path("eval_results", "comparison.md"))
+        if s.study:
+            print("\n[demo] 6. the recursion study's report", flush=True)
+            self.study_report()
         print("\n[demo] done.")
         for title, seconds in self.timings:
             print(f"  {seconds:7.1f} s  {title}")
@@ -216,12 +320,16 @@ class Demo:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default="./workdir", help="where everything is written (default ./workdir)")
-    p.add_argument("--quick", action="store_true", help="a smaller run (what CI runs)")
+    p.add_argument("--workdir", default=None, help="where everything is written (default ./workdir; ./study with "
+                                                   "--study)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a smaller run (what CI runs)")
+    size.add_argument("--study", action="store_true",
+                      help="the recursion study (about 30 min on 2 cores; default workdir ./study)")
     p.add_argument("--fresh", action="store_true", help="delete the workdir first instead of reusing finished steps")
     args = p.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
-    workdir = os.path.abspath(args.workdir)
+    sizes = QUICK if args.quick else STUDY if args.study else FULL
+    workdir = os.path.abspath(args.workdir or ("./study" if args.study else "./workdir"))
     marker = os.path.join(workdir, ".done", "sizes.json")
     if args.fresh:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -230,8 +338,8 @@ def main(argv=None) -> int:
             if json.load(f) != dataclasses.asdict(sizes):
                 from kimi_jax.errors import UsageError, report
 
-                return report(UsageError(f"{workdir} holds a demo run of another size (--quick vs default); pass "
-                                         f"--fresh or another --workdir"))
+                return report(UsageError(f"{workdir} holds a demo run of another size (--quick, --study or default); "
+                                         f"pass --fresh or another --workdir"))
     os.makedirs(os.path.join(workdir, ".done"), exist_ok=True)
     with open(marker, "w") as f:
         json.dump(dataclasses.asdict(sizes), f)
