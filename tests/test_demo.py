@@ -3,6 +3,7 @@ with the real demo corpus, in a child process as a user runs it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -65,3 +66,19 @@ def test_demo_rerun_reuses_finished_steps(demo):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done earlier, reused") == 10
+
+
+def test_study_and_quick_are_exclusive_and_a_workdir_keeps_its_size(tmp_path, capsys):
+    """--study and --quick cannot be combined; a workdir of one size refuses a run of another (one error line)."""
+    from experiments import demo
+
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--quick", "--study", "--workdir", str(tmp_path / "w")])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    done = tmp_path / "w" / ".done"
+    done.mkdir(parents=True)
+    (done / "sizes.json").write_text(json.dumps(dataclasses.asdict(demo.QUICK)))
+    assert demo.main(["--study", "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "another size (--quick, --study or default)" in err and err.count("\n") == 1
+    assert json.loads((done / "sizes.json").read_text()) == dataclasses.asdict(demo.QUICK)  # left as it was
