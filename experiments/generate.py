@@ -189,7 +189,6 @@ def run(argv=None, writes: Writes | None = None) -> int:
     folder, resolved = model_folder.resolve(args.model_path)  # no model folder at all: fail before loading anything
     if resolved:
         notice(resolved)
-    args.model_path = folder
     KimiLinearConfig.from_pretrained(folder)  # and a config.json that cannot describe one
     overrides = {field: getattr(args, "draft_seed" if field == "seed" else field) for field in OVERRIDE_FLAGS}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -198,7 +197,7 @@ def run(argv=None, writes: Writes | None = None) -> int:
     elif args.recursive_config is None:  # the default config (the folder's or after_surgery) enables recursion
         overrides["recursive_enabled"] = False
     # Validate the recursive config and the prompts before the (possibly huge) model is loaded.
-    rcfg, _ = io.resolve_generation_config(args.model_path, args.recursive_config, overrides)
+    rcfg, _ = io.resolve_generation_config(folder, args.recursive_config, overrides)
     use_recursive = rcfg.recursive_enabled
     if not use_recursive:
         unused = [OVERRIDE_FLAGS[k] for k in OVERRIDE_FLAGS if k in overrides] + (["--diagnostic"]
@@ -206,13 +205,13 @@ def run(argv=None, writes: Writes | None = None) -> int:
         if unused:
             notice(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without recursion "
                    f"(pass --use_recursive)")
-    rows = encode_prompts(tokenizer_mod.load(args.model_path), prompts, chat=args.chat)
-    too_long = context_notice(rows, args.max_new_tokens, tokenizer_max_length(args.model_path))
+    rows = encode_prompts(tokenizer_mod.load(folder), prompts, chat=args.chat)
+    too_long = context_notice(rows, args.max_new_tokens, tokenizer_max_length(folder))
     if too_long:
         notice(too_long)
 
     info: dict = {}
-    model, sidecar, rcfg, tok = io.load_for_generation(args.model_path, recursive_config=args.recursive_config,
+    model, sidecar, rcfg, tok = io.load_for_generation(folder, recursive_config=args.recursive_config,
                                                        overrides=overrides, dtype=args.dtype, notice=notice,
                                                        info=info)
     eos, pad = model_folder.special_tokens(model.config, tok)
@@ -258,7 +257,7 @@ def run(argv=None, writes: Writes | None = None) -> int:
         writes.begin(output_json, "json")
         try:
             write_json_atomic(output_json, {
-                "model_path": os.path.abspath(args.model_path),
+                "model_path": os.path.abspath(folder),
                 "recursive_config": rcfg.to_dict(),
                 "use_recursive": use_recursive,
                 "samples": samples,
