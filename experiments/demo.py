@@ -9,7 +9,8 @@ process, exactly as a user with the real 48B would, on a tiny model of the same 
   1. convert it to orbax (`python -m convert.hf_to_orbax`), set up the metrics layout, evaluate `baseline`;
   2. vanilla fine-tune (`experiments.train`), evaluate `finetuned_vanilla`;
   3. surgery: evaluate `after_surgery` (zero-init sidecar, verified commits: must match the baseline);
-  4. recursive fine-tune (phase a), evaluate `finetuned_recursive` at an intermediate `step_N` and at the end;
+  4. recursive fine-tune (phase a), evaluate `finetuned_recursive` at an intermediate `step_N` (not with --quick or
+     --study) and at the end;
   5. compare the four stages: table, verdicts, report and plots.
 Finished steps are reused on a re-run (a marker per step under `{workdir}/.done/`); `--fresh` starts clean.
 `--quick` shrinks every step (the CI test runs it). Measured on 2 cores from an empty workdir: 3 min 27 s quick, 10 min
@@ -294,7 +295,7 @@ class Demo:
                   lambda: self.train("recursive_finetune", s.recursive_steps, "--use_recursive",
                                      "--max_inner_steps", s.inner_steps))
         middle = max(1, s.recursive_steps // 2)
-        if not s.study:  # the study evaluates the end of training only
+        if not (s.study or self.quick):  # the study and --quick evaluate the end of training only
             self.step("eval_recursive_mid", f"4b. evaluate: finetuned_recursive at step_{middle}",
                       lambda: self.evaluate(self.path("checkpoints", "recursive_finetune", f"step_{middle}"),
                                             "finetuned_recursive", "--use_recursive"))

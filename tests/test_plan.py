@@ -113,21 +113,20 @@ def test_plan_compiles_recursive_phase_a_on_8_devices(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["b", "c"])
-def test_plan_compiles_recursive_phases_b_and_c_on_8_devices(phase, capsys, monkeypatch):
-    """Phases b (LoRA on the noisy stream) and c (the every_4th block, here layer 3, trained with L2-SP) compile
-    with the step experiments.train builds; their inner-step scans count K times. Phase b without --chip: the
-    collectives line still, and no time bound."""
-    chip = ["--chip", "v5p"] if phase == "c" else []
+def test_plan_compiles_recursive_phase_c_on_8_devices(capsys, monkeypatch):
+    """Phase c (LoRA on the noisy stream, as in phase b, and the every_4th block, here layer 3, trained with L2-SP)
+    compiles with the step experiments.train builds; its inner-step scans count K times."""
+    phase = "c"
+    chip = ["--chip", "v5p"]
     rc, out, text = run_plan(["--config", "tiny", "--mesh", "fsdp=8", "--devices", "8", "--batch_size", "8",
                               "--seq_len", "128", "--stage", "recursive", "--phase", phase, "--chunk_width", "64",
                               "--max_inner_steps", "2", *chip], capsys, monkeypatch)
     assert rc == 0, out
     assert f"recursive phase {phase}: W 64, K 2, 1 windows per sequence" in out
     assert "LoRA on the noisy stream included" in out
-    assert ("base blocks of layers [3] trained" in out) == (phase == "c") and ("base frozen" in out) == (phase == "b")
+    assert "base blocks of layers [3] trained" in out and "base frozen" not in out
     assert len(FLOPS_LINE.findall(out)) == 1, out
-    assert_communication_lines(out, chip=phase == "c")
+    assert_communication_lines(out)
     stats = hlo_costs.analyze(text)
     assert stats.bytes["all-gather"] > 0 and 2 in {loop.trips for loop in stats.loops}
 

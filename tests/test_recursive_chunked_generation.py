@@ -35,8 +35,8 @@ def prompts(n: int, seed: int, min_len: int = 3, max_len: int = 20):
 
 # (chunk_width, K, draft seed, prompt seed, new tokens): K in {1, 2, 4}, W in {64, 128}, every seed mode. AR seeds
 # commit whole windows; leftover / mask seeds commit ~k tokens per chunk (Jacobi), so they get fewer new tokens.
-# Four cases cover each K, each W and each seed mode (every case costs its own compiles).
-T3_CASES = [(64, 2, "leftover", 1, 48), (64, 4, "mask", 2, 32), (128, 1, "ar", 3, 150), (128, 4, "leftover", 5, 40)]
+# Three cases cover each K, each W and each seed mode (every case costs its own compiles, ~20-60 s on 2 cores).
+T3_CASES = [(64, 2, "leftover", 1, 48), (64, 4, "mask", 2, 32), (128, 1, "ar", 3, 150)]
 
 
 @pytest.mark.slow
