@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from kimi_jax.evaluation.generation_quality import (distinct_n, generation_stats, length_stats, ngrams,
@@ -45,3 +47,15 @@ def test_prompt_snippets_cut_at_whitespace():
     assert out[1] == "A short document."
     assert out[2] == "x" * 200  # no whitespace to cut at
     assert prompt_snippets([long, short], 1) == out[:1]
+
+
+def test_distinct_n_stderr_is_a_bootstrap_over_samples():
+    """Two samples, [1, 1] and [2, 3]: a resample is {A, A} (distinct-1 1/4), {B, B} (2/4) or {A, B} (3/4) with
+    probabilities 1/4, 1/4, 1/2, so the bootstrap's standard deviation is sqrt(0.04296875) = 0.2073."""
+    from kimi_jax.evaluation.generation_quality import distinct_n_stderr
+
+    assert distinct_n_stderr([[1, 1], [2, 3]], 1) == pytest.approx(math.sqrt(0.04296875), abs=0.01)
+    assert distinct_n_stderr([[1, 2], [1, 2]], 1) == 0.0  # every resample pools the same n-grams
+    assert distinct_n_stderr([[1, 2, 3]], 1) is None and distinct_n_stderr([[1], [2]], 2) is None
+    stats = generation_stats([[1, 1], [2, 3]], [2, 2], [False, False], 8)
+    assert stats["distinct_1_stderr"] == distinct_n_stderr([[1, 1], [2, 3]], 1)

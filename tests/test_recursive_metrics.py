@@ -9,8 +9,8 @@ import chex
 import numpy as np
 import pytest
 
-from kimi_jax.recursive.metrics import (ChunkTrace, recursive_metrics, traces_from_json, traces_to_json,
-                                        validate_traces)
+from kimi_jax.recursive.metrics import (PER_CHUNK_MEANS, ChunkTrace, recursive_metrics, traces_from_json,
+                                        traces_to_json, validate_traces)
 
 W, K = 4, 3
 APPROX = dict(rel=1e-12, abs=1e-12)
@@ -19,7 +19,7 @@ ALL_KEYS = {
     "num_chunks", "avg_refine_steps", "executed_steps", "commit_rate", "halt_hazard", "fixed_point_rate",
     "chunk_length_hist", "avg_chunk_length", "token_weighted_chunk_length", "full_chunk_fraction", "length_head_mse",
     "stability_at_k", "token_stability", "flip_rate", "mean_flip_rate", "oscillation_rate", "mean_halt_prob_per_step",
-}
+} | {f"{name}_stderr" for name in PER_CHUNK_MEANS}
 
 
 def T(stop, vol, length, fixed, props, halt=None, target=None):
@@ -102,6 +102,13 @@ def test_diagnostic_hand_computed():
     # Halt probs recorded on c0, c1, c2 (float32 inputs, hence the looser tolerance).
     assert m["mean_halt_prob_per_step"] == pytest.approx(
         [(0.9 + 0.1 + 0.2) / 3, (0.95 + 0.8 + 0.3) / 3, (0.99 + 0.9 + 0.4) / 3], rel=1e-6)
+    # Standard errors over the 4 chunks: sample std (ddof 1) / 2 of the per-chunk values above.
+    se = lambda values: float(np.std(values, ddof=1) / 2)  # noqa: E731
+    assert m["avg_refine_steps_stderr"] == pytest.approx(se([1, 2, 3, 3]), **APPROX)
+    assert m["commit_rate_stderr"] == pytest.approx(se([1, 1, 0, 0]), **APPROX)
+    assert m["avg_chunk_length_stderr"] == pytest.approx(se([4, 2, 3, 2]), **APPROX)
+    assert m["stability_at_k_stderr"] == pytest.approx(se([1, 0, 1, 1]), **APPROX)
+    assert m["executed_steps_stderr"] == 0.0
 
 
 def test_non_diagnostic_hand_computed():

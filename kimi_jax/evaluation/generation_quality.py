@@ -11,18 +11,21 @@
 
 The means over samples (mean length, fraction hitting the limit, 4-gram repetition) carry ``*_stderr``
 (`kimi_jax.evaluation.uncertainty.mean_stderr`, None for fewer than two samples); distinct-n pools the n-grams of all
-samples (not a mean over samples) and has none. An undefined value (no n-grams at all) is None, never NaN.
+samples (not a mean over samples), so its ``distinct_{n}_stderr`` is a seeded bootstrap over samples
+(`distinct_n_stderr`). An undefined value (no n-grams at all) is None, never NaN.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from kimi_jax.evaluation.uncertainty import mean_stderr
+import numpy as np
+
+from kimi_jax.evaluation.uncertainty import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, MIN_STDERR_UNITS, mean_stderr
 
 PROMPT_CHARS = 200
 
-__all__ = ["PROMPT_CHARS", "distinct_n", "generation_stats", "length_stats", "ngrams", "prompt_snippets",
+__all__ = ["PROMPT_CHARS", "distinct_n", "distinct_n_stderr", "generation_stats", "length_stats", "ngrams", "prompt_snippets",
            "repetition_rate", "sample_repetition_rates"]
 
 
@@ -51,6 +54,27 @@ def ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
 def distinct_n(samples: Sequence[Sequence[int]], n: int) -> float | None:
     grams = [g for s in samples for g in ngrams(list(s), n)]
     return len(set(grams)) / len(grams) if grams else None
+
+
+def distinct_n_stderr(samples: Sequence[Sequence[int]], n: int, *, resamples: int = BOOTSTRAP_SAMPLES,
+                      seed: int = BOOTSTRAP_SEED) -> float | None:
+    """The bootstrap standard error (std, ddof=1) of `distinct_n` over resamples of the samples drawn with
+    replacement (a sample drawn twice adds its n-grams twice and no new unique one); None for fewer than two samples
+    or without n-grams."""
+    grams = [ngrams(list(s), n) for s in samples]
+    if len(grams) < MIN_STDERR_UNITS or not any(grams):
+        return None
+    ids: dict = {}
+    unique = [np.unique(np.asarray([ids.setdefault(g, len(ids)) for g in gs], np.int64)) for gs in grams]
+    totals = np.asarray([len(gs) for gs in grams], np.int64)
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(grams), len(grams))
+        total = int(totals[pick].sum())
+        if total:
+            stats.append(np.unique(np.concatenate([unique[i] for i in np.unique(pick)])).size / total)
+    return float(np.std(stats, ddof=1)) if len(stats) >= MIN_STDERR_UNITS else None
 
 
 def sample_repetition_rates(samples: Sequence[Sequence[int]], n: int = 4) -> list[float]:
@@ -88,6 +112,7 @@ def generation_stats(continuations: Sequence[Sequence[int]], num_tokens: Sequenc
         "distinct_1": distinct_n(continuations, 1),
         "distinct_2": distinct_n(continuations, 2),
         "distinct_3": distinct_n(continuations, 3),
+        **{f"distinct_{n}_stderr": distinct_n_stderr(continuations, n) for n in (1, 2, 3)},
         "repetition_rate_4gram": repetition_rate(continuations, 4),
         "repetition_rate_4gram_stderr": mean_stderr(sample_repetition_rates(continuations, 4)),
     }

@@ -20,7 +20,10 @@ a list of traces over all chunks c = 1..C into JSON-ready numbers:
 * `mean_halt_prob_per_step` = [mean lambda_1 .. mean lambda_K] over chunks that executed step k and recorded halt
   probabilities.
 
-A mean over an empty set is None (never NaN, never a division by zero); list entries follow the same rule.
+The means over chunks (`PER_CHUNK_MEANS`: refine and executed steps, commit, fixed-point and full-chunk rates, chunk
+length, stability@K) carry ``{name}_stderr``, the standard error over chunks (`kimi_jax.evaluation.uncertainty.
+mean_stderr`; None for fewer than two chunks). A mean over an empty set is None (never NaN, never a division by
+zero); list entries follow the same rule.
 `traces_to_json` / `traces_from_json` convert traces to and from plain JSON values (proposals as nested lists).
 """
 
@@ -32,7 +35,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["ChunkTrace", "recursive_metrics", "traces_from_json", "traces_to_json", "validate_traces"]
+__all__ = ["ChunkTrace", "PER_CHUNK_MEANS", "recursive_metrics", "traces_from_json", "traces_to_json",
+           "validate_traces"]
+PER_CHUNK_MEANS = ("avg_refine_steps", "executed_steps", "commit_rate", "fixed_point_rate", "avg_chunk_length",
+                   "full_chunk_fraction", "stability_at_k")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,13 +152,16 @@ def recursive_metrics(traces: Sequence[ChunkTrace], chunk_width: int, max_inner_
 
     # Stability: only in diagnostic mode (every trace ran all K steps).
     stability = token_stability = None
+    stable_per_chunk = None
     if C > 0 and bool(np.all(n == K)):
         stable_chunks = 0
         stable_tokens = 0
+        stable_per_chunk = []
         for t, (p, _) in zip(traces, checked):
             same = p[t.stop_step - 1, : t.length] == p[K - 1, : t.length]
             stable_chunks += int(np.all(same))
             stable_tokens += int(np.sum(same))
+            stable_per_chunk.append(float(np.all(same)))
         stability = _ratio(stable_chunks, C)
         token_stability = _ratio(stable_tokens, int(B.sum()))
 
@@ -178,8 +187,14 @@ def recursive_metrics(traces: Sequence[ChunkTrace], chunk_width: int, max_inner_
             halt_cnt[:rows] += 1
 
     hist = [_ratio(int(np.sum(B == L)), C) for L in range(1, W + 1)]
+    from kimi_jax.evaluation.uncertainty import mean_stderr
 
-    return {
+    per_chunk = {"avg_refine_steps": k, "executed_steps": n, "commit_rate": vol, "fixed_point_rate": fixed,
+                 "avg_chunk_length": B, "full_chunk_fraction": (B == W), "stability_at_k": stable_per_chunk}
+    stderrs = {f"{name}_stderr": None if per_chunk[name] is None else mean_stderr(
+        np.asarray(per_chunk[name], np.float64)) for name in PER_CHUNK_MEANS}
+
+    return {**stderrs,
         "num_chunks": int(C),
         "avg_refine_steps": _ratio(int(k.sum()), C),
         "executed_steps": _ratio(int(n.sum()), C),
