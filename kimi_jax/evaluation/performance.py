@@ -2,11 +2,14 @@
 baseline path and, with recursion, the recursive path; the process's peak memory.
 
 Measured on the first generation batch. Every program runs once untimed (it compiles), then TIMING_REPEATS times;
-the fastest run counts. Prefill is the model over the whole left-padded prompt up to the next-token logits, measured
-once: both generators prefill with the same baseline model. Decode throughput is the marginal rate between generating
-max_new_tokens and max_new_tokens // 2 tokens, so the prefill and the per-call overheads cancel; on a loaded machine
-the timing rounds are repeated until that difference is positive, else the rate falls back to the end-to-end rate with
-the prefill subtracted (`measure_path`), so it is not null while any token was generated.
+the fastest prefill counts. Prefill is the model over the whole left-padded prompt up to the next-token logits,
+measured once: both generators prefill with the same baseline model. Decode throughput is the marginal rate between
+generating max_new_tokens and max_new_tokens // 2 tokens, so the prefill and the per-call overheads cancel: each
+timing round times both lengths back to back, and the rate is the extra tokens over the mean of the rounds'
+differences once that mean is clearly positive (more than RESOLVED_STDERRS standard errors above 0; rounds are added
+on a loaded machine). A difference lost in the noise (a busy machine, or a recursive chunk wider than both lengths,
+which generates them in the same time) falls back to the end-to-end rate with the prefill subtracted
+(`measure_path`), so the rate is never null while any token was generated, and never the ratio of two noise terms.
 """
 
 from __future__ import annotations
@@ -19,17 +22,18 @@ from kimi_jax.evaluation.batched_generation import BatchedGenerator
 from kimi_jax.evaluation.inputs import NO_GENERATION_PROMPTS
 
 TIMING_REPEATS = 2  # timed runs after the warm-up; the fastest counts
-MAX_TIMING_ROUNDS = 8  # timing rounds at most while the marginal decode time is not positive
+MAX_TIMING_ROUNDS = 8  # timing rounds at most while the marginal decode time is not resolved
+RESOLVED_STDERRS = 2.0  # the mean per-round difference must exceed this many standard errors
 DECODE_MARGINAL = "marginal"  # (tokens of N - tokens of N // 2) / (seconds of N - seconds of N // 2)
 DECODE_FALLBACK = "end_to_end_minus_prefill"  # new tokens / (seconds of N - prefill seconds)
 NOTE = ("compilation excluded: every program ran once untimed before its timed runs on the first generation batch "
         f"(the fastest of {TIMING_REPEATS} counts). prefill = the model over the whole left-padded prompt up to the "
         "next-token logits (padding counted), measured once: both generators prefill with the same baseline model. "
         "decode_tokens_per_sec = the marginal rate between generating max_new_tokens and max_new_tokens // 2 tokens "
-        "(prefill and call overheads cancel), timing rounds repeated (up to "
-        f"{MAX_TIMING_ROUNDS}) while that difference is not positive; if it never is, new tokens / (generate_seconds "
-        "- prefill_seconds) (decode_method says which). decode_tokens_per_sec_runs: the marginal rate of each "
-        "timing round that resolved (the spread)")
+        "(prefill and call overheads cancel): the extra tokens over the mean of the timing rounds' differences, "
+        f"rounds repeated (up to {MAX_TIMING_ROUNDS}) until that mean exceeds {RESOLVED_STDERRS:g} standard errors; "
+        "if it never does, new tokens / (generate_seconds - prefill_seconds) (decode_method says which). "
+        "decode_tokens_per_sec_runs: the marginal rate of each timing round with a positive difference (the spread)")
 PEAK_MEMORY_NOTE = "process-wide peak over the whole evaluation (every section and path)"
 
 
@@ -72,11 +76,11 @@ def measure_path(generator: BatchedGenerator, sidecar, rcfg, rows, prefill: dict
     """Decode throughput of one generation path on the first batch of `rows` -> (metrics, the timed full-length
     run's new tokens per row); `prefill` is `measure_prefill`'s, recorded with the path.
 
-    Each timing round runs the full length and the half length once; after TIMING_REPEATS rounds, rounds are added
-    (up to MAX_TIMING_ROUNDS) while the difference of the fastest runs is not positive (a loaded machine). If it
-    never resolves, or the half-length run produced as many tokens (EOS), the decode rate falls back to the new
-    tokens over the fastest full run minus the prefill time (`decode_method` says which); every round that resolved
-    gives its own marginal rate (`decode_tokens_per_sec_runs`, the spread)."""
+    Each timing round runs the full length and the half length once, back to back; after TIMING_REPEATS rounds,
+    rounds are added (up to MAX_TIMING_ROUNDS) until the mean of the rounds' differences is resolved
+    (`_resolved`). If it never is, or the half-length run produced as many tokens (EOS), the decode rate falls back
+    to the new tokens over the fastest full run minus the prefill time (`decode_method` says which); every round
+    with a positive difference gives its own marginal rate (`decode_tokens_per_sec_runs`, the spread)."""
     rows = rows[:generator.batch_size]
     N = generator.max_new_tokens
     half = N // 2
@@ -97,16 +101,17 @@ def measure_path(generator: BatchedGenerator, sidecar, rcfg, rows, prefill: dict
             decode_tokens = new_tokens - int(np.sum(res_half.num_tokens))
         rounds = len(full_s)
         resolvable = res_half is not None and decode_tokens > 0  # else no number of rounds helps
+        diffs = [f - h for f, h in zip(full_s, half_s)]
         if rounds >= MAX_TIMING_ROUNDS:
             break
-        if rounds >= TIMING_REPEATS and (not resolvable or min(full_s) - min(half_s) > 0):
+        if rounds >= TIMING_REPEATS and (not resolvable or _resolved(diffs)):
             break
     gen_s = min(full_s)
-    marginal = decode_tokens is not None and decode_tokens > 0 and gen_s - min(half_s) > 0
-    round_rates = ([decode_tokens / (f - h) for f, h in zip(full_s, half_s) if f - h > 0]
+    marginal = decode_tokens is not None and decode_tokens > 0 and _resolved(diffs)
+    round_rates = ([decode_tokens / d for d in diffs if d > 0]
                    if decode_tokens is not None and decode_tokens > 0 else [])
     if marginal:
-        method, d_tokens, d_seconds = DECODE_MARGINAL, decode_tokens, gen_s - min(half_s)
+        method, d_tokens, d_seconds = DECODE_MARGINAL, decode_tokens, float(np.mean(diffs))
     elif new_tokens > 0 and gen_s - prefill["prefill_seconds"] > 0:
         method, d_tokens, d_seconds = DECODE_FALLBACK, new_tokens, gen_s - prefill["prefill_seconds"]
     else:
@@ -125,6 +130,14 @@ def measure_path(generator: BatchedGenerator, sidecar, rcfg, rows, prefill: dict
     }
     tokens = [[int(t) for t in np.asarray(res.tokens[j, :int(res.num_tokens[j])])] for j in range(len(rows))]
     return metrics, tokens
+
+
+def _resolved(diffs: list[float]) -> bool:
+    """The mean of the per-round time differences lies more than RESOLVED_STDERRS standard errors above 0."""
+    from kimi_jax.evaluation.uncertainty import mean_stderr
+
+    se = mean_stderr(diffs) if len(diffs) >= 2 else None
+    return se is not None and float(np.mean(diffs)) > RESOLVED_STDERRS * se
 
 
 def performance(generator: BatchedGenerator, loaded, rows) -> tuple[dict, list[list[int]] | None]:
@@ -153,5 +166,5 @@ def add_peak_memory(section: dict) -> None:
     section["peak_memory_note"] = PEAK_MEMORY_NOTE
 
 
-__all__ = ["DECODE_FALLBACK", "DECODE_MARGINAL", "MAX_TIMING_ROUNDS", "NOTE", "TIMING_REPEATS", "add_peak_memory",
-           "measure_path", "measure_prefill", "performance"]
+__all__ = ["DECODE_FALLBACK", "DECODE_MARGINAL", "MAX_TIMING_ROUNDS", "NOTE", "RESOLVED_STDERRS", "TIMING_REPEATS",
+           "add_peak_memory", "measure_path", "measure_prefill", "performance"]
