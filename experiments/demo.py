@@ -13,8 +13,8 @@ process, exactly as a user with the real 48B would, on a tiny model of the same 
      --study) and at the end;
   5. compare the four stages: table, verdicts, report and plots.
 Finished steps are reused on a re-run (a marker per step under `{workdir}/.done/`); `--fresh` starts clean.
-`--quick` shrinks every step (the CI test runs it). Measured on 2 cores from an empty workdir: 3 min 27 s quick, 10 min
-8 s default (aims: 5 and 20 minutes).
+`--quick` shrinks every step (the CI test runs it). Measured on 2 cores from an empty workdir: 3 min 27 s quick (at
+an older commit), 14 min 20 s default, 31 min 48 s --study (aims: 5, 20 and 30 minutes).
 
 `--study` (default workdir ./study) is the recursion study, about half an hour on 2 cores: the same plan on a model
 pretrained longer, which must come out clearly better than unigram statistics of its training data (a paired
