@@ -95,3 +95,13 @@ def test_eos_before_half_length_cannot_resolve_and_falls_back_at_once():
     m = measure(gen)
     assert m["timing_repeats"] == perf.TIMING_REPEATS and m["decode_method"] == perf.DECODE_FALLBACK
     assert m["decode_tokens_per_sec"] == pytest.approx(BATCH * N / 1.5)
+
+
+def test_a_prefill_no_shorter_than_the_run_gives_the_end_to_end_rate():
+    """The prefill is timed on its own: on a tiny model it can come out as long as a whole unresolved run; the rate
+    is then new tokens over the full run (a lower bound), never null."""
+    rounds = perf.MAX_TIMING_ROUNDS
+    gen = ScriptedGenerator({N: [9.0] + [0.4] * rounds, N // 2: [9.0] + [0.5] * rounds})
+    m = measure(gen)
+    assert m["decode_method"] == perf.DECODE_END_TO_END
+    assert m["decode_tokens_per_sec"] == pytest.approx(BATCH * N / 0.4)

@@ -31,8 +31,8 @@ from kimi_jax.evaluation.core_metrics import core_metrics
 from kimi_jax.evaluation.generation import generation
 from kimi_jax.evaluation.inputs import (NO_GENERATION_PROMPTS, PROMPT_ALIGN, HeldOut, load_held_out, load_inputs,
                                         padded_prompt_length)
-from kimi_jax.evaluation.performance import (DECODE_FALLBACK, DECODE_MARGINAL, MAX_TIMING_ROUNDS, TIMING_REPEATS,
-                                             add_peak_memory, performance)
+from kimi_jax.evaluation.performance import (DECODE_END_TO_END, DECODE_FALLBACK, DECODE_MARGINAL, MAX_TIMING_ROUNDS,
+                                             TIMING_REPEATS, add_peak_memory, performance)
 from kimi_jax.evaluation.reasoning import reasoning
 from kimi_jax.evaluation.recursive_metrics import chunk_accuracy, recursive_section
 from kimi_jax.evaluation.runner import evaluate_stage
@@ -270,7 +270,8 @@ def test_generation_performance_and_reasoning_sections(baseline):
     base = perf["baseline"]
     assert base["batch_size"] == BATCH and base["prompt_length"] == inputs.prompt_length
     assert TIMING_REPEATS <= base["timing_repeats"] <= MAX_TIMING_ROUNDS and base["num_chunks"] is None
-    assert base["decode_tokens_per_sec"] > 0 and base["decode_method"] in (DECODE_MARGINAL, DECODE_FALLBACK)
+    assert base["decode_tokens_per_sec"] > 0 and base["decode_method"] in (DECODE_MARGINAL, DECODE_FALLBACK,
+                                                                          DECODE_END_TO_END)
     assert base["prefill_tokens"] == BATCH * inputs.prompt_length and base["prefill_tokens_per_sec"] > 0
     assert base["new_tokens"] == sum(len(t) for t in timed)
     add_peak_memory(perf)

@@ -26,13 +26,15 @@ MAX_TIMING_ROUNDS = 8  # timing rounds at most while the marginal decode time is
 RESOLVED_STDERRS = 2.0  # the mean per-round difference must exceed this many standard errors
 DECODE_MARGINAL = "marginal"  # (tokens of N - tokens of N // 2) / (seconds of N - seconds of N // 2)
 DECODE_FALLBACK = "end_to_end_minus_prefill"  # new tokens / (seconds of N - prefill seconds)
+DECODE_END_TO_END = "end_to_end"  # new tokens / seconds of N, when the separately timed prefill is not shorter
 NOTE = ("compilation excluded: every program ran once untimed before its timed runs on the first generation batch "
         f"(the fastest of {TIMING_REPEATS} counts). prefill = the model over the whole left-padded prompt up to the "
         "next-token logits (padding counted), measured once: both generators prefill with the same baseline model. "
         "decode_tokens_per_sec = the marginal rate between generating max_new_tokens and max_new_tokens // 2 tokens "
         "(prefill and call overheads cancel): the extra tokens over the mean of the timing rounds' differences, "
         f"rounds repeated (up to {MAX_TIMING_ROUNDS}) until that mean exceeds {RESOLVED_STDERRS:g} standard errors; "
-        "if it never does, new tokens / (generate_seconds - prefill_seconds) (decode_method says which). "
+        "if it never does, new tokens / (generate_seconds - prefill_seconds), or / generate_seconds when the "
+        "separately timed prefill is not shorter (decode_method says which). "
         "decode_tokens_per_sec_runs: the marginal rate of each timing round with a positive difference (the spread)")
 PEAK_MEMORY_NOTE = "process-wide peak over the whole evaluation (every section and path)"
 
@@ -114,6 +116,8 @@ def measure_path(generator: BatchedGenerator, sidecar, rcfg, rows, prefill: dict
         method, d_tokens, d_seconds = DECODE_MARGINAL, decode_tokens, float(np.mean(diffs))
     elif new_tokens > 0 and gen_s - prefill["prefill_seconds"] > 0:
         method, d_tokens, d_seconds = DECODE_FALLBACK, new_tokens, gen_s - prefill["prefill_seconds"]
+    elif new_tokens > 0 and gen_s > 0:  # a lower bound: the prefill stays in
+        method, d_tokens, d_seconds = DECODE_END_TO_END, new_tokens, gen_s
     else:
         method = d_tokens = d_seconds = None
     metrics = {
@@ -166,5 +170,5 @@ def add_peak_memory(section: dict) -> None:
     section["peak_memory_note"] = PEAK_MEMORY_NOTE
 
 
-__all__ = ["DECODE_FALLBACK", "DECODE_MARGINAL", "MAX_TIMING_ROUNDS", "NOTE", "RESOLVED_STDERRS", "TIMING_REPEATS",
+__all__ = ["DECODE_END_TO_END", "DECODE_FALLBACK", "DECODE_MARGINAL", "MAX_TIMING_ROUNDS", "NOTE", "RESOLVED_STDERRS", "TIMING_REPEATS",
            "add_peak_memory", "measure_path", "measure_prefill", "performance"]
