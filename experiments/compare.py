@@ -16,9 +16,9 @@ The four questions of EVALUATION_PLAN.md are answered explicitly, with the numbe
      vs the vanilla model's greedy chunk accuracy (the answer), and reasoning accuracy.
 Questions 2 and 3 are paired comparisons (kimi_jax.evaluation.verdicts): the difference with its 95% interval from a
 paired bootstrap over the windows of the held-out documents, problems or chunks, and "yes" only when the interval
-lies entirely on the improving side ("no": entirely on the other side; else "inconclusive"). Results without per-unit data compare on the point
-estimates, marked "no uncertainty", and are never "yes". The tables show "value ± standard error" where the results
-carry one.
+lies entirely on the improving side ("no": entirely on the other side; else "inconclusive"). Results without
+per-unit data compare on the point estimates, marked "no uncertainty", and are never "yes". The tables show
+"value ± standard error" where the results carry one.
   4. Is recursion efficient? finetuned_recursive's avg_refine_steps (the plan's target: 1-2) and its decode
      throughput relative to the baseline path.
 """
@@ -306,8 +306,9 @@ def markdown(rows, stages, answers, missing, plots, stderrs: dict[str, list] | N
                   "difference of the paired units with its 95% interval.", "", "## Key questions", ""]
     lines += [f"- **{q}** {a}" for q, a in answers]
     if plots:
-        lines += ["", "## Plots", "", "Error bars: +- 1.96 standard errors (the normal 95% interval of each stage's own "
-                  "value; the paired intervals above are the ones that compare stages).", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+        lines += ["", "## Plots", "", "Error bars: +- 1.96 standard errors (the normal 95% interval of each stage's "
+                  "own value; the paired intervals above are the ones that compare stages).", ""]
+        lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     return "\n".join(lines) + "\n"
 
 

@@ -175,7 +175,8 @@ class Demo:
         s = self.s
         self.run("experiments.train", "--stage", "vanilla", "--model_path", self.path("models", "tiny-kimi-init"),
                  "--data", "demo", "--seq_len", s.seq_len, "--batch_size", s.batch, "--num_steps", s.pretrain_steps,
-                 "--lr", PRETRAIN_LR, "--warmup_steps", max(1, s.pretrain_steps // 10), "--output_dir", self.path("pretrain"),
+                 "--lr", PRETRAIN_LR, "--warmup_steps", max(1, s.pretrain_steps // 10),
+                 "--output_dir", self.path("pretrain"),
                  "--log_dir", self.path("logs", "pretrain"), "--save_interval", s.pretrain_steps,
                  "--eval_interval", s.pretrain_steps, "--max_eval_batches", s.eval_batches, "--no-resume")
         self.run("convert.orbax_to_hf", "--ckpt", self.path("pretrain", f"step_{s.pretrain_steps}"),
@@ -232,7 +233,8 @@ class Demo:
     def unigram_check(self) -> None:
         """The pretrained baseline against unigram statistics, paired by held-out window; stops the study unless
         the baseline is clearly better."""
-        from kimi_jax.evaluation.recursion_study import unigram_comparison, unigram_reference
+        from kimi_jax.evaluation.recursion_study import unigram_reference
+        from kimi_jax.evaluation.verdicts import compare_perplexity
         from kimi_jax.safe_io import write_json_atomic
 
         base = self.stage_json("baseline")
@@ -240,7 +242,7 @@ class Demo:
         unigram = unigram_reference(self.path("ckpt", "tiny-kimi"), "demo", seq_len=core["seq_len"],
                                     stride=core["stride"], max_eval_tokens=self.s.eval_tokens or None)
         write_json_atomic(self.path("eval_results", "unigram_reference.json"), unigram)
-        cmp = unigram_comparison(unigram, base)
+        cmp = compare_perplexity(unigram, base)
         print(f"  unigram -> pretrained baseline: {cmp.describe()}", flush=True)
         if cmp.verdict != "yes":
             raise SystemExit(f"error: the pretrained model is not clearly better than unigram statistics "
@@ -266,7 +268,7 @@ class Demo:
             ("pretrain", "pretrain + export"), ("train_vanilla", "vanilla fine-tune"),
             ("train_recursive", "recursive fine-tune"))}
         md, data = rs.study_report(
-            sizes=sizes, compute=self.compute(), timings=timings, unigram=rs.unigram_comparison(unigram, base),
+            sizes=sizes, compute=self.compute(), timings=timings, unigram=compare_perplexity(unigram, base),
             baseline=base, unigram_result=unigram, vanilla_vs_baseline=compare_perplexity(base, vanilla),
             chunks=rs.chunk_accuracy_by_step(rec, vanilla),
             trajectory=rs.training_trajectory(self.path("checkpoints", "recursive_finetune", "metrics.jsonl")),

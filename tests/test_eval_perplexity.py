@@ -114,7 +114,8 @@ def test_per_document_and_per_window_sums_and_their_bootstrap_intervals():
     assert out["uncertainty_unit"] == "window" and len(win["nll_sum"]) == out["num_windows"] == len(expected_windows)
     assert win["document"] == [d for d, _ in expected_windows]
     assert win["num_tokens"] == [end - first for _, (start, first, end) in expected_windows]
-    assert win["nll_sum"] == [sum(j - start + 1 for j in range(first, end)) for _, (start, first, end) in expected_windows]
+    assert win["nll_sum"] == [sum(j - start + 1 for j in range(first, end))
+                              for _, (start, first, end) in expected_windows]
     for d in range(len(docs)):
         assert sum(v for v, dd in zip(win["nll_sum"], win["document"]) if dd == d) == per["nll_sum"][d]
     assert sum(win["num_correct"]) == out["num_correct"]

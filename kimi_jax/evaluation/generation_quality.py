@@ -25,8 +25,8 @@ from kimi_jax.evaluation.uncertainty import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, M
 
 PROMPT_CHARS = 200
 
-__all__ = ["PROMPT_CHARS", "distinct_n", "distinct_n_stderr", "generation_stats", "length_stats", "ngrams", "prompt_snippets",
-           "repetition_rate", "sample_repetition_rates"]
+__all__ = ["PROMPT_CHARS", "distinct_n", "distinct_n_stderr", "generation_stats", "length_stats", "ngrams",
+           "prompt_snippets", "repetition_rate", "sample_repetition_rates"]
 
 
 def prompt_snippets(texts: Sequence[str], count: int, max_chars: int = PROMPT_CHARS) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from kimi_jax.evaluation.batched_generation import BatchedGenerator
 from kimi_jax.evaluation.inputs import NO_GENERATION_PROMPTS
+from kimi_jax.evaluation.uncertainty import mean_stderr
 
 TIMING_REPEATS = 2  # timed runs after the warm-up; the fastest counts
 MAX_TIMING_ROUNDS = 8  # timing rounds at most while the marginal decode time is not resolved
@@ -138,9 +139,7 @@ def measure_path(generator: BatchedGenerator, sidecar, rcfg, rows, prefill: dict
 
 def _resolved(diffs: list[float]) -> bool:
     """The mean of the per-round time differences lies more than RESOLVED_STDERRS standard errors above 0."""
-    from kimi_jax.evaluation.uncertainty import mean_stderr
-
-    se = mean_stderr(diffs) if len(diffs) >= 2 else None
+    se = mean_stderr(diffs)  # None for fewer than two rounds
     return se is not None and float(np.mean(diffs)) > RESOLVED_STDERRS * se
 
 
@@ -170,5 +169,5 @@ def add_peak_memory(section: dict) -> None:
     section["peak_memory_note"] = PEAK_MEMORY_NOTE
 
 
-__all__ = ["DECODE_END_TO_END", "DECODE_FALLBACK", "DECODE_MARGINAL", "MAX_TIMING_ROUNDS", "NOTE", "RESOLVED_STDERRS", "TIMING_REPEATS",
-           "add_peak_memory", "measure_path", "measure_prefill", "performance"]
+__all__ = ["DECODE_END_TO_END", "DECODE_FALLBACK", "DECODE_MARGINAL", "MAX_TIMING_ROUNDS", "NOTE", "RESOLVED_STDERRS",
+           "TIMING_REPEATS", "add_peak_memory", "measure_path", "measure_prefill", "performance"]

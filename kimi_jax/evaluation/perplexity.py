@@ -21,14 +21,14 @@ Over all scored targets t of all documents (never averaging per-document or per-
 
 Their uncertainty: the sums per window (``per_window``: nll_sum, num_tokens, num_correct and the document, one entry
 per window in order) and per document (``per_document``: nll_sum, num_tokens, num_correct, num_bytes) are kept, and
-each metric gets ``{metric}_stderr`` and ``{metric}_ci95`` from a seeded bootstrap over **windows** (`window_uncertainty`):
-each window scores a contiguous block of one document, so this is a block bootstrap with blocks of ``stride`` tokens
-(``seq_len`` for the first window of a document). Tokens next to each other are not independent; blocks of hundreds
-of tokens nearly are, and there are enough of them for an interval even when the held-out set is a few long
-documents (the demo's four plays), where a bootstrap over documents could not give one. Bits per byte's interval is
-NLL per token's scaled by the scored tokens per byte (the data's, the same for every stage). The per-window sums let
-`kimi_jax.evaluation.verdicts` pair two stages window by window (results from before they existed pair by
-document).
+each metric gets ``{metric}_stderr`` and ``{metric}_ci95`` from a seeded bootstrap over **windows**
+(`window_uncertainty`): each window scores a contiguous block of one document, so this is a block bootstrap with
+blocks of ``stride`` tokens (``seq_len`` for the first window of a document). Tokens next to each other are not
+independent; blocks of hundreds of tokens nearly are, and there are enough of them for an interval even when the
+held-out set is a few long documents (the demo's four plays), where a bootstrap over documents could not give one.
+Bits per byte's interval is NLL per token's scaled by the scored tokens per byte (the data's, the same for every
+stage). The per-window sums let `kimi_jax.evaluation.verdicts` pair two stages window by window (results from before
+they existed pair by document).
 
 A *scorer* maps a batch of windows (``ids [B, T]``, ``targets [B, T]``, right-padded to ``T = seq_len``) to the
 per-position NLL and top-1 correctness; `kimi_jax.scoring.make_scorer` is the jitted one for a Kimi-Linear model (the
@@ -219,9 +219,6 @@ def evaluate_perplexity(docs: Sequence[ScoredDocument], scorer: Scorer, *, seq_l
         for start, first, end in rolling_windows(doc.num_targets, seq_len, stride):
             if doc.scored[first:end].any():
                 jobs.append((d, start, first, end))
-    doc_nll = np.zeros(len(docs), np.float64)  # per-document sums
-    doc_correct = np.zeros(len(docs), np.int64)
-    doc_count = np.zeros(len(docs), np.int64)
     win_nll = np.zeros(len(jobs), np.float64)  # per-window sums: the units of the bootstrap (uncertainty.py)
     win_correct = np.zeros(len(jobs), np.int64)
     win_count = np.zeros(len(jobs), np.int64)
@@ -245,16 +242,15 @@ def evaluate_perplexity(docs: Sequence[ScoredDocument], scorer: Scorer, *, seq_l
             raise ValueError(f"the scorer returned shapes {nll.shape} and {hit.shape}, expected {ids.shape}")
         if not np.all(np.isfinite(nll[weights])):
             raise FloatingPointError("the model produced a non-finite NLL on a scored token")
-        for row, (d, _, _, _) in enumerate(batch):
-            w = b0 + row
-            win_nll[w] = float(nll[row][weights[row]].sum())
-            win_correct[w] = int(hit[row][weights[row]].sum())
-            win_count[w] = int(weights[row].sum())
-            doc_nll[d] += win_nll[w]
-            doc_correct[d] += win_correct[w]
-            doc_count[d] += win_count[w]
+        for row in range(len(batch)):
+            win_nll[b0 + row] = float(nll[row][weights[row]].sum())
+            win_correct[b0 + row] = int(hit[row][weights[row]].sum())
+            win_count[b0 + row] = int(weights[row].sum())
         bar.update(len(batch))
     bar.close()
+    win_doc = np.asarray([job[0] for job in jobs], np.int64)
+    by_doc = lambda values: np.bincount(win_doc, weights=values, minlength=len(docs))  # noqa: E731
+    doc_nll, doc_correct, doc_count = by_doc(win_nll), by_doc(win_correct), by_doc(win_count)
     doc_bytes = [int(doc.num_bytes) for doc in docs]
     nll_sum, correct, count = float(doc_nll.sum()), int(doc_correct.sum()), int(doc_count.sum())
     num_bytes = sum(doc_bytes)
@@ -275,7 +271,7 @@ def evaluate_perplexity(docs: Sequence[ScoredDocument], scorer: Scorer, *, seq_l
         "per_document": {"nll_sum": [float(v) for v in doc_nll], "num_tokens": [int(v) for v in doc_count],
                          "num_correct": [int(v) for v in doc_correct], "num_bytes": doc_bytes},
         "per_window": {"nll_sum": [float(v) for v in win_nll], "num_tokens": [int(v) for v in win_count],
-                       "num_correct": [int(v) for v in win_correct], "document": [int(job[0]) for job in jobs]},
+                       "num_correct": [int(v) for v in win_correct], "document": [int(d) for d in win_doc]},
         "uncertainty_unit": "window",
     }
     out.update(window_uncertainty(out["per_window"], count / num_bytes if num_bytes else None))

@@ -7,7 +7,8 @@ plain fine-tune, and answers with paired intervals (`kimi_jax.evaluation.verdict
   (`kimi_jax.flops`: per step, vanilla = forward x 3; phase a = one clean forward + K window passes);
 * `unigram_reference`: the held-out perplexity of add-one unigram statistics of the training split
   (`kimi_jax.evaluation.unigram`), scored in the same windows as a stage so that the pretrained baseline pairs with
-  it window by window: "clearly better than unigram statistics" is a "yes" of that paired comparison;
+  it window by window: "clearly better than unigram statistics" is a "yes" of `verdicts.compare_perplexity` from
+  the unigram result to the baseline;
 * `training_trajectory`: whether the recursive training metrics moved: the first and last tenth of the train steps
   (mean and standard error over steps) of commit rate, expected refine steps, chunk length, the halt head's
   probability per inner step and the training batches' accuracy per step, and the held-out step accuracy@k at every
@@ -19,14 +20,13 @@ plain fine-tune, and answers with paired intervals (`kimi_jax.evaluation.verdict
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Sequence
 
 import numpy as np
 
 from kimi_jax.evaluation import uncertainty as u
-from kimi_jax.evaluation.verdicts import PairedComparison, compare_chunk_accuracy, compare_perplexity
+from kimi_jax.evaluation.verdicts import PairedComparison, compare_chunk_accuracy
 
 TRAJECTORY_SHARE = 0.1  # the first and last tenth of the train steps are compared
 TRAIN_SCALARS = (("commit_rate", "commit rate"), ("expected_steps", "avg refine steps (expected)"),
@@ -34,7 +34,7 @@ TRAIN_SCALARS = (("commit_rate", "commit rate"), ("expected_steps", "avg refine 
 TRAIN_PER_STEP = (("halt_prob", "halt probability"), ("step_accuracy", "training accuracy"))
 
 __all__ = ["TRAJECTORY_SHARE", "chunk_accuracy_by_step", "equal_compute_steps", "study_report",
-           "training_trajectory", "unigram_comparison", "unigram_reference"]
+           "training_trajectory", "unigram_reference"]
 
 
 def equal_compute_steps(cfg, rcfg, *, batch_size: int, seq_len: int, recursive_steps: int, remat: bool) -> dict:
@@ -88,18 +88,15 @@ def unigram_reference(model_dir: str, eval_data: str, *, seq_len: int, stride: i
     return {"metadata": {"stage": "unigram", "model_path": model_dir}, "core": core}
 
 
-def _read_records(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _summary(values: Sequence[float]) -> dict:
     return {"mean": float(np.mean(values)), "stderr": u.mean_stderr(values), "n": len(values)}
 
 
 def training_trajectory(metrics_path: str, share: float = TRAJECTORY_SHARE) -> dict:
     """The recursive run's metrics at its start and end, from its metrics.jsonl (train and eval records)."""
-    records = _read_records(metrics_path)
+    from kimi_jax.training.logging import read_jsonl
+
+    records = read_jsonl(metrics_path)
     train = sorted((r for r in records if r.get("type") == "train"), key=lambda r: r["step"])
     evals = sorted((r for r in records if r.get("type") == "eval"), key=lambda r: r["step"])
     if not train:
@@ -216,8 +213,4 @@ def _as_dict(c: PairedComparison) -> dict:
     return {"metric": c.metric, "a": c.a, "b": c.b, "difference": c.difference, "ci95": [c.low, c.high]
             if c.has_uncertainty else None, "n": c.n, "verdict": c.verdict, "method": c.method}
 
-
-def unigram_comparison(unigram_result: dict, baseline: dict) -> PairedComparison:
-    """unigram -> baseline perplexity, paired by window ("yes": the baseline is clearly better)."""
-    return compare_perplexity(unigram_result, baseline)
 
